@@ -1,0 +1,378 @@
+/*
+ * Unix SOCK_SEQPACKET sockets for Node.js, which has none of its own.
+ *
+ * CRIU's RPC service speaks one protobuf message per packet and sizes each
+ * message with recv(MSG_PEEK | MSG_TRUNC), so a stream socket cannot carry
+ * it. This addon does only what the transport needs: connect (and listen /
+ * accept, for fake services in tests), send one packet, receive one packet
+ * of whatever size with any file descriptors attached (SCM_RIGHTS), and a
+ * readiness watcher on the libuv loop so that nothing ever blocks Node's
+ * main thread. Everything else (framing, timeouts, errors) lives in
+ * TypeScript.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <node_api.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define MAX_FDS_PER_PACKET 16
+
+static napi_value throw_errno(napi_env env, const char *syscall, int err) {
+  char msg[256];
+  const char *code = uv_err_name(uv_translate_sys_error(err));
+  snprintf(msg, sizeof(msg), "%s: %s", syscall, strerror(err));
+  napi_value error, code_value, msg_value, errno_value, syscall_value;
+  napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &code_value);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &msg_value);
+  napi_create_error(env, code_value, msg_value, &error);
+  napi_create_int32(env, err, &errno_value);
+  napi_set_named_property(env, error, "errno", errno_value);
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &syscall_value);
+  napi_set_named_property(env, error, "syscall", syscall_value);
+  napi_throw(env, error);
+  return NULL;
+}
+
+static napi_value throw_type(napi_env env, const char *msg) {
+  napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", msg);
+  return NULL;
+}
+
+static int get_fd(napi_env env, napi_value value, int *fd) {
+  napi_valuetype type;
+  napi_typeof(env, value, &type);
+  if (type != napi_number) return 0;
+  return napi_get_value_int32(env, value, fd) == napi_ok && *fd >= 0;
+}
+
+static int get_address(napi_env env, napi_value value, struct sockaddr_un *addr) {
+  size_t len = 0;
+  memset(addr, 0, sizeof(*addr));
+  addr->sun_family = AF_UNIX;
+  if (napi_get_value_string_utf8(env, value, NULL, 0, &len) != napi_ok) return 0;
+  if (len == 0 || len >= sizeof(addr->sun_path)) return 0;
+  napi_get_value_string_utf8(env, value, addr->sun_path, sizeof(addr->sun_path), &len);
+  return 1;
+}
+
+/* connect(path: string): number */
+static napi_value js_connect(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  struct sockaddr_un addr;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_address(env, argv[0], &addr))
+    return throw_type(env, "connect(path): path must be a string of 1 to 107 bytes");
+  /* Connect blocking (a local connect completes or fails at once), then
+   * switch to non-blocking for the packet exchange. */
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (fd < 0) return throw_errno(env, "socket", errno);
+  if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+    int err = errno;
+    close(fd);
+    return throw_errno(env, "connect", err);
+  }
+  if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
+    int err = errno;
+    close(fd);
+    return throw_errno(env, "fcntl", err);
+  }
+  napi_create_int32(env, fd, &result);
+  return result;
+}
+
+/* listen(path: string, backlog: number): number */
+static napi_value js_listen(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], result;
+  struct sockaddr_un addr;
+  int backlog = 16;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_address(env, argv[0], &addr))
+    return throw_type(env, "listen(path, backlog): path must be a string of 1 to 107 bytes");
+  if (argc > 1) napi_get_value_int32(env, argv[1], &backlog);
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return throw_errno(env, "socket", errno);
+  if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 || listen(fd, backlog) < 0) {
+    int err = errno;
+    close(fd);
+    return throw_errno(env, "bind", err);
+  }
+  napi_create_int32(env, fd, &result);
+  return result;
+}
+
+/* accept(fd: number): number | null (null when no connection is waiting) */
+static napi_value js_accept(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  int fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_fd(env, argv[0], &fd)) return throw_type(env, "accept(fd): fd must be a number");
+  int conn = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (conn < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+      napi_get_null(env, &result);
+      return result;
+    }
+    return throw_errno(env, "accept", errno);
+  }
+  napi_create_int32(env, conn, &result);
+  return result;
+}
+
+/* send(fd: number, packet: Uint8Array): void. One call, one packet. */
+static napi_value js_send(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int fd;
+  void *data;
+  size_t length;
+  napi_typedarray_type type;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2 || !get_fd(env, argv[0], &fd)) return throw_type(env, "send(fd, packet): fd must be a number");
+  if (napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL) != napi_ok ||
+      type != napi_uint8_array)
+    return throw_type(env, "send(fd, packet): packet must be a Uint8Array");
+  ssize_t n;
+  do {
+    n = send(fd, data, length, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) return throw_errno(env, "send", errno);
+  return NULL;
+}
+
+/*
+ * recv(fd: number): null | { data: Buffer | null, fds: number[] }
+ * null: nothing to read yet. data null: the peer closed the connection.
+ * Received descriptors are close-on-exec and belong to the caller.
+ */
+static napi_value js_recv(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result, data_value, fds_value;
+  int fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_fd(env, argv[0], &fd)) return throw_type(env, "recv(fd): fd must be a number");
+
+  /* The real size of the next packet, as CRIU itself measures it. */
+  ssize_t size;
+  do {
+    size = recv(fd, NULL, 0, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
+  } while (size < 0 && errno == EINTR);
+  if (size < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      napi_get_null(env, &result);
+      return result;
+    }
+    return throw_errno(env, "recv", errno);
+  }
+
+  void *buffer_data = NULL;
+  napi_value buffer;
+  napi_create_buffer(env, size > 0 ? (size_t)size : 1, &buffer_data, &buffer);
+
+  union {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * MAX_FDS_PER_PACKET)];
+  } control;
+  struct iovec iov = {.iov_base = buffer_data, .iov_len = size > 0 ? (size_t)size : 1};
+  struct msghdr msg = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof(control.buf)};
+  ssize_t n;
+  do {
+    n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      napi_get_null(env, &result);
+      return result;
+    }
+    return throw_errno(env, "recvmsg", errno);
+  }
+
+  napi_create_object(env, &result);
+  napi_create_array(env, &fds_value);
+  uint32_t nfds = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    int *fds = (int *)CMSG_DATA(c);
+    for (size_t i = 0; i < count; i++) {
+      napi_value v;
+      napi_create_int32(env, fds[i], &v);
+      napi_set_element(env, fds_value, nfds++, v);
+    }
+  }
+  napi_set_named_property(env, result, "fds", fds_value);
+
+  /* A zero-length read on a SEQPACKET socket is the peer's close. */
+  if (n == 0 && nfds == 0) {
+    napi_get_null(env, &data_value);
+  } else {
+    napi_create_buffer_copy(env, (size_t)n, buffer_data, NULL, &data_value);
+  }
+  napi_set_named_property(env, result, "data", data_value);
+  napi_value truncated;
+  napi_get_boolean(env, (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0, &truncated);
+  napi_set_named_property(env, result, "truncated", truncated);
+  return result;
+}
+
+/* close(fd: number): void */
+static napi_value js_close(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_fd(env, argv[0], &fd)) return throw_type(env, "close(fd): fd must be a number");
+  if (close(fd) < 0 && errno != EINTR) return throw_errno(env, "close", errno);
+  return NULL;
+}
+
+/* shutdown(fd: number): void. Both directions; wakes a peer waiting on us. */
+static napi_value js_shutdown(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_fd(env, argv[0], &fd)) return throw_type(env, "shutdown(fd): fd must be a number");
+  if (shutdown(fd, SHUT_RDWR) < 0 && errno != ENOTCONN) return throw_errno(env, "shutdown", errno);
+  return NULL;
+}
+
+/*
+ * A readiness watcher: watch(fd, callback) calls callback(error, events) on
+ * the main thread whenever fd is readable or the peer hung up, until
+ * unwatch(handle). The handle owns a uv_poll_t; its memory is freed once
+ * libuv has closed the poll and JavaScript has dropped the handle.
+ */
+typedef struct {
+  uv_poll_t poll;
+  napi_env env;
+  napi_ref callback;
+  napi_async_context context;
+  int stopped;
+  int uv_closed;
+  int finalized;
+} watcher_t;
+
+static void watcher_on_close(uv_handle_t *handle) {
+  watcher_t *w = (watcher_t *)handle->data;
+  w->uv_closed = 1;
+  if (w->finalized) free(w);
+}
+
+static void watcher_stop(watcher_t *w) {
+  if (w->stopped) return;
+  w->stopped = 1;
+  uv_poll_stop(&w->poll);
+  napi_delete_reference(w->env, w->callback);
+  napi_async_destroy(w->env, w->context);
+  uv_close((uv_handle_t *)&w->poll, watcher_on_close);
+}
+
+static void watcher_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  watcher_t *w = (watcher_t *)data;
+  w->finalized = 1;
+  watcher_stop(w);
+  if (w->uv_closed) free(w);
+}
+
+static void watcher_on_event(uv_poll_t *handle, int status, int events) {
+  watcher_t *w = (watcher_t *)handle->data;
+  if (w->stopped) return;
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value callback, global, argv[2], result;
+  napi_get_reference_value(env, w->callback, &callback);
+  napi_get_global(env, &global);
+  if (status < 0) {
+    napi_value msg;
+    napi_create_string_utf8(env, uv_strerror(status), NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &argv[0]);
+  } else {
+    napi_get_null(env, &argv[0]);
+  }
+  napi_create_int32(env, events, &argv[1]);
+  if (callback != NULL &&
+      napi_make_callback(env, w->context, global, callback, 2, argv, &result) == napi_pending_exception) {
+    napi_value error;
+    napi_get_and_clear_last_exception(env, &error);
+    napi_fatal_exception(env, error);
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+/* watch(fd: number, callback: (error: Error | null, events: number) => void): object */
+static napi_value js_watch(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], handle, resource_name;
+  napi_valuetype type;
+  int fd;
+  uv_loop_t *loop;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2 || !get_fd(env, argv[0], &fd)) return throw_type(env, "watch(fd, callback): fd must be a number");
+  napi_typeof(env, argv[1], &type);
+  if (type != napi_function) return throw_type(env, "watch(fd, callback): callback must be a function");
+  napi_get_uv_event_loop(env, &loop);
+
+  watcher_t *w = calloc(1, sizeof(*w));
+  if (w == NULL) return throw_errno(env, "calloc", ENOMEM);
+  w->env = env;
+  int rc = uv_poll_init(loop, &w->poll, fd);
+  if (rc < 0) {
+    free(w);
+    return throw_errno(env, "uv_poll_init", -rc);
+  }
+  w->poll.data = w;
+  napi_create_reference(env, argv[1], 1, &w->callback);
+  napi_create_string_utf8(env, "SeqpacketWatch", NAPI_AUTO_LENGTH, &resource_name);
+  napi_async_init(env, NULL, resource_name, &w->context);
+  rc = uv_poll_start(&w->poll, UV_READABLE | UV_DISCONNECT, watcher_on_event);
+  if (rc < 0) {
+    watcher_stop(w);
+    w->finalized = 1; /* no JavaScript handle will ever own it */
+    return throw_errno(env, "uv_poll_start", -rc);
+  }
+  napi_create_external(env, w, watcher_finalize, NULL, &handle);
+  return handle;
+}
+
+/* unwatch(handle: object): void. Safe to call more than once. */
+static napi_value js_unwatch(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  void *data = NULL;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_get_value_external(env, argv[0], &data) != napi_ok || data == NULL)
+    return throw_type(env, "unwatch(handle): handle must come from watch()");
+  watcher_stop((watcher_t *)data);
+  return NULL;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"connect", NULL, js_connect, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"listen", NULL, js_listen, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"accept", NULL, js_accept, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"recv", NULL, js_recv, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"close", NULL, js_close, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"shutdown", NULL, js_shutdown, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"watch", NULL, js_watch, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"unwatch", NULL, js_unwatch, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

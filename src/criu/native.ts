@@ -1,0 +1,37 @@
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { projectRoot } from '../paths.js';
+
+/** One packet as received: its bytes (null when the peer closed) and any descriptors sent with it. */
+export interface RawPacket {
+  data: Buffer | null;
+  fds: number[];
+  truncated: boolean;
+}
+
+/** The SEQPACKET addon's surface (native/seqpacket.c). */
+export interface SeqpacketAddon {
+  connect(path: string): number;
+  listen(path: string, backlog: number): number;
+  accept(fd: number): number | null;
+  send(fd: number, packet: Uint8Array): void;
+  recv(fd: number): RawPacket | null;
+  close(fd: number): void;
+  shutdown(fd: number): void;
+  watch(fd: number, callback: (error: Error | null, events: number) => void): object;
+  unwatch(handle: object): void;
+}
+
+let addon: SeqpacketAddon | undefined;
+
+export function seqpacketAddon(): SeqpacketAddon {
+  if (addon !== undefined) return addon;
+  const file = join(projectRoot(), 'build', 'Release', 'seqpacket.node');
+  if (!existsSync(file)) {
+    throw new Error(`the SEQPACKET addon is not built (${file} is missing): run 'npm run build'`);
+  }
+  const require = createRequire(import.meta.url);
+  addon = require(file) as SeqpacketAddon;
+  return addon;
+}
