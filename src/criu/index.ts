@@ -1,0 +1,43 @@
+/**
+ * The CRIU client: a supervised `criu service`, one typed method per RPC
+ * request, NOTIFY callbacks, typed errors and the statistics reader. Knows
+ * CRIU, not migration.
+ */
+export { resolveCriuBinary, criuBinaryVersion, parseCriuVersion, CRIU_BINARY_ENV } from './binary.js';
+export type { CriuBinary, CriuSource, CriuVersionInfo } from './binary.js';
+export { CriuClient, CriuSocketEndpoint } from './client.js';
+export type {
+  CallOptions,
+  CriuEndpoint,
+  CriuFeatures,
+  CriuVersion,
+  DumpOptions,
+  DumpResult,
+  ImageOptions,
+  NotifyEvent,
+  NotifyHandler,
+  PageServerOptions,
+  PageServerResult,
+  PageServerTarget,
+  PreDumpOptions,
+  ProcessTreeOptions,
+  RestoreOptions,
+  RestoreResult,
+} from './client.js';
+export {
+  CriuDisconnectedError,
+  CriuNotFoundError,
+  CriuOperationError,
+  CriuProtocolError,
+  CriuServiceUnavailableError,
+  CriuUnsupportedError,
+  ImagesDirError,
+  ProcessNotFoundError,
+} from './errors.js';
+export { readLogExcerpt } from './log.js';
+export { CriuService } from './service.js';
+export type { CriuServiceEvent, CriuServiceOptions, CriuServiceState } from './service.js';
+export { decodeStats, readDumpStats, readRestoreStats } from './stats.js';
+export type { DumpStats, RestoreStats } from './stats.js';
+export { SeqpacketConnection, SeqpacketListener } from './transport.js';
+export type { Packet, PacketConnection } from './transport.js';
