@@ -351,7 +351,13 @@ export class CriuClient {
           imagesDirFd: dirFd,
           logFile,
           logLevel: options.logLevel ?? 4,
-          ...(onNotify === undefined ? {} : { notifyScripts: true }),
+          // Always for DUMP and RESTORE: with notify_scripts CRIU notices a
+          // client that went away (cancelled call, crashed agent) at the next
+          // notification and rolls back: a dump resumes the process instead of
+          // killing it, a restore kills the half-made copy (docs/criu.md).
+          ...(onNotify !== undefined || type === RequestType.DUMP || type === RequestType.RESTORE
+            ? { notifyScripts: true }
+            : {}),
         },
         keepOpen,
         logPath: join(options.imagesDir, logFile),

@@ -1,0 +1,94 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { projectRoot } from '../../src/paths.js';
+import { waitFor } from './wait.js';
+
+export interface CounterReading {
+  pid: number;
+  count: number;
+}
+
+/**
+ * The counter workload (test/fixtures/counter.c), started in its own session
+ * with no terminal, as CRIU wants it. It publishes "PID COUNT" to a state file
+ * every tick; the count lives only in its memory.
+ */
+export class Counter {
+  readonly exited: Promise<void>;
+
+  private constructor(
+    readonly child: ChildProcess,
+    readonly dir: string,
+  ) {
+    this.exited = new Promise((resolve) => child.once('exit', () => resolve()));
+  }
+
+  static async start(options: { tickMs?: number; memoryMb?: number; hotMb?: number } = {}): Promise<Counter> {
+    const dir = mkdtempSync(join(tmpdir(), 'ferry-counter-'));
+    const binary = join(projectRoot(), 'build', 'counter');
+    const args = [join(dir, 'state'), String(options.tickMs ?? 20), String(options.memoryMb ?? 0), String(options.hotMb ?? 0)];
+    const child = spawn(binary, args, { detached: true, stdio: 'ignore' });
+    const counter = new Counter(child, dir);
+    await waitFor(() => (counter.read()?.count ?? 0) >= 2, { what: 'the counter to start counting' });
+    return counter;
+  }
+
+  get pid(): number {
+    const pid = this.child.pid;
+    if (pid === undefined) throw new Error('counter has no PID');
+    return pid;
+  }
+
+  get stateFile(): string {
+    return join(this.dir, 'state');
+  }
+
+  read(): CounterReading | undefined {
+    if (!existsSync(this.stateFile)) return undefined;
+    const match = /^(\d+) (\d+)/.exec(readFileSync(this.stateFile, 'utf8'));
+    if (match === null) return undefined;
+    return { pid: Number(match[1]), count: Number(match[2]) };
+  }
+
+  count(): number {
+    const reading = this.read();
+    if (reading === undefined) throw new Error(`no count in ${this.stateFile}`);
+    return reading.count;
+  }
+
+  /** Kills the process (a PID that was restored elsewhere too) and removes its directory. */
+  cleanup(extraPids: readonly number[] = []): void {
+    for (const pid of [this.child.pid, ...extraPids]) {
+      if (pid === undefined) continue;
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+export function isRunning(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Field 3 is the state; a zombie (Z) or dead (X) process is not running.
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/** The process's state letter from /proc (R, S, T for stopped, ...), or undefined when gone. */
+export function processState(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+  } catch {
+    return undefined;
+  }
+}
