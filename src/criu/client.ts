@@ -241,9 +241,9 @@ export class CriuClient {
     if (options.workDir === undefined) await rm(dir, { recursive: true, force: true });
   }
 
-  /** Which optional kernel features this machine has. Cached after the first answer. */
-  featureCheck(options: CallOptions = {}): Promise<CriuFeatures> {
-    if (this.#features === undefined) {
+  /** Which optional kernel features this machine has. Cached after the first answer unless `refresh`. */
+  featureCheck(options: CallOptions & { refresh?: boolean | undefined } = {}): Promise<CriuFeatures> {
+    if (this.#features === undefined || options.refresh === true) {
       const pending = this.#queryFeatures(options);
       this.#features = pending;
       // A failed probe is not cached: the next caller asks again.

@@ -114,7 +114,12 @@ export class CriuService implements CriuEndpoint {
     try {
       return await new CriuSocketEndpoint(this.socketPath).connect();
     } catch (error) {
-      // It may have died since: wait for the restart and try once more.
+      // A refused connect on our private socket means the service is dying or
+      // dead; its exit event may still be on its way. Wait for it briefly,
+      // then for the restart, and try once more.
+      if (this.#state === 'running' && this.#childExited !== undefined) {
+        await Promise.race([this.#childExited, new Promise((resolve) => setTimeout(resolve, 1_000))]);
+      }
       if (this.#state !== 'running' || !this.#isAlive()) {
         this.#onExit('connect found the service gone');
         await this.#whenReady(options.signal);
@@ -141,6 +146,7 @@ export class CriuService implements CriuEndpoint {
   }
 
   #failure: string | undefined;
+  #childExited: Promise<void> | undefined;
 
   async #whenReady(signal: AbortSignal | undefined): Promise<void> {
     const ready = this.#ready;
@@ -193,6 +199,7 @@ export class CriuService implements CriuEndpoint {
       ? spawn(this.binary.path, args, { stdio: ['ignore', 'ignore', 'pipe'] })
       : spawn(SETPRIV, ['--pdeathsig', 'SIGTERM', '--', this.binary.path, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     this.#child = child;
+    this.#childExited = new Promise((resolve) => child.once('exit', () => resolve()));
     child.stderr?.setEncoding('utf8');
     child.stderr?.on('data', (chunk: string) => {
       this.#stderr.push(chunk);
