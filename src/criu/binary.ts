@@ -36,9 +36,12 @@ export function resolveCriuBinary(explicit: string | undefined = process.env[CRI
   if (explicit !== undefined && explicit !== '') {
     const path = isAbsolute(explicit) ? explicit : resolve(explicit);
     if (!isExecutable(path)) {
-      throw new CriuNotFoundError(`the CRIU binary ${path} (set by ${CRIU_BINARY_ENV} or --criu) is missing or not executable`, {
-        hint: `point ${CRIU_BINARY_ENV} at an executable criu, or unset it to use the project's own (scripts/install-criu)`,
-      });
+      throw new CriuNotFoundError(
+        `the CRIU binary ${path} (set by ${CRIU_BINARY_ENV} or --criu) is missing or not executable`,
+        {
+          hint: `point ${CRIU_BINARY_ENV} at an executable criu, or unset it to use the project's own (scripts/install-criu)`,
+        },
+      );
     }
     return { path, source: 'setting' };
   }

@@ -41,10 +41,13 @@ export class CriuSocketEndpoint implements CriuEndpoint {
       return Promise.resolve(SeqpacketConnection.connect(this.socketPath));
     } catch (cause) {
       return Promise.reject(
-        new CriuServiceUnavailableError(`cannot connect to the CRIU service at ${this.socketPath}: ${(cause as Error).message}`, {
-          cause,
-          hint: 'start it with `criu service --address SOCKET`, or let Ferry supervise one',
-        }),
+        new CriuServiceUnavailableError(
+          `cannot connect to the CRIU service at ${this.socketPath}: ${(cause as Error).message}`,
+          {
+            cause,
+            hint: 'start it with `criu service --address SOCKET`, or let Ferry supervise one',
+          },
+        ),
       );
     }
   }
@@ -218,7 +221,8 @@ export class CriuClient {
   async version(options: CallOptions = {}): Promise<CriuVersion> {
     const resp = await this.#call({ type: RequestType.VERSION, call: options });
     const v = resp.version;
-    if (v === null || v === undefined) throw new CriuProtocolError('CRIU answered VERSION without a version', 'VERSION');
+    if (v === null || v === undefined)
+      throw new CriuProtocolError('CRIU answered VERSION without a version', 'VERSION');
     const sublevel = v.sublevel ?? 0;
     return {
       major: v.majorNumber,
@@ -282,9 +286,13 @@ export class CriuClient {
   async preDump(options: PreDumpOptions): Promise<void> {
     const features = await this.featureCheck({ signal: options.signal });
     if (!features.memTrack) {
-      throw new CriuUnsupportedError('mem_track', 'this kernel cannot track dirty memory, so CRIU cannot pre-dump here', {
-        hint: 'use a single dump (stop-and-copy) instead; pre-copy needs a kernel built with CONFIG_MEM_SOFT_DIRTY',
-      });
+      throw new CriuUnsupportedError(
+        'mem_track',
+        'this kernel cannot track dirty memory, so CRIU cannot pre-dump here',
+        {
+          hint: 'use a single dump (stop-and-copy) instead; pre-copy needs a kernel built with CONFIG_MEM_SOFT_DIRTY',
+        },
+      );
     }
     assertProcessExists(options.pid);
     await this.#withImages(
@@ -438,9 +446,13 @@ async function receiveResponse(
     return { resp: RpcResponse.decode(packet.data), fds: [...packet.fds] };
   } catch (cause) {
     closeAll(packet.fds);
-    throw new CriuProtocolError(`CRIU sent a response to ${name} that does not decode: ${(cause as Error).message}`, name, {
-      cause,
-    });
+    throw new CriuProtocolError(
+      `CRIU sent a response to ${name} that does not decode: ${(cause as Error).message}`,
+      name,
+      {
+        cause,
+      },
+    );
   }
 }
 
@@ -469,7 +481,11 @@ async function answerNotify(
   }
 }
 
-async function operationError(name: string, resp: RpcResponseMessage, logPath: string | undefined): Promise<CriuOperationError> {
+async function operationError(
+  name: string,
+  resp: RpcResponseMessage,
+  logPath: string | undefined,
+): Promise<CriuOperationError> {
   const excerpt = logPath === undefined ? undefined : await readLogExcerpt(logPath);
   return new CriuOperationError({
     request: name,

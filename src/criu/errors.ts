@@ -72,7 +72,9 @@ export class CriuDisconnectedError extends FerryError {
   ) {
     super(
       `the CRIU worker closed the connection before answering ${request}` +
-        (options.logTail !== undefined && options.logTail.length > 0 ? `; its log ends: ${options.logTail.at(-1)}` : ''),
+        (options.logTail !== undefined && options.logTail.length > 0
+          ? `; its log ends: ${options.logTail.at(-1)}`
+          : ''),
       {
         hint: options.hint ?? 'CRIU may have crashed; its log in the images directory says more',
         cause: options.cause,
@@ -134,6 +136,7 @@ function hintFor(d: CriuFailureDetails): string | undefined {
     return 'a process with the same PID already runs here; restore where the PID is free, or run the workload in its own PID namespace';
   }
   if (/No such process|Can't find process|ESRCH/.test(text)) return 'the process may have exited';
-  if (/Can't (connect|resolve)|Connection refused/.test(text)) return 'the page server is not reachable at that address and port';
+  if (/Can't (connect|resolve)|Connection refused/.test(text))
+    return 'the page server is not reachable at that address and port';
   return d.logFile === undefined ? undefined : `read ${d.logFile} for the whole story`;
 }

@@ -106,9 +106,12 @@ export class CriuService implements CriuEndpoint {
       throw new CriuServiceUnavailableError('the CRIU service has been stopped', { hint: 'start a new one' });
     }
     if (this.#state === 'failed') {
-      throw new CriuServiceUnavailableError(`the CRIU service cannot be started: ${this.#failure ?? 'unknown reason'}`, {
-        hint: `read ${this.logFile}`,
-      });
+      throw new CriuServiceUnavailableError(
+        `the CRIU service cannot be started: ${this.#failure ?? 'unknown reason'}`,
+        {
+          hint: `read ${this.logFile}`,
+        },
+      );
     }
     await this.#whenReady(options.signal);
     try {
@@ -156,7 +159,9 @@ export class CriuService implements CriuEndpoint {
     await Promise.race([
       ready,
       new Promise<never>((_, reject) =>
-        signal.addEventListener('abort', () => reject(abortReason(signal, 'waiting for the CRIU service')), { once: true }),
+        signal.addEventListener('abort', () => reject(abortReason(signal, 'waiting for the CRIU service')), {
+          once: true,
+        }),
       ),
     ]);
   }
@@ -195,9 +200,12 @@ export class CriuService implements CriuEndpoint {
     this.#stderr.length = 0;
     const args = ['service', '--address', this.socketPath, '-W', this.runtimeDir, '-o', 'service.log', '-v4'];
     // setpriv --pdeathsig: the service dies with us rather than outliving a crashed agent.
-    const child = SETPRIV === undefined
-      ? spawn(this.binary.path, args, { stdio: ['ignore', 'ignore', 'pipe'] })
-      : spawn(SETPRIV, ['--pdeathsig', 'SIGTERM', '--', this.binary.path, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child =
+      SETPRIV === undefined
+        ? spawn(this.binary.path, args, { stdio: ['ignore', 'ignore', 'pipe'] })
+        : spawn(SETPRIV, ['--pdeathsig', 'SIGTERM', '--', this.binary.path, ...args], {
+            stdio: ['ignore', 'ignore', 'pipe'],
+          });
     this.#child = child;
     this.#childExited = new Promise((resolve) => child.once('exit', () => resolve()));
     child.stderr?.setEncoding('utf8');
@@ -235,9 +243,12 @@ export class CriuService implements CriuEndpoint {
       }
       if (Date.now() > deadline) {
         child.kill('SIGKILL');
-        throw new CriuServiceUnavailableError(`criu service did not answer within ${this.options.startTimeoutMs ?? 10_000} ms`, {
-          hint: `read ${this.logFile}`,
-        });
+        throw new CriuServiceUnavailableError(
+          `criu service did not answer within ${this.options.startTimeoutMs ?? 10_000} ms`,
+          {
+            hint: `read ${this.logFile}`,
+          },
+        );
       }
       await Promise.race([spawnError, new Promise((resolve) => setTimeout(resolve, 20))]);
     }

@@ -68,7 +68,10 @@ export function decodeStats(bytes: Uint8Array, file = 'stats file'): InstanceTyp
   }
   const length = view.getUint32(8, true);
   if (12 + length > bytes.length) {
-    throw new CriuProtocolError(`${file} is truncated (entry of ${length} bytes, ${bytes.length - 12} present)`, 'stats');
+    throw new CriuProtocolError(
+      `${file} is truncated (entry of ${length} bytes, ${bytes.length - 12} present)`,
+      'stats',
+    );
   }
   try {
     return StatsEntry.decode(bytes.subarray(12, 12 + length));

@@ -1,5 +1,4 @@
-import { closeSync } from 'node:fs';
-import { rmSync } from 'node:fs';
+import { closeSync, rmSync } from 'node:fs';
 import { abortReason } from '../errors.js';
 import { seqpacketAddon, type SeqpacketAddon } from './native.js';
 

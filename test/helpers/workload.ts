@@ -11,7 +11,7 @@ export interface CounterReading {
 }
 
 /**
- * The counter workload (test/fixtures/counter.c), started in its own session
+ * The counter workload (examples/counter.c), started in its own session
  * with no terminal, as CRIU wants it. It publishes "PID COUNT" to a state file
  * every tick; the count lives only in its memory.
  */
@@ -28,7 +28,12 @@ export class Counter {
   static async start(options: { tickMs?: number; memoryMb?: number; hotMb?: number } = {}): Promise<Counter> {
     const dir = mkdtempSync(join(tmpdir(), 'ferry-counter-'));
     const binary = join(projectRoot(), 'build', 'counter');
-    const args = [join(dir, 'state'), String(options.tickMs ?? 20), String(options.memoryMb ?? 0), String(options.hotMb ?? 0)];
+    const args = [
+      join(dir, 'state'),
+      String(options.tickMs ?? 20),
+      String(options.memoryMb ?? 0),
+      String(options.hotMb ?? 0),
+    ];
     const child = spawn(binary, args, { detached: true, stdio: 'ignore' });
     const counter = new Counter(child, dir);
     await waitFor(() => (counter.read()?.count ?? 0) >= 2, { what: 'the counter to start counting' });

@@ -13,7 +13,11 @@ import { RequestType } from '../../src/criu/rpc.js';
 import { FakeCriuService, type FakeWorker } from '../helpers/fake-criu.js';
 import { sleep } from '../helpers/wait.js';
 
-const versionReply = { type: RequestType.VERSION, success: true, version: { majorNumber: 4, minorNumber: 1, sublevel: 1 } };
+const versionReply = {
+  type: RequestType.VERSION,
+  success: true,
+  version: { majorNumber: 4, minorNumber: 1, sublevel: 1 },
+};
 
 /** A worker that answers VERSION correctly, for "the client keeps working" checks. */
 const honest: FakeWorker = async (peer) => {
@@ -126,7 +130,9 @@ describe('CRIU client against a misbehaving service', () => {
     const error = (await client.version().catch((e: unknown) => e)) as CriuServiceUnavailableError;
     expect(error).toBeInstanceOf(CriuServiceUnavailableError);
     expect(error.retryable).toBe(true);
-    expect(error.message).toMatch(/cannot connect to the CRIU service at \/nonexistent\/criu.sock: connect: No such file/);
+    expect(error.message).toMatch(
+      /cannot connect to the CRIU service at \/nonexistent\/criu.sock: connect: No such file/,
+    );
   });
 });
 

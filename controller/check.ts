@@ -1,0 +1,46 @@
+import { CriuService, resolveCriuBinary, type CriuFeatures, type CriuSource } from '../src/criu/index.js';
+
+export interface CheckReport {
+  criu: { path: string; source: CriuSource; version: string };
+  features: CriuFeatures;
+  /** What Ferry can do on this machine, with the reason. */
+  strategies: { precopy: boolean; stopAndCopy: boolean; reason: string };
+}
+
+/** Which CRIU Ferry uses here, whether it works, and what this kernel supports. */
+export async function runCheck(options: { criu?: string | undefined; signal?: AbortSignal }): Promise<CheckReport> {
+  const binary = resolveCriuBinary(options.criu);
+  const service = await CriuService.start({ binary, signal: options.signal });
+  try {
+    const client = service.client();
+    const version = await client.version({ signal: options.signal });
+    await client.check({ signal: options.signal });
+    const features = await client.featureCheck({ signal: options.signal });
+    return {
+      criu: { path: binary.path, source: binary.source, version: version.text },
+      features,
+      strategies: {
+        precopy: features.memTrack,
+        stopAndCopy: true,
+        reason: features.memTrack
+          ? 'the kernel tracks dirty memory: live pre-copy is available'
+          : 'the kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY): only stop-and-copy',
+      },
+    };
+  } finally {
+    await service.stop();
+  }
+}
+
+export function printCheck(report: CheckReport): void {
+  const yes = (b: boolean): string => (b ? 'yes' : 'no');
+  const lines = [
+    `CRIU        ${report.criu.version} (${report.criu.source}: ${report.criu.path})`,
+    `criu check  passed`,
+    `mem_track   ${yes(report.features.memTrack)}`,
+    `lazy_pages  ${yes(report.features.lazyPages)}`,
+    `pidfd_store ${yes(report.features.pidfdStore)}`,
+    `strategies  ${report.strategies.precopy ? 'precopy, ' : ''}stop-and-copy: ${report.strategies.reason}`,
+  ];
+  process.stdout.write(lines.join('\n') + '\n');
+}

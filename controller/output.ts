@@ -1,0 +1,34 @@
+import { FerryError } from '../src/errors.js';
+
+/** Exit codes of the command-line contract. */
+export const ExitCode = {
+  ok: 0,
+  /** Failed; the source (if any) still runs. */
+  failed: 1,
+  /** Bad input: nothing was changed. */
+  badInput: 2,
+  /** Outcome unknown: `ferry recover` needed. */
+  unknown: 3,
+} as const;
+
+/** Prints an error as a person needs it (message, then what to do) or as JSON; returns the exit code. */
+export function reportError(error: unknown, json: boolean): number {
+  const ferry = error instanceof FerryError ? error : undefined;
+  const code = ferry?.code ?? 'INTERNAL';
+  const message = error instanceof Error ? error.message : String(error);
+  if (json) {
+    process.stdout.write(JSON.stringify({ error: { code, message, hint: ferry?.hint } }, null, 2) + '\n');
+  } else {
+    process.stderr.write(`ferry: ${message}\n`);
+    if (ferry?.hint !== undefined) process.stderr.write(`  hint: ${ferry.hint}\n`);
+    if (ferry === undefined && error instanceof Error && error.stack !== undefined) {
+      process.stderr.write(`${error.stack}\n`);
+    }
+  }
+  return code === 'INVALID_INPUT' ? ExitCode.badInput : ExitCode.failed;
+}
+
+/** A line of progress on stderr, so that stdout stays clean for --json. */
+export function progress(line: string): void {
+  process.stderr.write(line + '\n');
+}
