@@ -3,12 +3,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import {
-  CriuService,
-  readDumpStats,
-  resolveCriuBinary,
-  type NotifyEvent,
-} from '../src/criu/index.js';
+import { CriuService, readDumpStats, resolveCriuBinary, type NotifyEvent } from '../src/criu/index.js';
 import { InvalidInputError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes, formatDuration, PAGE_SIZE } from '../src/units.js';
@@ -45,7 +40,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
   if (!Number.isInteger(memoryMb) || memoryMb < 0 || memoryMb > 16_384) {
     throw new InvalidInputError(`--memory must be a whole number of MiB from 0 to 16384 (got ${memoryMb})`);
   }
-  const workload = join(projectRoot(), 'build', 'counter');
+  const workload = join(projectRoot(), 'dist', 'examples', 'counter');
   if (!existsSync(workload)) {
     throw new InvalidInputError(`the demo workload ${workload} is not built`, { hint: 'run `npm run build`' });
   }
@@ -62,7 +57,9 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
   const service = await CriuService.start({ binary, signal: options.signal });
   try {
     const client = service.client();
-    progress(`CRIU ${service.version?.text ?? '?'} from ${binary.source === 'project' ? 'the project prefix' : binary.path}`);
+    progress(
+      `CRIU ${service.version?.text ?? '?'} from ${binary.source === 'project' ? 'the project prefix' : binary.path}`,
+    );
 
     const child = spawn(workload, [stateFile, '20', String(memoryMb), String(Math.min(4, memoryMb))], {
       detached: true,
@@ -131,7 +128,12 @@ function narrate(event: NotifyEvent, started: number): boolean {
   return true;
 }
 
-async function showCount(stateFile: string, label: string, times: number, signal: AbortSignal | undefined): Promise<void> {
+async function showCount(
+  stateFile: string,
+  label: string,
+  times: number,
+  signal: AbortSignal | undefined,
+): Promise<void> {
   for (let i = 0; i < times; i++) {
     await sleep(250, undefined, { signal });
     progress(`  ${label}: count ${readCount(stateFile)}`);

@@ -27,7 +27,9 @@ function wholeNumber(value: string): number {
 }
 
 const criuOption = () =>
-  new Option('--criu <path>', 'the CRIU binary to use (default: the project prefix, then the system)').env('FERRY_CRIU');
+  new Option('--criu <path>', 'the CRIU binary to use (default: the project prefix, then the system)').env(
+    'FERRY_CRIU',
+  );
 
 export function buildProgram(): Command {
   const program = new Command('ferry')
@@ -78,7 +80,12 @@ the process counting, the checkpoint (frozen time, pages written), the restore w
 same PID, and the count going on from where it stopped.`,
     )
     .action(async (opts: { criu?: string; memory: number; keep?: boolean; json?: boolean }) => {
-      const report = await runDemo({ criu: opts.criu, memoryMb: opts.memory, keep: opts.keep, signal: interruptSignal() });
+      const report = await runDemo({
+        criu: opts.criu,
+        memoryMb: opts.memory,
+        keep: opts.keep,
+        signal: interruptSignal(),
+      });
       if (opts.json === true) process.stdout.write(JSON.stringify(report, null, 2) + '\n');
     });
 

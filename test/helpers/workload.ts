@@ -27,7 +27,7 @@ export class Counter {
 
   static async start(options: { tickMs?: number; memoryMb?: number; hotMb?: number } = {}): Promise<Counter> {
     const dir = mkdtempSync(join(tmpdir(), 'ferry-counter-'));
-    const binary = join(projectRoot(), 'build', 'counter');
+    const binary = join(projectRoot(), 'dist', 'examples', 'counter');
     const args = [
       join(dir, 'state'),
       String(options.tickMs ?? 20),

@@ -212,6 +212,33 @@ describe('NOTIFY', () => {
   });
 });
 
+describe('cancelling a restore', () => {
+  it('leaves no copy running when cancelled while held at post-restore', async () => {
+    const counter = await startCounter();
+    const dir = imagesDir('cancel-restore');
+    await client.dump({ pid: counter.pid, imagesDir: dir });
+    await counter.exited;
+    const frozen = counter.count();
+    const controller = new AbortController();
+    const restore = client.restore({
+      imagesDir: dir,
+      signal: controller.signal,
+      onNotify: (e) => {
+        if (e.script !== 'post-restore') return true;
+        setTimeout(() => controller.abort(), 100);
+        return new Promise<boolean>(() => undefined);
+      },
+    });
+    await expect(restore).rejects.toBeInstanceOf(AbortedError);
+    await waitFor(() => readFileSync(join(dir, 'restore.log'), 'utf8').includes('Restoring FAILED'), {
+      what: 'CRIU to give up the restore',
+    });
+    await waitFor(() => !isRunning(counter.pid), { what: 'the half-restored copy to be killed' });
+    await sleep(300);
+    expect(counter.count()).toBe(frozen);
+  });
+});
+
 describe('kernel features', () => {
   it('reports memory tracking as CRIU itself detects it, and refuses PRE_DUMP clearly where it is missing', async () => {
     const features = await client.featureCheck();

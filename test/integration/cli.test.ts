@@ -1,0 +1,65 @@
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { projectRoot } from '../../src/paths.js';
+import { requireRoot } from '../helpers/root.js';
+
+const execFileAsync = promisify(execFile);
+const ferry = join(projectRoot(), 'bin', 'ferry');
+
+async function run(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFileAsync(ferry, args, { timeout: 60_000 });
+    return { code: 0, stdout, stderr };
+  } catch (error) {
+    const e = error as { code?: number; stdout?: string; stderr?: string };
+    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
+  }
+}
+
+beforeAll(() => requireRoot());
+
+describe('the ferry command', () => {
+  it('teaches its commands and exit codes in --help', async () => {
+    const { code, stdout } = await run('--help');
+    expect(code).toBe(0);
+    expect(stdout).toMatch(/check \[options\]/);
+    expect(stdout).toMatch(/demo \[options\]/);
+    expect(stdout).toMatch(/2 bad input \(nothing changed\)/);
+  });
+
+  it('exits 2 with a pointer to --help on bad input', async () => {
+    const unknown = await run('frobnicate');
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr).toMatch(/unknown command 'frobnicate'/);
+    const badNumber = await run('demo', '--memory', 'lots');
+    expect(badNumber.code).toBe(2);
+    expect(badNumber.stderr).toMatch(/--memory .* expected a whole number/);
+  });
+
+  it('exits 1 with the hint when told to use a CRIU binary that does not exist', async () => {
+    const { code, stderr } = await run('check', '--criu', '/nonexistent/criu');
+    expect(code).toBe(1);
+    expect(stderr).toMatch(/ferry: the CRIU binary \/nonexistent\/criu .* is missing/);
+    expect(stderr).toMatch(/hint: /);
+  });
+
+  it('reports CRIU and the kernel features as JSON', async () => {
+    const { code, stdout } = await run('check', '--json');
+    expect(code).toBe(0);
+    const report = JSON.parse(stdout) as { criu: { version: string; source: string }; features: { memTrack: boolean } };
+    expect(report.criu.version).toMatch(/^4\.\d+/);
+    expect(report.criu.source).toBe('project');
+    expect(typeof report.features.memTrack).toBe('boolean');
+  });
+
+  it('runs the demo: the restored process continues its count with the same PID', async () => {
+    const { code, stdout, stderr } = await run('demo', '--json', '--memory', '16');
+    expect(code, stderr).toBe(0);
+    const report = JSON.parse(stdout) as { countAtFreeze: number; countAfterRestore: number; pagesWritten: number };
+    expect(report.countAfterRestore).toBeGreaterThan(report.countAtFreeze);
+    expect(report.pagesWritten).toBeGreaterThan(16 * 256 * 0.9);
+    expect(stderr).toMatch(/restore: .* running again as PID \d+/);
+  });
+});
