@@ -31,6 +31,13 @@ export interface CriuServiceOptions {
   startTimeoutMs?: number | undefined;
   /** Restart attempts after the service dies, before giving up (state "failed"). */
   maxRestartAttempts?: number | undefined;
+  /**
+   * How often to ask the running service for its VERSION, to catch a service
+   * that is alive but no longer answers (0: never). Default 30 s.
+   */
+  healthCheckIntervalMs?: number | undefined;
+  /** How long a health check waits for the answer. Default 5 s. */
+  healthCheckTimeoutMs?: number | undefined;
   onStateChange?: ((event: CriuServiceEvent) => void) | undefined;
   signal?: AbortSignal | undefined;
 }
@@ -67,6 +74,7 @@ export class CriuService implements CriuEndpoint {
       await service.stop();
       throw error;
     }
+    service.#startHealthChecks();
     return service;
   }
 
@@ -135,6 +143,7 @@ export class CriuService implements CriuEndpoint {
   /** Stops the service and removes its runtime directory. Idempotent. */
   async stop(): Promise<void> {
     if (this.#state === 'stopped') return;
+    if (this.#healthTimer !== undefined) clearInterval(this.#healthTimer);
     this.#setState('stopping');
     const child = this.#child;
     if (child !== undefined && child.exitCode === null && child.signalCode === null) {
@@ -150,6 +159,38 @@ export class CriuService implements CriuEndpoint {
 
   #failure: string | undefined;
   #childExited: Promise<void> | undefined;
+  #healthTimer: NodeJS.Timeout | undefined;
+  #checking = false;
+
+  #startHealthChecks(): void {
+    const interval = this.options.healthCheckIntervalMs ?? 30_000;
+    if (interval <= 0) return;
+    this.#healthTimer = setInterval(() => void this.#healthCheck(), interval);
+    this.#healthTimer.unref();
+  }
+
+  /** A service that is alive but does not answer is killed; its exit restarts it. */
+  async #healthCheck(): Promise<void> {
+    if (this.#state !== 'running' || this.#checking) return;
+    this.#checking = true;
+    const child = this.#child;
+    try {
+      await new CriuClient(new CriuSocketEndpoint(this.socketPath)).version({
+        timeoutMs: this.options.healthCheckTimeoutMs ?? 5_000,
+      });
+    } catch (error) {
+      if (this.#state === 'running' && child === this.#child) {
+        this.options.onStateChange?.({
+          state: 'running',
+          pid: child?.pid,
+          reason: `health check failed (${(error as Error).message}); killing the service to restart it`,
+        });
+        child?.kill('SIGKILL');
+      }
+    } finally {
+      this.#checking = false;
+    }
+  }
 
   async #whenReady(signal: AbortSignal | undefined): Promise<void> {
     const ready = this.#ready;

@@ -13,6 +13,7 @@ import {
   ImagesDirError,
   ProcessNotFoundError,
   readDumpStats,
+  readRestoreStats,
   type CriuClient,
   type NotifyEvent,
 } from '../../src/criu/index.js';
@@ -73,6 +74,9 @@ describe('dump and restore through the RPC client', () => {
 
     const { pid } = await client.restore({ imagesDir: dir });
     expect(pid).toBe(counter.pid);
+    const restoreStats = await readRestoreStats(dir);
+    expect(restoreStats.pagesRestored).toBeGreaterThan(0);
+    expect(restoreStats.restoreTimeUs).toBeGreaterThan(0);
     await countsPast(counter, frozen?.count ?? 0);
     const after = counter.read();
     expect(after?.pid).toBe(counter.pid);
@@ -326,6 +330,23 @@ describe('bad input', () => {
     expect(service.restarts).toBe(before + 1);
     expect(service.pid).not.toBe(oldPid);
     expect(service.state).toBe('running');
+  });
+});
+
+describe('supervision', () => {
+  it('restarts a service that is alive but stopped answering', async () => {
+    const watched = await CriuService.start({ healthCheckIntervalMs: 200, healthCheckTimeoutMs: 500 });
+    try {
+      const hung = watched.pid as number;
+      process.kill(hung, 'SIGSTOP');
+      await waitFor(() => watched.restarts === 1 && watched.state === 'running', {
+        what: 'the health check to restart the hung service',
+      });
+      expect(watched.pid).not.toBe(hung);
+      expect((await watched.client().version()).major).toBe(4);
+    } finally {
+      await watched.stop();
+    }
   });
 });
 
