@@ -1,0 +1,29 @@
+/**
+ * Ferry's protocol over WebSocket: binary protobuf frames (proto/ferry.proto),
+ * request/response with ids, progress events, heartbeats, validation on
+ * arrival. Knows nothing about CRIU.
+ */
+export { WireConnection } from './connection.js';
+export type { RequestHandler, RequestOptions, WireConnectionOptions } from './connection.js';
+export { PeerGoneError, RemoteError, WireProtocolError } from './errors.js';
+export {
+  bodyName,
+  Envelope,
+  IMAGE_CHUNK_BYTES,
+  MAX_FRAME_BYTES,
+  PROTOCOL_VERSION,
+  type Body,
+  type BodyName,
+  type BodyOf,
+  type DumpStatsMessage,
+  type EnvelopeMessage,
+  type Facts,
+  type ImageFile,
+  type ProcessFacts,
+  type ProgressMessage,
+  type WorkloadInfo,
+  type WorkloadSpec,
+} from './messages.js';
+export { WireServer } from './server.js';
+export type { WireServerOptions } from './server.js';
+export { IMAGE_NAME, MIGRATION_ID, ROUND_NAME, validateEnvelope, WORKLOAD_NAME } from './validate.js';

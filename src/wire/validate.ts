@@ -1,0 +1,154 @@
+import { WireProtocolError } from './errors.js';
+import { bodyName, IMAGE_CHUNK_BYTES, PeerRole, type EnvelopeMessage } from './messages.js';
+
+/** A migration id: lower-case letters, digits and dashes (it names directories). */
+export const MIGRATION_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;
+/** A round directory name: "1", "2", ..., "final". */
+export const ROUND_NAME = /^(?:[0-9]{1,3}|final)$/;
+/** A workload name: it names files in the agent's data directory. */
+export const WORKLOAD_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/** An image file name: one plain file name in the round's directory, never a path. */
+export const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+const MAX_STRING = 4096;
+const MAX_ARGV = 256;
+const MAX_FILES = 10_000;
+const MAX_PID = 4_194_304;
+
+/**
+ * Checks an envelope that arrived, beyond what decoding checks: exactly one
+ * body, ids, bounded strings and counts, known enum values, names that
+ * cannot escape a directory. Throws WireProtocolError on the first problem.
+ */
+export function validateEnvelope(e: EnvelopeMessage): void {
+  const name = bodyName(e);
+  if (name === undefined) fail('an envelope must carry exactly one known body');
+  if (e.replyTo !== 0 && e.replyTo !== undefined && e.replyTo !== null && (e.id ?? 0) !== 0) {
+    fail('an envelope cannot both ask and answer');
+  }
+  walkStrings(e, name);
+  const b = e[name];
+  switch (name) {
+    case 'hello':
+      if (e.hello?.role !== PeerRole.CONTROLLER && e.hello?.role !== PeerRole.AGENT) fail('hello: unknown role');
+      break;
+    case 'factsQuery':
+      pid(e.factsQuery?.pid, true);
+      if (e.factsQuery?.workload) pattern(e.factsQuery.workload, WORKLOAD_NAME, 'workload name');
+      break;
+    case 'facts':
+      bytes(e.facts?.cpuinfo, 64 * 1024, 'cpuinfo');
+      count(e.facts?.takenPids, 64, 'taken PIDs');
+      break;
+    case 'cpuCheck':
+      bytes(e.cpuCheck?.cpuinfo, 64 * 1024, 'cpuinfo');
+      break;
+    case 'prepareDestination':
+      migration(e.prepareDestination?.migrationId);
+      if (e.prepareDestination?.workload) workloadSpec(e.prepareDestination.workload);
+      break;
+    case 'pageServerStart':
+      migration(e.pageServerStart?.migrationId);
+      round(e.pageServerStart?.round);
+      parent(e.pageServerStart?.parent);
+      break;
+    case 'preDumpRound':
+    case 'finalDump': {
+      const r = e[name];
+      migration(r?.migrationId);
+      round(r?.round);
+      parent(r?.parent);
+      pid(r?.pid, false);
+      if ((r?.pageServerPort ?? 0) > 65535) fail('page server port out of range');
+      break;
+    }
+    case 'imageChunk':
+      migration(e.imageChunk?.migrationId);
+      round(e.imageChunk?.round);
+      pattern(e.imageChunk?.name ?? '', IMAGE_NAME, 'image file name');
+      bytes(e.imageChunk?.data, IMAGE_CHUNK_BYTES, 'image chunk');
+      break;
+    case 'imagesDone':
+      migration(e.imagesDone?.migrationId);
+      round(e.imagesDone?.round);
+      count(e.imagesDone?.files, MAX_FILES, 'image files');
+      for (const f of e.imagesDone?.files ?? []) {
+        pattern(f.name ?? '', IMAGE_NAME, 'image file name');
+        pattern(f.sha256 ?? '', /^[0-9a-f]{64}$/, 'sha256');
+      }
+      break;
+    case 'restore':
+      migration(e.restore?.migrationId);
+      round(e.restore?.round);
+      break;
+    case 'commit':
+    case 'resume':
+    case 'abort':
+      migration(e[name]?.migrationId);
+      break;
+    case 'runWorkload':
+      pattern(e.runWorkload?.name ?? '', WORKLOAD_NAME, 'workload name');
+      count(e.runWorkload?.argv, MAX_ARGV, 'arguments');
+      if ((e.runWorkload?.argv?.length ?? 0) === 0) fail('a workload needs a command');
+      break;
+    case 'workloadList':
+      count(e.workloadList?.workloads, MAX_FILES, 'workloads');
+      break;
+    default:
+      void b;
+  }
+}
+
+function workloadSpec(w: { name?: string | null; argv?: string[] | null }): void {
+  pattern(w.name ?? '', WORKLOAD_NAME, 'workload name');
+  count(w.argv, MAX_ARGV, 'arguments');
+}
+
+function fail(message: string): never {
+  throw new WireProtocolError(message);
+}
+
+function migration(id: string | null | undefined): void {
+  pattern(id ?? '', MIGRATION_ID, 'migration id');
+}
+
+function round(name: string | null | undefined): void {
+  pattern(name ?? '', ROUND_NAME, 'round');
+}
+
+function parent(name: string | null | undefined): void {
+  if (name !== undefined && name !== null && name !== '') round(name);
+}
+
+function pid(value: number | null | undefined, zeroAllowed: boolean): void {
+  const n = value ?? 0;
+  if (!Number.isInteger(n) || n < (zeroAllowed ? 0 : 1) || n > MAX_PID) fail(`PID out of range: ${n}`);
+}
+
+function pattern(value: string, re: RegExp, what: string): void {
+  if (!re.test(value)) fail(`bad ${what}: ${JSON.stringify(value.slice(0, 80))}`);
+}
+
+function bytes(value: Uint8Array | null | undefined, max: number, what: string): void {
+  if ((value?.length ?? 0) > max) fail(`${what} too large (${value?.length} bytes, at most ${max})`);
+}
+
+function count(value: readonly unknown[] | null | undefined, max: number, what: string): void {
+  if ((value?.length ?? 0) > max) fail(`too many ${what} (${value?.length}, at most ${max})`);
+}
+
+/** Every string anywhere in the message is bounded. */
+function walkStrings(value: unknown, path: string, depth = 0): void {
+  if (depth > 6) fail(`${path}: nested too deeply`);
+  if (typeof value === 'string') {
+    if (value.length > MAX_STRING) fail(`${path}: string too long (${value.length} characters)`);
+    return;
+  }
+  if (Array.isArray(value)) {
+    for (const item of value) walkStrings(item, path, depth + 1);
+    return;
+  }
+  if (value !== null && typeof value === 'object' && !(value instanceof Uint8Array)) {
+    for (const [key, item] of Object.entries(value)) walkStrings(item, `${path}.${key}`, depth + 1);
+  }
+}
