@@ -1,0 +1,162 @@
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readlinkSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { FerryError, InvalidInputError } from '../src/errors.js';
+import type { WorkloadInfo, WorkloadSpec } from '../src/wire/index.js';
+
+export interface WorkloadRecord {
+  name: string;
+  /** PID (in the agent's PID namespace) of the workload's root: the init of its own PID namespace. */
+  pid: number;
+  argv: string[];
+  logFile: string;
+  startedAtMs: number;
+}
+
+export class WorkloadError extends FerryError {
+  readonly code = 'WORKLOAD';
+}
+
+/**
+ * Migratable workloads: commands started in their own PID namespace (so
+ * their PIDs never collide where they are restored), in their own session,
+ * detached, with output to a log file. Recorded in DATA/workloads.json.
+ */
+export class Workloads {
+  readonly #file: string;
+  readonly #logDir: string;
+
+  constructor(
+    readonly dataDir: string,
+    readonly agentName: string,
+  ) {
+    this.#file = join(dataDir, 'workloads.json');
+    this.#logDir = join(dataDir, 'workloads');
+    mkdirSync(this.#logDir, { recursive: true });
+  }
+
+  async run(name: string, argv: readonly string[]): Promise<WorkloadRecord> {
+    const existing = this.#load().find((w) => w.name === name);
+    if (existing !== undefined && isAlive(existing.pid)) {
+      throw new InvalidInputError(`a workload named ${name} already runs here (PID ${existing.pid})`, {
+        hint: 'pick another --name',
+      });
+    }
+    const logFile = join(this.#logDir, `${name}.log`);
+    const out = openSync(logFile, 'a');
+    // unshare forks the namespace's init, which setsid makes a session leader
+    // without a terminal: what CRIU needs to dump the tree on its own.
+    const launcher = spawn('unshare', ['--pid', '--fork', '--', 'setsid', '--', ...argv], {
+      detached: true,
+      stdio: ['ignore', out, out],
+      cwd: this.#logDir,
+    });
+    closeSync(out);
+    launcher.unref();
+    const launcherPid = launcher.pid;
+    if (launcherPid === undefined) throw new WorkloadError(`cannot start unshare for ${argv[0]}`);
+    const exited = new Promise<number | null>((resolve) => launcher.once('exit', (code) => resolve(code)));
+    launcher.once('error', () => undefined);
+    const pid = await namespaceInit(launcherPid, exited);
+    if (pid === undefined) {
+      const tail = existsSync(logFile) ? readFileSync(logFile, 'utf8').slice(-400).trim() : '';
+      throw new WorkloadError(`${argv.join(' ')} exited at once${tail === '' ? '' : `: ${tail}`}`, {
+        hint: 'check the command; its output is in ' + logFile,
+      });
+    }
+    const record: WorkloadRecord = { name, pid, argv: [...argv], logFile, startedAtMs: Date.now() };
+    this.#save([...this.#load().filter((w) => w.name !== name), record]);
+    return record;
+  }
+
+  list(): WorkloadInfo[] {
+    return this.#load().map((w) => ({
+      name: w.name,
+      pid: w.pid,
+      argv: w.argv,
+      logFile: w.logFile,
+      startedAtMs: w.startedAtMs,
+      state: isAlive(w.pid) ? 'running' : 'exited',
+      agent: this.agentName,
+    }));
+  }
+
+  find(name: string): WorkloadRecord | undefined {
+    return this.#load().find((w) => w.name === name);
+  }
+
+  findByPid(pid: number): WorkloadRecord | undefined {
+    return this.#load().find((w) => w.pid === pid);
+  }
+
+  /** A workload that arrived by migration. */
+  adopt(spec: WorkloadSpec, pid: number): void {
+    const record: WorkloadRecord = {
+      name: spec.name ?? `pid-${pid}`,
+      pid,
+      argv: spec.argv ?? [],
+      logFile: spec.logFile ?? '',
+      startedAtMs: Number(spec.startedAtMs ?? Date.now()),
+    };
+    this.#save([...this.#load().filter((w) => w.name !== record.name), record]);
+  }
+
+  /** A workload that left by migration. */
+  forget(name: string): void {
+    this.#save(this.#load().filter((w) => w.name !== name));
+  }
+
+  #load(): WorkloadRecord[] {
+    if (!existsSync(this.#file)) return [];
+    return JSON.parse(readFileSync(this.#file, 'utf8')) as WorkloadRecord[];
+  }
+
+  #save(records: WorkloadRecord[]): void {
+    const tmp = `${this.#file}.tmp`;
+    writeFileSync(tmp, JSON.stringify(records, null, 2) + '\n');
+    renameSync(tmp, this.#file);
+  }
+}
+
+/** The child unshare forked: the init of the new PID namespace. */
+async function namespaceInit(launcherPid: number, exited: Promise<number | null>): Promise<number | undefined> {
+  let gone = false;
+  void exited.then(() => (gone = true));
+  for (let i = 0; i < 500 && !gone; i++) {
+    try {
+      const children = readFileSync(`/proc/${launcherPid}/task/${launcherPid}/children`, 'utf8').trim();
+      const first = children.split(/\s+/)[0];
+      if (first !== undefined && first !== '') {
+        const pid = Number(first);
+        // Wait for setsid to have exec'd the command: the init is then a session leader.
+        if (sessionLeader(pid)) return pid;
+      }
+    } catch {
+      // not there yet, or already gone
+    }
+    await sleep(5);
+  }
+  return undefined;
+}
+
+function sessionLeader(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // fields: state ppid pgrp session ...
+    return Number(fields[3]) === pid && readlinkSync(`/proc/${pid}/exe`) !== '/usr/bin/setsid';
+  } catch {
+    return false;
+  }
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.charAt(stat.lastIndexOf(')') + 2);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
