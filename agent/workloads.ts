@@ -44,15 +44,16 @@ export class Workloads {
       });
     }
     const logFile = join(this.#logDir, `${name}.log`);
-    const out = openSync(logFile, 'a');
+    closeSync(openSync(logFile, 'a'));
     // unshare forks the namespace's init, which setsid makes a session leader
-    // without a terminal: what CRIU needs to dump the tree on its own.
-    const launcher = spawn('unshare', ['--pid', '--fork', '--', 'setsid', '--', ...argv], {
-      detached: true,
-      stdio: ['ignore', out, out],
-      cwd: this.#logDir,
-    });
-    closeSync(out);
+    // without a terminal: what CRIU needs to dump the tree on its own. The
+    // shell only redirects the command's output to the log and execs it, so
+    // that unshare's own complaints (it reports its child's death) stay out.
+    const launcher = spawn(
+      'unshare',
+      ['--pid', '--fork', '--', 'setsid', '--', '/bin/sh', '-c', 'exec "$@" >>"$0" 2>&1 </dev/null', logFile, ...argv],
+      { detached: true, stdio: 'ignore', cwd: this.#logDir },
+    );
     launcher.unref();
     const launcherPid = launcher.pid;
     if (launcherPid === undefined) throw new WorkloadError(`cannot start unshare for ${argv[0]}`);
@@ -145,7 +146,8 @@ function sessionLeader(pid: number): boolean {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     // fields: state ppid pgrp session ...
-    return Number(fields[3]) === pid && readlinkSync(`/proc/${pid}/exe`) !== '/usr/bin/setsid';
+    const exe = readlinkSync(`/proc/${pid}/exe`);
+    return Number(fields[3]) === pid && exe !== '/usr/bin/setsid' && !/\/(ba|da)?sh$/.test(exe);
   } catch {
     return false;
   }

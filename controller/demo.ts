@@ -1,146 +1,101 @@
-import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { CriuService, readDumpStats, resolveCriuBinary, type NotifyEvent } from '../src/criu/index.js';
 import { InvalidInputError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
-import { formatBytes, formatDuration, PAGE_SIZE } from '../src/units.js';
+import { labDown, labUp } from './lab.js';
+import { migrate, type MigrationReport } from './migration.js';
 import { progress } from './output.js';
+import { renderEvent, renderReport } from './report.js';
+import { runWorkload } from './workloads.js';
 
 export interface DemoOptions {
-  criu?: string | undefined;
-  /** Leave the restored workload running instead of stopping it at the end. */
+  /** Leave the lab and the workload running. */
   keep?: boolean | undefined;
-  /** Memory the workload holds, in MiB. */
-  memoryMb?: number | undefined;
+  softwareVersion: string;
   signal?: AbortSignal | undefined;
 }
 
-export interface DemoReport {
-  pid: number;
-  countAtFreeze: number;
-  countAfterRestore: number;
-  dumpMs: number;
-  restoreMs: number;
-  /** From the dump's request to the restored process running. */
-  downtimeMs: number;
-  frozenMs: number;
-  pagesWritten: number;
-}
+const DEMO_LAB = 'ferrydemo';
 
 /**
- * A checkpoint and restore of a running process on this machine, with the
- * CRIU client driving a supervised `criu service`: what every migration
- * does at its core, without the second host.
+ * The main job, end to end: two lab hosts, a counting workload on a, a live
+ * migration to b, and the count going on there in b's network namespace.
  */
-export async function runDemo(options: DemoOptions): Promise<DemoReport> {
-  const memoryMb = options.memoryMb ?? 64;
-  if (!Number.isInteger(memoryMb) || memoryMb < 0 || memoryMb > 16_384) {
-    throw new InvalidInputError(`--memory must be a whole number of MiB from 0 to 16384 (got ${memoryMb})`);
-  }
+export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
   const workload = join(projectRoot(), 'dist', 'examples', 'counter');
-  if (!existsSync(workload)) {
-    throw new InvalidInputError(`the demo workload ${workload} is not built`, { hint: 'run `npm run build`' });
-  }
-  const binary = resolveCriuBinary(options.criu);
-  const scratchParent = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
-  const scratch = mkdtempSync(join(scratchParent, 'ferry-demo-'));
-  const images = join(scratch, 'images');
-  const stateFile = join(scratch, 'state');
-  let pid: number | undefined;
+  if (!existsSync(workload)) throw new InvalidInputError(`${workload} is not built`, { hint: 'run `npm run build`' });
+  progress('Ferry demo: a live migration between two lab hosts on this machine.\n');
+  const lab = await labUp({ name: DEMO_LAB });
+  const [a, b] = lab.hosts;
+  if (a === undefined || b === undefined) throw new Error('the lab has fewer than two hosts');
   let keep = false;
-
-  progress('Ferry demo: checkpoint a running process and restore it on this machine.');
-  progress('(Live migration between two hosts uses the same steps with a page server on the other host.)');
-  const service = await CriuService.start({ binary, signal: options.signal });
   try {
-    const client = service.client();
-    progress(
-      `CRIU ${service.version?.text ?? '?'} from ${binary.source === 'project' ? 'the project prefix' : binary.path}`,
-    );
+    for (const h of lab.hosts) progress(`host ${h.host}: agent at ${h.url} (network namespace ${h.netns})`);
+    const stateFile = join(a.dataDir, 'counter.state');
+    // 64 MiB of memory, 4 MiB of it rewritten every tick; a line every second.
+    const started = await runWorkload(a.url, 'counter', [workload, stateFile, '100', '64', '4', '10'], options.softwareVersion);
+    const logFile = started.logFile ?? '';
+    progress(`\nstarted workload "counter" on a as PID ${started.pid}; its output:`);
+    let shown = await follow(logFile, 0, 3, 'a', options.signal);
 
-    const child = spawn(workload, [stateFile, '20', String(memoryMb), String(Math.min(4, memoryMb))], {
-      detached: true,
-      stdio: 'ignore',
+    progress('\nmigrating it to b while it runs:');
+    const report = await migrate({
+      workload: 'counter',
+      from: a.url,
+      to: b.url,
+      softwareVersion: options.softwareVersion,
+      onEvent: (e) => progress(renderEvent(e)),
+      signal: options.signal,
     });
-    pid = child.pid;
-    if (pid === undefined) throw new Error(`cannot start ${workload}`);
-    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-    progress(`workload: PID ${pid}, ${memoryMb} MiB of memory, counting 50 times a second`);
-    await showCount(stateFile, 'running', 4, options.signal);
+    progress(renderReport(report));
 
-    const dumpStarted = performance.now();
-    const dir = mkdtempSync(images);
-    await client.dump({ pid, imagesDir: dir, signal: options.signal, onNotify: (e) => narrate(e, dumpStarted) });
-    const dumpMs = performance.now() - dumpStarted;
-    const countAtFreeze = readCount(stateFile);
-    const stats = await readDumpStats(dir);
+    const pid = report.to.pid;
+    const inB = sameNetns(pid, b.netns);
+    progress(`\nits output now, from PID ${pid}${inB ? ` in host b's network namespace` : ''}:`);
+    shown = await follow(logFile, shown, 3, 'b', options.signal);
     progress(
-      `checkpoint: ${formatDuration(dumpMs)}, frozen ${formatDuration(stats.frozenTimeUs / 1000)}, ` +
-        `${stats.pagesWritten} pages (${formatBytes(stats.pagesWritten * PAGE_SIZE)}) written; count was ${countAtFreeze}`,
-    );
-    await exited; // the PID is free again only once the old process is reaped
-
-    const restoreStarted = performance.now();
-    const { pid: restoredPid } = await client.restore({ imagesDir: dir, signal: options.signal });
-    const restoreMs = performance.now() - restoreStarted;
-    const downtimeMs = performance.now() - dumpStarted;
-    progress(`restore: ${formatDuration(restoreMs)}, running again as PID ${restoredPid}`);
-    await showCount(stateFile, 'restored', 4, options.signal);
-    const countAfterRestore = readCount(stateFile);
-    progress(
-      `The process went on from count ${countAtFreeze} to ${countAfterRestore} with the same PID; ` +
-        `it was stopped for ${formatDuration(downtimeMs)} in all.`,
+      existsSync(`/proc/${report.from.pid}`)
+        ? `\nPID ${report.from.pid} still exists on a: this should not happen`
+        : `\nNothing of it runs on a any more; it counted on without starting over.`,
     );
     keep = options.keep === true;
-    if (keep) progress(`It keeps running (PID ${restoredPid}); its count is in ${stateFile}.`);
-    return {
-      pid: restoredPid,
-      countAtFreeze,
-      countAfterRestore,
-      dumpMs,
-      restoreMs,
-      downtimeMs,
-      frozenMs: stats.frozenTimeUs / 1000,
-      pagesWritten: stats.pagesWritten,
-    };
+    if (keep) progress(`The lab stays up (\`ferry lab down --name ${DEMO_LAB}\` removes it).`);
+    return report;
   } finally {
     if (!keep) {
-      if (pid !== undefined) {
-        try {
-          process.kill(pid, 'SIGKILL');
-        } catch {
-          // already gone
-        }
-      }
-      rmSync(scratch, { recursive: true, force: true });
+      await labDown(DEMO_LAB);
+      progress('lab removed.');
     }
-    await service.stop();
   }
 }
 
-function narrate(event: NotifyEvent, started: number): boolean {
-  const at = formatDuration(performance.now() - started);
-  if (event.script === 'pre-dump') progress(`  ${at}  dump started`);
-  if (event.script === 'post-dump') progress(`  ${at}  images written; CRIU now stops the original`);
-  return true;
-}
-
-async function showCount(
-  stateFile: string,
-  label: string,
-  times: number,
-  signal: AbortSignal | undefined,
-): Promise<void> {
-  for (let i = 0; i < times; i++) {
-    await sleep(250, undefined, { signal });
-    progress(`  ${label}: count ${readCount(stateFile)}`);
+/** Prints new lines of a log file as they come, `count` of them; returns the offset reached. */
+async function follow(file: string, from: number, count: number, host: string, signal?: AbortSignal): Promise<number> {
+  let offset = from;
+  let printed = 0;
+  const deadline = Date.now() + 10_000;
+  while (printed < count && Date.now() < deadline) {
+    if (existsSync(file) && statSync(file).size > offset) {
+      const text = readFileSync(file).subarray(offset).toString('utf8');
+      const end = text.lastIndexOf('\n');
+      if (end >= 0) {
+        for (const line of text.slice(0, end).split('\n')) {
+          if (printed < count) progress(`  ${host} │ ${line}`);
+          printed += 1;
+        }
+        offset += Buffer.byteLength(text.slice(0, end + 1));
+      }
+    }
+    await sleep(100, undefined, { signal });
   }
+  return offset;
 }
 
-function readCount(stateFile: string): number {
-  const match = /^\d+ (\d+)/.exec(readFileSync(stateFile, 'utf8'));
-  return Number(match?.[1] ?? NaN);
+function sameNetns(pid: number, netns: string): boolean {
+  try {
+    return statSync(`/run/netns/${netns}`).ino === Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
+  } catch {
+    return false;
+  }
 }

@@ -1,11 +1,22 @@
 #!/usr/bin/env node
 import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { isIP } from 'node:net';
 import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { Agent } from '../agent/index.js';
+import { InvalidInputError } from '../src/errors.js';
+import { log } from '../src/log.js';
 import { projectRoot } from '../src/paths.js';
+import { WORKLOAD_NAME } from '../src/wire/index.js';
+import { resolveAgent } from './agents.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
+import { DEFAULT_LAB, labDown, labExec, labUp, LAB_NAME } from './lab.js';
+import { migrate } from './migration.js';
 import { ExitCode, reportError } from './output.js';
+import { renderEvent, renderReport } from './report.js';
+import { listWorkloads, runWorkload } from './workloads.js';
 
 const version = (JSON.parse(readFileSync(join(projectRoot(), 'package.json'), 'utf8')) as { version: string }).version;
 
@@ -26,10 +37,26 @@ function wholeNumber(value: string): number {
   return Number(value);
 }
 
+function hostPort(value: string): { host: string; port: number } {
+  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(value);
+  const host = match?.[1] ?? match?.[2];
+  const port = Number(match?.[3]);
+  if (host === undefined || !(port >= 0 && port <= 65535)) throw new InvalidArgumentError('expected HOST:PORT');
+  if (isIP(host) === 0) throw new InvalidArgumentError('HOST must be a numeric IP address (CRIU page servers need one)');
+  return { host, port };
+}
+
+function labName(value: string): string {
+  if (!LAB_NAME.test(value)) throw new InvalidArgumentError('1 to 10 lower-case letters and digits, starting with a letter');
+  return value;
+}
+
+function json(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+}
+
 const criuOption = () =>
-  new Option('--criu <path>', 'the CRIU binary to use (default: the project prefix, then the system)').env(
-    'FERRY_CRIU',
-  );
+  new Option('--criu <path>', 'the CRIU binary to use (default: the project prefix, then the system)').env('FERRY_CRIU');
 
 export function buildProgram(): Command {
   const program = new Command('ferry')
@@ -40,53 +67,195 @@ export function buildProgram(): Command {
     .addHelpText(
       'after',
       `
+AGENT is a URL (ws://HOST:PORT) or the name of a lab host (a, b) of the lab that is up.
+
 Exit codes: 0 done, 1 failed (a source process keeps running), 2 bad input (nothing changed),
 3 outcome unknown.
 
 Start with:
-  ferry check     what CRIU and this kernel can do here
-  ferry demo      checkpoint a running process and restore it`,
+  ferry demo                        a live migration between two local lab hosts
+  ferry lab up                      two hosts (network namespaces) with agents: a and b
+  ferry run --on a --name web -- CMD...
+  ferry migrate web --from a --to b`,
     );
+
+  program
+    .command('migrate')
+    .description('Move a running process to another agent; it keeps its PID, memory and open files')
+    .argument('<PID|NAME>', 'a PID on the source agent, or a workload name (ferry ps)')
+    .requiredOption('--from <AGENT>', 'the agent where the process runs now')
+    .requiredOption('--to <AGENT>', 'the agent to move it to')
+    .addOption(
+      new Option('--strategy <S>', 'how memory is copied').choices(['auto', 'precopy', 'stop-and-copy']).default('auto'),
+    )
+    .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', wholeNumber, 8)
+    .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
+    .addHelpText(
+      'after',
+      `
+Steps: preflight (both agents, CPU, space, PID), pre-copy rounds while the process runs
+(only where the kernel tracks dirty memory), then the switchover: the process is frozen on
+the source, the rest of its state goes to the destination, the copy there is restored but held,
+and only then is the source copy ended and the destination's started. Any failure before that
+point leaves the process running on the source as it was (exit code 1).`,
+    )
+    .action(
+      async (
+        target: string,
+        opts: { from: string; to: string; strategy: 'auto' | 'precopy' | 'stop-and-copy'; maxRounds: number; json?: boolean },
+      ) => {
+        const isPid = /^\d+$/.test(target);
+        if (!isPid && !WORKLOAD_NAME.test(target)) {
+          throw new InvalidInputError(`${JSON.stringify(target)} is neither a PID nor a workload name`);
+        }
+        const from = resolveAgent(opts.from);
+        const to = resolveAgent(opts.to);
+        const report = await migrate({
+          pid: isPid ? Number(target) : undefined,
+          workload: isPid ? undefined : target,
+          from,
+          to,
+          strategy: opts.strategy,
+          maxRounds: opts.maxRounds,
+          softwareVersion: version,
+          onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),
+          signal: interruptSignal(),
+        });
+        if (opts.json === true) json(report);
+        else process.stdout.write(renderReport(report) + '\n');
+      },
+    );
+
+  program
+    .command('run')
+    .description('Start a command as a migratable workload on an agent')
+    .requiredOption('--on <AGENT>', 'the agent to run it on')
+    .option('--name <NAME>', 'a name to migrate it by (default: the command name)')
+    .option('--json', 'print the workload as JSON')
+    .argument('<CMD...>', 'the command, after --')
+    .addHelpText(
+      'after',
+      `
+The command runs in its own PID namespace (so its PIDs never collide where it is restored),
+detached, in its own session, with its output in a log file on the agent.
+
+Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'`,
+    )
+    .action(async (cmd: string[], opts: { on: string; name?: string; json?: boolean }) => {
+      const name = opts.name ?? (cmd[0] ?? '').split('/').at(-1) ?? '';
+      if (!WORKLOAD_NAME.test(name)) throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, { hint: 'use letters, digits, . _ -' });
+      const w = await runWorkload(resolveAgent(opts.on), name, cmd, version);
+      if (opts.json === true) json(w);
+      else process.stdout.write(`started ${w.name} on ${w.agent} as PID ${w.pid}; output: ${w.logFile}\n`);
+    });
+
+  program
+    .command('ps')
+    .description('List the workloads of an agent')
+    .requiredOption('--on <AGENT>', 'the agent to ask')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { on: string; json?: boolean }) => {
+      const workloads = await listWorkloads(resolveAgent(opts.on), version);
+      if (opts.json === true) {
+        json(workloads);
+        return;
+      }
+      const rows = [['NAME', 'PID', 'STATE', 'AGENT', 'COMMAND']];
+      for (const w of workloads) rows.push([w.name ?? '', String(w.pid ?? ''), w.state ?? '', w.agent ?? '', (w.argv ?? []).join(' ')]);
+      const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
+      for (const r of rows) process.stdout.write(r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ') + '\n');
+    });
+
+  program
+    .command('agent')
+    .description('Run the agent daemon of this node')
+    .option('--listen <HOST:PORT>', 'address to listen on (a numeric IP)', hostPort, { host: '127.0.0.1', port: 7070 })
+    .option('--name <NAME>', 'this node’s name', hostname())
+    .option('--data-dir <DIR>', 'workload records and logs', '/var/lib/ferry')
+    .option('--images-dir <DIR>', 'images, one directory per migration (default: tmpfs, /dev/shm/ferry/NAME)')
+    .option('--advertise <IP>', 'address peers and page servers use (default: the listen address)')
+    .addOption(criuOption())
+    .action(
+      async (opts: {
+        listen: { host: string; port: number };
+        name: string;
+        dataDir: string;
+        imagesDir?: string;
+        advertise?: string;
+        criu?: string;
+      }) => {
+        const advertise = opts.advertise ?? opts.listen.host;
+        if (isIP(advertise) === 0 || advertise === '0.0.0.0' || advertise === '::') {
+          throw new InvalidInputError(`the agent needs an address peers can reach, not ${advertise}`, { hint: 'pass --advertise IP' });
+        }
+        const agent = await Agent.start({
+          name: opts.name,
+          host: opts.listen.host,
+          port: opts.listen.port,
+          dataDir: opts.dataDir,
+          imagesRoot: opts.imagesDir,
+          advertise,
+          criu: opts.criu,
+          softwareVersion: version,
+        });
+        await new Promise<void>((resolve) => {
+          process.once('SIGTERM', resolve);
+          process.once('SIGINT', resolve);
+        });
+        log.info('stopping');
+        await agent.stop();
+      },
+    );
+
+  const lab = program.command('lab').description('Two local hosts (network namespaces) with agents, for trying Ferry out');
+  lab
+    .command('up')
+    .description('Create the lab hosts a and b and start an agent on each (idempotent)')
+    .option('--name <NAME>', 'lab name (prefixes its namespaces)', labName, DEFAULT_LAB)
+    .option('--json', 'print the lab as JSON')
+    .action(async (opts: { name: string; json?: boolean }) => {
+      const up = await labUp({ name: opts.name });
+      if (opts.json === true) json(up);
+      else for (const h of up.hosts) process.stdout.write(`${h.host}  ${h.url}  (netns ${h.netns}, log ${h.logFile})\n`);
+    });
+  lab
+    .command('down')
+    .description('Stop the lab: its agents, everything running in its hosts, its namespaces')
+    .option('--name <NAME>', 'lab name', labName, DEFAULT_LAB)
+    .action(async (opts: { name: string }) => {
+      const existed = await labDown(opts.name);
+      process.stdout.write(existed ? `lab ${opts.name} is down\n` : `lab ${opts.name} was not up\n`);
+    });
+  lab
+    .command('exec')
+    .description('Run a command in a lab host')
+    .argument('<HOST>', 'a, b, ...')
+    .argument('<CMD...>', 'the command, after --')
+    .option('--name <NAME>', 'lab name', labName, DEFAULT_LAB)
+    .action(async (host: string, cmd: string[], opts: { name: string }) => {
+      process.exitCode = await labExec(opts.name, host, cmd);
+    });
 
   program
     .command('check')
     .description('Show which CRIU Ferry uses, run its kernel check, and list the features this kernel has')
     .addOption(criuOption())
     .option('--json', 'print one JSON document and nothing else on stdout')
-    .addHelpText(
-      'after',
-      `
-mem_track decides the strategy: with it, Ferry copies memory while the process runs (precopy);
-without it, the process stops for the whole copy (stop-and-copy).`,
-    )
     .action(async (opts: { criu?: string; json?: boolean }) => {
       const report = await runCheck({ criu: opts.criu, signal: interruptSignal() });
-      if (opts.json === true) process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+      if (opts.json === true) json(report);
       else printCheck(report);
     });
 
   program
     .command('demo')
-    .description('Start a counting process, checkpoint it with CRIU, restore it, and show it counting on')
-    .addOption(criuOption())
-    .option('--memory <MiB>', 'memory the demo process holds', wholeNumber, 64)
-    .option('--keep', 'leave the restored process running at the end')
-    .option('--json', 'print the figures as one JSON document on stdout')
-    .addHelpText(
-      'after',
-      `
-The demo runs on this machine and needs root (CRIU does). It prints each step on stderr:
-the process counting, the checkpoint (frozen time, pages written), the restore with the
-same PID, and the count going on from where it stopped.`,
-    )
-    .action(async (opts: { criu?: string; memory: number; keep?: boolean; json?: boolean }) => {
-      const report = await runDemo({
-        criu: opts.criu,
-        memoryMb: opts.memory,
-        keep: opts.keep,
-        signal: interruptSignal(),
-      });
-      if (opts.json === true) process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+    .description('Bring up the lab, start a counting workload on host a, migrate it live to b, show it counting on')
+    .option('--keep', 'leave the lab and the workload running at the end')
+    .option('--json', 'print the migration report as JSON on stdout')
+    .addHelpText('after', '\nNeeds root. Tears down what it created unless --keep.')
+    .action(async (opts: { keep?: boolean; json?: boolean }) => {
+      const report = await runDemo({ keep: opts.keep, softwareVersion: version, signal: interruptSignal() });
+      if (opts.json === true) json(report);
     });
 
   return program;
@@ -94,16 +263,16 @@ same PID, and the count going on from where it stopped.`,
 
 export async function main(argv: readonly string[]): Promise<number> {
   const program = buildProgram();
-  const json = argv.includes('--json');
+  const asJson = argv.includes('--json');
   try {
     await program.parseAsync([...argv], { from: 'user' });
-    return ExitCode.ok;
+    return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.ok;
   } catch (error) {
     if (error instanceof CommanderError) {
       // Help and version exit 0; a usage mistake is bad input.
       return error.exitCode === 0 ? ExitCode.ok : ExitCode.badInput;
     }
-    return reportError(error, json);
+    return reportError(error, asJson);
   }
 }
 

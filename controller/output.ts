@@ -1,4 +1,4 @@
-import { FerryError } from '../src/errors.js';
+import { FerryError, InvalidInputError } from '../src/errors.js';
 
 /** Exit codes of the command-line contract. */
 export const ExitCode = {
@@ -25,7 +25,8 @@ export function reportError(error: unknown, json: boolean): number {
       process.stderr.write(`${error.stack}\n`);
     }
   }
-  return code === 'INVALID_INPUT' ? ExitCode.badInput : ExitCode.failed;
+  if (error instanceof InvalidInputError) return ExitCode.badInput;
+  return code === 'OUTCOME_UNKNOWN' ? ExitCode.unknown : ExitCode.failed;
 }
 
 /** A line of progress on stderr, so that stdout stays clean for --json. */

@@ -25,7 +25,7 @@ export abstract class FerryError extends Error {
 
 /** Input that can never work as given: the CLI exits 2 and changes nothing. */
 export class InvalidInputError extends FerryError {
-  readonly code = 'INVALID_INPUT';
+  readonly code: string = 'INVALID_INPUT';
 }
 
 /** An operation gave up waiting; `waitingFor` says on what. */

@@ -1,0 +1,44 @@
+import pRetry, { AbortError as RetryAbort } from 'p-retry';
+import { InvalidInputError } from '../src/errors.js';
+import { PeerGoneError, RemoteError, WireConnection, type ProgressMessage } from '../src/wire/index.js';
+
+/** An agent that cannot be reached: nothing was touched. */
+export class AgentUnreachableError extends InvalidInputError {
+  override readonly code = 'AGENT_UNREACHABLE';
+}
+
+/** Connects to an agent as the controller. Connecting changes nothing anywhere, so it is retried. */
+export async function connectAgent(
+  url: string,
+  softwareVersion: string,
+  options: { onProgress?: (p: ProgressMessage) => void; signal?: AbortSignal | undefined } = {},
+): Promise<WireConnection> {
+  try {
+    return await pRetry(
+      () =>
+        WireConnection.connect(
+          url,
+          { role: 'controller', name: 'controller', softwareVersion },
+          { peer: url, onProgress: options.onProgress, signal: options.signal },
+        ).catch((error: unknown) => {
+          if (!(error instanceof PeerGoneError)) throw new RetryAbort(error as Error);
+          throw error;
+        }),
+      { retries: 2, minTimeout: 200, signal: options.signal },
+    );
+  } catch (error) {
+    if (error instanceof RemoteError) throw error;
+    throw new AgentUnreachableError(`cannot reach the agent at ${url}: ${(error as Error).message}`, {
+      hint: 'check the URL and that `ferry agent` runs there (`ferry lab up` starts two local ones)',
+      cause: error,
+    });
+  }
+}
+
+/** A remote "bad input" is bad input here too: exit 2, nothing changed. */
+export function localized(error: unknown): unknown {
+  if (error instanceof RemoteError && error.code === 'INVALID_INPUT') {
+    return new InvalidInputError(error.message, { hint: error.hint, cause: error });
+  }
+  return error;
+}

@@ -1,0 +1,243 @@
+import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import { FerryError, InvalidInputError } from '../src/errors.js';
+import { projectRoot } from '../src/paths.js';
+import { WireConnection } from '../src/wire/index.js';
+
+const execFileAsync = promisify(execFile);
+
+/** The lab's name prefixes its namespaces and interfaces (at most 15 characters each). */
+export const LAB_NAME = /^[a-z][a-z0-9]{0,9}$/;
+export const DEFAULT_LAB = 'ferry';
+const AGENT_PORT = 7070;
+
+export interface LabHost {
+  /** "a", "b", ... */
+  host: string;
+  netns: string;
+  address: string;
+  url: string;
+  pid: number;
+  dataDir: string;
+  imagesDir: string;
+  logFile: string;
+}
+
+export interface Lab {
+  name: string;
+  dir: string;
+  bridge: string;
+  subnet: string;
+  hosts: LabHost[];
+}
+
+export class LabError extends FerryError {
+  readonly code = 'LAB';
+}
+
+export interface LabUpOptions {
+  name?: string | undefined;
+  hosts?: number | undefined;
+  /** Extra environment for a host's agent (tests use it), by host letter. */
+  agentEnv?: Record<string, Record<string, string>> | undefined;
+}
+
+function labDir(name: string): string {
+  return join(existsSync('/run') ? '/run' : '/tmp', 'ferry', `lab-${name}`);
+}
+
+/** The lab's state, or undefined when it is not up. */
+export function readLab(name = DEFAULT_LAB): Lab | undefined {
+  const file = join(labDir(name), 'lab.json');
+  if (!existsSync(file)) return undefined;
+  return JSON.parse(readFileSync(file, 'utf8')) as Lab;
+}
+
+/**
+ * Two (or more) hosts on this machine: one network namespace each, joined
+ * by a bridge that the controller (in the root namespace) also sits on,
+ * with an agent listening on each host's address. Idempotent: a lab that
+ * is up and whose agents answer is returned as it is.
+ */
+export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
+  const name = options.name ?? DEFAULT_LAB;
+  if (!LAB_NAME.test(name)) {
+    throw new InvalidInputError(`bad lab name ${JSON.stringify(name)}`, { hint: 'use 1 to 10 lower-case letters and digits' });
+  }
+  const count = options.hosts ?? 2;
+  if (!Number.isInteger(count) || count < 2 || count > 8) throw new InvalidInputError('a lab has 2 to 8 hosts');
+  if (process.getuid?.() !== 0) throw new LabError('the lab needs root (network namespaces, CRIU)', { hint: 'run as root' });
+  const existing = readLab(name);
+  if (existing !== undefined) {
+    if (await allAnswer(existing)) return existing;
+    await labDown(name);
+  }
+  const dir = labDir(name);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const octet = (createHash('sha256').update(name).digest()[0] ?? 0) % 200 + 20;
+  const subnet = `10.199.${octet}`;
+  const bridge = `${name}-br`;
+  const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [] };
+  try {
+    await ip('link', 'add', bridge, 'type', 'bridge');
+    await ip('addr', 'add', `${subnet}.254/24`, 'dev', bridge);
+    await ip('link', 'set', bridge, 'up');
+    for (let i = 0; i < count; i++) {
+      const host = String.fromCharCode(97 + i);
+      const netns = `${name}-${host}`;
+      const address = `${subnet}.${i + 1}`;
+      const hostVeth = `${name}-${host}0`;
+      await ip('netns', 'add', netns);
+      await ip('link', 'add', hostVeth, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', netns);
+      await ip('link', 'set', hostVeth, 'master', bridge, 'up');
+      await ip('-n', netns, 'addr', 'add', `${address}/24`, 'dev', 'eth0');
+      await ip('-n', netns, 'link', 'set', 'eth0', 'up');
+      await ip('-n', netns, 'link', 'set', 'lo', 'up');
+      const dataDir = join(dir, host);
+      const imagesDir = join(existsSync('/dev/shm') ? '/dev/shm' : dir, `ferry-lab-${name}`, host);
+      mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+      mkdirSync(imagesDir, { recursive: true, mode: 0o700 });
+      const logFile = join(dataDir, 'agent.log');
+      const pid = startAgent(netns, host, address, dataDir, imagesDir, logFile, options.agentEnv?.[host] ?? {});
+      lab.hosts.push({ host, netns, address, url: `ws://${address}:${AGENT_PORT}`, pid, dataDir, imagesDir, logFile });
+      writeFileSync(join(dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
+    }
+    for (const h of lab.hosts) await waitForAgent(h);
+    return lab;
+  } catch (error) {
+    await labDown(name).catch(() => undefined);
+    throw error;
+  }
+}
+
+/** Stops the lab's agents and everything running in its hosts, and removes its namespaces and files. */
+export async function labDown(name = DEFAULT_LAB): Promise<boolean> {
+  const lab = readLab(name);
+  const dir = labDir(name);
+  const netnses = (lab?.hosts ?? []).map((h) => h.netns);
+  // Also what a half-made lab may have left without state.
+  for (const letter of 'abcdefgh') {
+    const netns = `${name}-${letter}`;
+    if (!netnses.includes(netns) && existsSync(`/run/netns/${netns}`)) netnses.push(netns);
+  }
+  for (const netns of netnses) {
+    const pids = await ipOut('netns', 'pids', netns).catch(() => '');
+    for (const pid of pids.split(/\s+/).filter(Boolean)) {
+      try {
+        process.kill(Number(pid), 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+  }
+  for (const netns of netnses) await ip('netns', 'del', netns).catch(() => undefined);
+  await ip('link', 'del', `${name}-br`).catch(() => undefined);
+  for (const h of lab?.hosts ?? []) rmSync(h.imagesDir, { recursive: true, force: true });
+  rmSync(join('/dev/shm', `ferry-lab-${name}`), { recursive: true, force: true });
+  rmSync(dir, { recursive: true, force: true });
+  return lab !== undefined || netnses.length > 0;
+}
+
+/** Runs a command inside a lab host; resolves with its exit code. */
+export async function labExec(name: string, host: string, argv: readonly string[]): Promise<number> {
+  const lab = readLab(name);
+  const h = lab?.hosts.find((x) => x.host === host);
+  if (h === undefined) {
+    throw new InvalidInputError(`no host ${host} in lab ${name}`, {
+      hint: lab === undefined ? 'run `ferry lab up` first' : `hosts: ${lab.hosts.map((x) => x.host).join(', ')}`,
+    });
+  }
+  if (argv.length === 0) throw new InvalidInputError('give a command after --');
+  const child = spawn('ip', ['netns', 'exec', h.netns, ...argv], { stdio: 'inherit' });
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code, signal) => resolve(code ?? (signal === null ? 1 : 128)));
+  });
+}
+
+function startAgent(
+  netns: string,
+  host: string,
+  address: string,
+  dataDir: string,
+  imagesDir: string,
+  logFile: string,
+  env: Record<string, string>,
+): number {
+  const main = join(projectRoot(), 'dist', 'controller', 'main.js');
+  if (!existsSync(main)) throw new LabError(`${main} is missing`, { hint: 'run `npm run build`' });
+  const out = openSync(logFile, 'a');
+  const child = spawn(
+    'ip',
+    [
+      'netns',
+      'exec',
+      netns,
+      process.execPath,
+      main,
+      'agent',
+      '--name',
+      host,
+      '--listen',
+      `${address}:${AGENT_PORT}`,
+      '--data-dir',
+      dataDir,
+      '--images-dir',
+      imagesDir,
+    ],
+    { detached: true, stdio: ['ignore', out, out], env: { ...process.env, FERRY_LOG: 'info', ...env } },
+  );
+  closeSync(out);
+  child.unref();
+  if (child.pid === undefined) throw new LabError(`cannot start the agent of host ${host}`);
+  return child.pid;
+}
+
+async function waitForAgent(h: LabHost): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    try {
+      const c = await WireConnection.connect(h.url, { role: 'controller', name: 'lab', softwareVersion: '' }, { timeoutMs: 1_000 });
+      c.close();
+      return;
+    } catch (error) {
+      if (Date.now() > deadline) {
+        const tail = existsSync(h.logFile) ? readFileSync(h.logFile, 'utf8').trim().split('\n').slice(-5).join('\n') : '';
+        throw new LabError(`the agent of host ${h.host} did not answer at ${h.url}: ${(error as Error).message}\n${tail}`, {
+          hint: `read ${h.logFile}`,
+        });
+      }
+      await sleep(100);
+    }
+  }
+}
+
+async function allAnswer(lab: Lab): Promise<boolean> {
+  for (const h of lab.hosts) {
+    try {
+      const c = await WireConnection.connect(h.url, { role: 'controller', name: 'lab', softwareVersion: '' }, { timeoutMs: 1_000 });
+      c.close();
+    } catch {
+      return false;
+    }
+  }
+  return lab.hosts.length > 0;
+}
+
+async function ip(...args: string[]): Promise<void> {
+  await ipOut(...args);
+}
+
+async function ipOut(...args: string[]): Promise<string> {
+  try {
+    const { stdout } = await execFileAsync('ip', args, { timeout: 10_000 });
+    return stdout;
+  } catch (error) {
+    const stderr = (error as { stderr?: string }).stderr?.trim() ?? '';
+    throw new LabError(`ip ${args.join(' ')} failed: ${stderr || (error as Error).message}`);
+  }
+}

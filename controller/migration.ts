@@ -1,0 +1,381 @@
+import { randomBytes } from 'node:crypto';
+import pRetry from 'p-retry';
+import { FerryError, InvalidInputError, type FerryErrorOptions } from '../src/errors.js';
+import { PAGE_SIZE, formatBytes } from '../src/units.js';
+import { PeerGoneError, type WireConnection, type DumpStatsMessage, type Facts, type ProgressMessage } from '../src/wire/index.js';
+import { connectAgent, localized } from './connect.js';
+
+export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'rollback' | 'done';
+export type Strategy = 'precopy' | 'stop-and-copy';
+
+export interface MigrationEvent {
+  /** Milliseconds since the migration started. */
+  atMs: number;
+  phase: Phase;
+  /** Who says it: "controller" or an agent's name. */
+  from: string;
+  message: string;
+  round?: string | undefined;
+  pages?: number | undefined;
+  bytes?: number | undefined;
+}
+
+export interface MigrateOptions {
+  /** The process: a PID on the source, or a workload name. */
+  pid?: number | undefined;
+  workload?: string | undefined;
+  from: string;
+  to: string;
+  strategy?: 'auto' | Strategy | undefined;
+  maxRounds?: number | undefined;
+  /** How long either agent holds its side of the switchover waiting for the next step. */
+  holdMs?: number | undefined;
+  softwareVersion: string;
+  onEvent?: ((event: MigrationEvent) => void) | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+export interface RoundReport {
+  round: string;
+  pagesWritten: number;
+  pagesSkipped: number;
+  bytes: number;
+  durationMs: number;
+}
+
+export interface MigrationReport {
+  migrationId: string;
+  from: { agent: string; url: string; pid: number };
+  to: { agent: string; url: string; pid: number };
+  workload: string | undefined;
+  strategy: Strategy;
+  strategyReason: string;
+  rounds: RoundReport[];
+  /** Why the pre-copy rounds stopped (precopy only). */
+  roundsStopReason: string | undefined;
+  final: RoundReport & { frozenMs: number; imageFiles: number; imageBytes: number };
+  /** Memory pages plus other images, all rounds. */
+  bytesSent: number;
+  /** What the destination's page servers wrote, by file size. */
+  pageImageBytes: number;
+  residentBytes: number;
+  phasesMs: { preflight: number; precopy: number; switchover: number; commit: number };
+  totalMs: number;
+  /** From the source's freeze to the destination's copy running. */
+  downtimeMs: number;
+}
+
+/** A migration that failed with the source process still running where it was. */
+export class MigrationFailedError extends FerryError {
+  readonly code: string;
+  constructor(
+    readonly phase: Phase,
+    cause: unknown,
+    options: FerryErrorOptions & { sourceAgent: string },
+  ) {
+    const why = cause instanceof Error ? cause.message : String(cause);
+    super(`migration failed during ${phase}: ${why}. The process still runs on ${options.sourceAgent}, unchanged.`, {
+      hint: options.hint ?? (cause instanceof FerryError ? cause.hint : undefined),
+      cause,
+    });
+    this.code = cause instanceof FerryError ? cause.code : 'MIGRATION_FAILED';
+  }
+}
+
+/** Something failed after the commit point or while settling it: the outcome needs `ferry recover`. */
+export class OutcomeUnknownError extends FerryError {
+  readonly code = 'OUTCOME_UNKNOWN';
+}
+
+/** The destination cannot take the process; found before touching it. */
+export class PreflightRefusedError extends InvalidInputError {
+  override readonly code = 'PREFLIGHT_REFUSED';
+}
+
+const HOLD_MS = 60_000;
+
+/**
+ * The migration state machine: preflight → pre-copy rounds → switchover →
+ * commit | rollback → report. Rollback is possible until the commit
+ * request reaches the source; after it, the only way is forward (resume on
+ * the destination).
+ */
+export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
+  if (options.from === options.to) {
+    throw new InvalidInputError('--from and --to name the same agent', { hint: 'a migration needs two different agents' });
+  }
+  if ((options.pid === undefined) === (options.workload === undefined)) {
+    throw new InvalidInputError('name the process by PID or by workload name, exactly one');
+  }
+  const started = performance.now();
+  const elapsed = (): number => Math.round(performance.now() - started);
+  const emit = (phase: Phase, from: string, message: string, extra: Partial<MigrationEvent> = {}): void =>
+    options.onEvent?.({ atMs: elapsed(), phase, from, message, ...extra });
+  let phase: Phase = 'preflight';
+  const migrationId = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
+
+  emit('preflight', 'controller', `connecting to ${options.from} and ${options.to}`);
+  const onProgress = (p: ProgressMessage): void =>
+    emit((p.phase as Phase | undefined) ?? phase, p.source ?? 'agent', p.message ?? '', {
+      round: p.round || undefined,
+      bytes: p.bytes ?? undefined,
+      pages: p.pages ?? undefined,
+    });
+  const connect = (url: string) => connectAgent(url, options.softwareVersion, { onProgress, signal: options.signal });
+  const connected = await Promise.allSettled([connect(options.from), connect(options.to)]);
+  const failed = connected.find((r) => r.status === 'rejected');
+  if (failed !== undefined) {
+    for (const r of connected) if (r.status === 'fulfilled') r.value.close();
+    throw failed.reason;
+  }
+  const [source, destination] = connected.map((r) => (r as PromiseFulfilledResult<WireConnection>).value) as [
+    WireConnection,
+    WireConnection,
+  ];
+  const sourceName = source.peerName || options.from;
+  const destinationName = destination.peerName || options.to;
+  let committed = false;
+  let prepared = false;
+  try {
+    // 1. Preflight: facts from both, and every reason to refuse before touching the process.
+    const sourceFacts = await source.request({ factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '' } }, 'facts');
+    const proc = sourceFacts.process;
+    if (!proc?.exists) {
+      throw new InvalidInputError(`no process with PID ${options.pid} on ${sourceName}`, {
+        hint: `check the PID on ${sourceName}, or name a workload (\`ferry ps --on ${options.from}\`)`,
+      });
+    }
+    const pid = proc.pid ?? 0;
+    const destinationFacts = await destination.request({ factsQuery: { pid } }, 'facts');
+    emit(
+      'preflight',
+      'controller',
+      `${sourceName}: PID ${pid}${proc.workload ? ` (${proc.workload})` : ''}, ${formatBytes(Number(proc.residentBytes ?? 0))} resident; ` +
+        `CRIU ${sourceFacts.criuVersion} → ${destinationFacts.criuVersion} on ${destinationName}`,
+    );
+    refuseIfUnfit(sourceFacts, destinationFacts, destinationName);
+    try {
+      await destination.request({ cpuCheck: { cpuinfo: sourceFacts.cpuinfo } }, 'ack');
+    } catch (error) {
+      throw new PreflightRefusedError(`${destinationName} cannot run this CPU's code: ${(error as Error).message}`, {
+        hint: 'migrate between machines with the same CPU features',
+      });
+    }
+    const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts, destinationFacts);
+    emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
+    const preflightMs = elapsed();
+
+    await destination.request(
+      {
+        prepareDestination: {
+          migrationId,
+          workload: proc.workload ? { name: proc.workload, argv: [], logFile: '', startedAtMs: 0 } : null,
+        },
+      },
+      'ack',
+    );
+    prepared = true;
+
+    // 2. Pre-copy rounds: memory copied while the process runs.
+    const rounds: RoundReport[] = [];
+    let roundsStopReason: string | undefined;
+    let parent = '';
+    if (strategy === 'precopy') {
+      phase = 'precopy';
+      const maxRounds = options.maxRounds ?? 8;
+      for (let k = 1; k <= maxRounds; k++) {
+        const round = String(k);
+        const ps = await destination.request({ pageServerStart: { migrationId, round, parent } }, 'pageServerStarted');
+        emit('precopy', 'controller', `round ${k}: copying memory while the process runs`, { round });
+        const done = await source.request(
+          {
+            preDumpRound: {
+              migrationId,
+              round,
+              parent,
+              pid,
+              pageServerAddress: ps.address,
+              pageServerPort: ps.port,
+            },
+          },
+          'roundDone',
+          { timeoutMs: 0, signal: options.signal },
+        );
+        const report = roundReport(round, done.stats, done.durationMs ?? 0);
+        rounds.push(report);
+        emit('precopy', sourceName, `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged`, {
+          round,
+          pages: report.pagesWritten,
+          bytes: report.bytes,
+        });
+        parent = round;
+        const previous = rounds.at(-2);
+        if (report.pagesWritten <= 64) roundsStopReason = `round ${k} wrote ${report.pagesWritten} pages (64 or fewer)`;
+        else if (previous !== undefined && report.pagesWritten > previous.pagesWritten * 1.1)
+          roundsStopReason = `not converging: round ${k} wrote more than round ${k - 1}`;
+        else if (k === maxRounds) roundsStopReason = `reached ${maxRounds} rounds`;
+        if (roundsStopReason !== undefined) break;
+      }
+      emit('precopy', 'controller', `rounds stop: ${roundsStopReason}`);
+    }
+    const precopyMs = elapsed() - preflightMs;
+
+    // 3. Switchover: final dump held frozen at the source, images to the destination, restore held.
+    phase = 'switchover';
+    const holdMs = options.holdMs ?? HOLD_MS;
+    const ps = await destination.request({ pageServerStart: { migrationId, round: 'final', parent } }, 'pageServerStarted');
+    emit('switchover', 'controller', `page server ready on ${ps.address}:${ps.port}; final dump`);
+    const held = await source.request(
+      {
+        finalDump: {
+          migrationId,
+          round: 'final',
+          parent,
+          pid,
+          pageServerAddress: ps.address,
+          pageServerPort: ps.port,
+          destinationUrl: options.to,
+          holdMs,
+        },
+      },
+      'dumpHeld',
+      { timeoutMs: 0, signal: options.signal },
+    );
+    const heldAt = performance.now();
+    emit('switchover', sourceName, `source frozen and held; ${held.imageFiles} image files streamed`, {
+      bytes: Number(held.imageBytes ?? 0),
+    });
+    const restored = await destination.request({ restore: { migrationId, round: 'final', holdMs } }, 'restored', {
+      timeoutMs: 0,
+      signal: options.signal,
+    });
+    emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);
+    const switchoverMs = elapsed() - preflightMs - precopyMs;
+
+    // 4. Commit: from here the source never resumes.
+    phase = 'commit';
+    let finalStats: DumpStatsMessage | null | undefined;
+    try {
+      committed = true;
+      finalStats = (await source.request({ commit: { migrationId } }, 'committed', { timeoutMs: holdMs })).stats;
+    } catch (error) {
+      throw new OutcomeUnknownError(`the commit on ${sourceName} did not complete: ${(error as Error).message}`, {
+        hint: `the process is held on ${destinationName} and may have ended on ${sourceName}; \`ferry recover\` settles it`,
+        cause: error,
+      });
+    }
+    emit('commit', sourceName, 'committed: the source copy has ended');
+    let resumedPid: number;
+    try {
+      // Safe to repeat: resume acts only on a held copy.
+      resumedPid =
+        (
+          await pRetry(
+            () => destination.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs }),
+            { retries: 2, minTimeout: 200, shouldRetry: (e) => e instanceof PeerGoneError },
+          )
+        ).pid ?? 0;
+    } catch (error) {
+      throw new OutcomeUnknownError(`resuming on ${destinationName} failed after the commit: ${(error as Error).message}`, {
+        hint: `the process is held on ${destinationName}; \`ferry recover\` resumes it`,
+        cause: error,
+      });
+    }
+    const downtimeMs = (held.frozenMs ?? 0) + (performance.now() - heldAt);
+    emit('done', destinationName, `running as PID ${resumedPid}`);
+    const commitMs = elapsed() - preflightMs - precopyMs - switchoverMs;
+
+    const final = {
+      ...roundReport('final', finalStats, 0),
+      frozenMs: (finalStats?.frozenTimeUs ?? 0) / 1000,
+      imageFiles: held.imageFiles ?? 0,
+      imageBytes: Number(held.imageBytes ?? 0),
+    };
+    return {
+      migrationId,
+      from: { agent: sourceName, url: options.from, pid },
+      to: { agent: destinationName, url: options.to, pid: resumedPid },
+      workload: proc.workload || undefined,
+      strategy,
+      strategyReason: reason,
+      rounds,
+      roundsStopReason,
+      final,
+      bytesSent: rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes,
+      pageImageBytes: Number(restored.pageImageBytes ?? 0),
+      residentBytes: Number(proc.residentBytes ?? 0),
+      phasesMs: { preflight: preflightMs, precopy: precopyMs, switchover: switchoverMs, commit: commitMs },
+      totalMs: elapsed(),
+      downtimeMs: Math.round(downtimeMs),
+    };
+  } catch (caught) {
+    const error = localized(caught);
+    if (committed || error instanceof OutcomeUnknownError) throw error;
+    if (!prepared && error instanceof FerryError && error instanceof InvalidInputError) throw error;
+    // Rollback: the source resumes (or never stopped), the destination discards its copy and images.
+    emit('rollback', 'controller', `rolling back: ${(error as Error).message}`);
+    const reason = (error as Error).message.slice(0, 500);
+    await Promise.all([
+      source.request({ abort: { migrationId, reason } }, 'ack', { timeoutMs: 30_000 }).catch(() => undefined),
+      destination.request({ abort: { migrationId, reason } }, 'ack', { timeoutMs: 30_000 }).catch(() => undefined),
+    ]);
+    if (error instanceof InvalidInputError) throw error;
+    throw new MigrationFailedError(phase, error, { sourceAgent: sourceName });
+  } finally {
+    source.close();
+    destination.close();
+  }
+}
+
+function refuseIfUnfit(source: Facts, destination: Facts, destinationName: string): void {
+  const proc = source.process;
+  const [srcMajor = 0, srcMinor = 0] = (source.criuVersion ?? '').split('.').map(Number);
+  const [dstMajor = 0, dstMinor = 0] = (destination.criuVersion ?? '').split('.').map(Number);
+  if (dstMajor < srcMajor || (dstMajor === srcMajor && dstMinor < srcMinor)) {
+    throw new PreflightRefusedError(
+      `${destinationName} runs CRIU ${destination.criuVersion}, older than the source's ${source.criuVersion}`,
+      { hint: 'upgrade CRIU on the destination (scripts/install-criu)' },
+    );
+  }
+  const needed = Number(proc?.residentBytes ?? 0) * 1.1 + 16 * 1024 * 1024;
+  if (Number(destination.imagesFreeBytes ?? 0) < needed) {
+    throw new PreflightRefusedError(
+      `${destinationName} has ${formatBytes(Number(destination.imagesFreeBytes ?? 0))} free for images, ` +
+        `the process needs about ${formatBytes(needed)}`,
+      { hint: 'free space in the destination agent’s images directory, or pick another destination' },
+    );
+  }
+  if (!proc?.ownPidNamespace && (destination.takenPids ?? []).includes(proc?.pid ?? 0)) {
+    throw new PreflightRefusedError(
+      `PID ${proc?.pid} is taken on ${destinationName}, and the process is not in its own PID namespace, so it cannot keep its PID there`,
+      { hint: 'start workloads with `ferry run`, which gives each its own PID namespace' },
+    );
+  }
+}
+
+function chooseStrategy(requested: 'auto' | Strategy, source: Facts, destination: Facts): { strategy: Strategy; reason: string } {
+  const tracks = source.memTrack === true;
+  if (requested === 'stop-and-copy') return { strategy: 'stop-and-copy', reason: 'requested with --strategy' };
+  if (requested === 'precopy' && !tracks) {
+    throw new PreflightRefusedError(`the source kernel cannot track dirty memory, so pre-copy is impossible there`, {
+      hint: 'use --strategy stop-and-copy (or auto)',
+    });
+  }
+  if (tracks) return { strategy: 'precopy', reason: 'the source kernel tracks dirty memory: memory is copied while the process runs' };
+  void destination;
+  return {
+    strategy: 'stop-and-copy',
+    reason: 'the source kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY), so the process stops for the whole copy',
+  };
+}
+
+function roundReport(round: string, stats: DumpStatsMessage | null | undefined, durationMs: number): RoundReport {
+  const pagesWritten = Number(stats?.pagesWritten ?? 0);
+  return {
+    round,
+    pagesWritten,
+    pagesSkipped: Number(stats?.pagesSkippedParent ?? 0),
+    bytes: pagesWritten * PAGE_SIZE,
+    durationMs,
+  };
+}

@@ -1,0 +1,37 @@
+import { formatBytes, formatDuration } from '../src/units.js';
+import type { MigrationEvent, MigrationReport } from './migration.js';
+
+/** One line per progress event on stderr: elapsed, phase, who, what. */
+export function renderEvent(event: MigrationEvent): string {
+  const at = `${(event.atMs / 1000).toFixed(2)}s`.padStart(8);
+  const extra: string[] = [];
+  if (event.pages !== undefined && event.pages > 0) extra.push(`${event.pages} pages`);
+  if (event.bytes !== undefined && event.bytes > 0) extra.push(formatBytes(event.bytes));
+  return `${at}  ${event.phase.padEnd(10)} ${event.from.padEnd(10)} ${event.message}${extra.length ? ` (${extra.join(', ')})` : ''}`;
+}
+
+/** The final report, for a person. */
+export function renderReport(r: MigrationReport): string {
+  const lines = [
+    '',
+    `Migrated ${r.workload ? `workload ${r.workload} (PID ${r.from.pid})` : `PID ${r.from.pid}`} from ${r.from.agent} to ${r.to.agent}: running there as PID ${r.to.pid}.`,
+    `  strategy     ${r.strategy}: ${r.strategyReason}`,
+  ];
+  for (const round of r.rounds) {
+    lines.push(
+      `  round ${round.round.padEnd(6)} ${round.pagesWritten} pages written, ${round.pagesSkipped} unchanged, ` +
+        `${formatBytes(round.bytes)} in ${formatDuration(round.durationMs)}`,
+    );
+  }
+  if (r.roundsStopReason !== undefined) lines.push(`  rounds       stopped: ${r.roundsStopReason}`);
+  lines.push(
+    `  final dump   ${r.final.pagesWritten} pages written, ${r.final.pagesSkipped} unchanged (${formatBytes(r.final.bytes)}); ` +
+      `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
+    `  sent         ${formatBytes(r.bytesSent)} (resident ${formatBytes(r.residentBytes)})`,
+    `  time         ${formatDuration(r.totalMs)} in all: preflight ${formatDuration(r.phasesMs.preflight)}, ` +
+      `pre-copy ${formatDuration(r.phasesMs.precopy)}, switchover ${formatDuration(r.phasesMs.switchover)}, ` +
+      `commit ${formatDuration(r.phasesMs.commit)}`,
+    `  downtime     ${formatDuration(r.downtimeMs)} (frozen on ${r.from.agent} until running on ${r.to.agent})`,
+  );
+  return lines.join('\n');
+}

@@ -1,0 +1,22 @@
+import type { WorkloadInfo } from '../src/wire/index.js';
+import { connectAgent, localized } from './connect.js';
+
+export async function runWorkload(url: string, name: string, argv: readonly string[], softwareVersion: string): Promise<WorkloadInfo> {
+  const agent = await connectAgent(url, softwareVersion);
+  try {
+    return await agent.request({ runWorkload: { name, argv: [...argv] } }, 'workload', { timeoutMs: 30_000 });
+  } catch (error) {
+    throw localized(error);
+  } finally {
+    agent.close();
+  }
+}
+
+export async function listWorkloads(url: string, softwareVersion: string): Promise<WorkloadInfo[]> {
+  const agent = await connectAgent(url, softwareVersion);
+  try {
+    return (await agent.request({ listWorkloads: {} }, 'workloadList')).workloads ?? [];
+  } finally {
+    agent.close();
+  }
+}
