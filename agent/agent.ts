@@ -175,19 +175,22 @@ export class Agent {
       await rm(scratch, { recursive: true, force: true });
     }
     let pid = q.pid ?? 0;
-    let workload = '';
+    let record = pid > 0 ? this.workloads.findByPid(pid) : undefined;
     if (q.workload) {
-      const record = this.workloads.find(q.workload);
+      record = this.workloads.find(q.workload);
       if (record === undefined) {
         throw new InvalidInputError(`no workload named ${q.workload} on ${this.options.name}`, {
           hint: `\`ferry ps --on ${this.options.name}\` lists them`,
         });
       }
       pid = record.pid;
-      workload = record.name;
-    } else if (pid > 0) {
-      workload = this.workloads.findByPid(pid)?.name ?? '';
     }
+    const workload = {
+      workload: record?.name ?? '',
+      workloadArgv: record?.argv ?? [],
+      workloadLogFile: record?.logFile ?? '',
+      workloadStartedAtMs: record?.startedAtMs ?? 0,
+    };
     return {
       agentName: this.options.name,
       criuVersion: version.text,
@@ -196,7 +199,7 @@ export class Agent {
       cpuinfo,
       imagesFreeBytes: freeBytes(this.imagesRoot),
       address: this.advertise,
-      process: pid > 0 ? { ...processFacts(pid), workload } : null,
+      process: pid > 0 ? { ...processFacts(pid), ...workload } : null,
       takenPids: pid > 0 ? takenPids([pid]) : [],
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
     };

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readlinkSync, renameSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { FerryError, InvalidInputError } from '../src/errors.js';
@@ -59,7 +59,7 @@ export class Workloads {
     if (launcherPid === undefined) throw new WorkloadError(`cannot start unshare for ${argv[0]}`);
     const exited = new Promise<number | null>((resolve) => launcher.once('exit', (code) => resolve(code)));
     launcher.once('error', () => undefined);
-    const pid = await namespaceInit(launcherPid, exited);
+    const pid = await namespaceInit(launcherPid, argv, exited);
     if (pid === undefined) {
       const tail = existsSync(logFile) ? readFileSync(logFile, 'utf8').slice(-400).trim() : '';
       throw new WorkloadError(`${argv.join(' ')} exited at once${tail === '' ? '' : `: ${tail}`}`, {
@@ -121,7 +121,11 @@ export class Workloads {
 }
 
 /** The child unshare forked: the init of the new PID namespace. */
-async function namespaceInit(launcherPid: number, exited: Promise<number | null>): Promise<number | undefined> {
+async function namespaceInit(
+  launcherPid: number,
+  argv: readonly string[],
+  exited: Promise<number | null>,
+): Promise<number | undefined> {
   let gone = false;
   void exited.then(() => (gone = true));
   for (let i = 0; i < 500 && !gone; i++) {
@@ -130,8 +134,8 @@ async function namespaceInit(launcherPid: number, exited: Promise<number | null>
       const first = children.split(/\s+/)[0];
       if (first !== undefined && first !== '') {
         const pid = Number(first);
-        // Wait for setsid to have exec'd the command: the init is then a session leader.
-        if (sessionLeader(pid)) return pid;
+        // Wait until setsid and the shell have exec'd the command itself.
+        if (runsCommand(pid, argv)) return pid;
       }
     } catch {
       // not there yet, or already gone
@@ -141,13 +145,10 @@ async function namespaceInit(launcherPid: number, exited: Promise<number | null>
   return undefined;
 }
 
-function sessionLeader(pid: number): boolean {
+function runsCommand(pid: number, argv: readonly string[]): boolean {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    // fields: state ppid pgrp session ...
-    const exe = readlinkSync(`/proc/${pid}/exe`);
-    return Number(fields[3]) === pid && exe !== '/usr/bin/setsid' && !/\/(ba|da)?sh$/.test(exe);
+    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').slice(0, -1);
+    return cmdline.length === argv.length && cmdline.every((arg, i) => arg === argv[i]);
   } catch {
     return false;
   }

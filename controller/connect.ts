@@ -28,7 +28,8 @@ export async function connectAgent(
     );
   } catch (error) {
     if (error instanceof RemoteError) throw error;
-    throw new AgentUnreachableError(`cannot reach the agent at ${url}: ${(error as Error).message}`, {
+    const why = error instanceof PeerGoneError ? error.reason : (error as Error).message;
+    throw new AgentUnreachableError(`cannot reach the agent at ${url}: ${why}`, {
       hint: 'check the URL and that `ferry agent` runs there (`ferry lab up` starts two local ones)',
       cause: error,
     });

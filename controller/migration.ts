@@ -142,7 +142,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const proc = sourceFacts.process;
     if (!proc?.exists) {
       throw new InvalidInputError(`no process with PID ${options.pid} on ${sourceName}`, {
-        hint: `check the PID on ${sourceName}, or name a workload (\`ferry ps --on ${options.from}\`)`,
+        hint: `check the PID on ${sourceName}, or name a workload (\`ferry ps --on ${sourceName}\` lists them)`,
       });
     }
     const pid = proc.pid ?? 0;
@@ -169,7 +169,14 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       {
         prepareDestination: {
           migrationId,
-          workload: proc.workload ? { name: proc.workload, argv: [], logFile: '', startedAtMs: 0 } : null,
+          workload: proc.workload
+            ? {
+                name: proc.workload,
+                argv: proc.workloadArgv ?? [],
+                logFile: proc.workloadLogFile ?? '',
+                startedAtMs: proc.workloadStartedAtMs ?? 0,
+              }
+            : null,
         },
       },
       'ack',

@@ -29,7 +29,8 @@ export function renderReport(r: MigrationReport): string {
       `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
     `  sent         ${formatBytes(r.bytesSent)} (resident ${formatBytes(r.residentBytes)})`,
     `  time         ${formatDuration(r.totalMs)} in all: preflight ${formatDuration(r.phasesMs.preflight)}, ` +
-      `pre-copy ${formatDuration(r.phasesMs.precopy)}, switchover ${formatDuration(r.phasesMs.switchover)}, ` +
+      (r.strategy === 'precopy' ? `pre-copy ${formatDuration(r.phasesMs.precopy)}, ` : '') +
+      `switchover ${formatDuration(r.phasesMs.switchover)}, ` +
       `commit ${formatDuration(r.phasesMs.commit)}`,
     `  downtime     ${formatDuration(r.downtimeMs)} (frozen on ${r.from.agent} until running on ${r.to.agent})`,
   );

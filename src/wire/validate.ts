@@ -39,6 +39,7 @@ export function validateEnvelope(e: EnvelopeMessage): void {
     case 'facts':
       bytes(e.facts?.cpuinfo, 64 * 1024, 'cpuinfo');
       count(e.facts?.takenPids, 64, 'taken PIDs');
+      count(e.facts?.process?.workloadArgv, MAX_ARGV, 'arguments');
       break;
     case 'cpuCheck':
       bytes(e.cpuCheck?.cpuinfo, 64 * 1024, 'cpuinfo');
