@@ -20,6 +20,7 @@ import {
   type EnvelopeMessage,
   type WorkloadSpec,
 } from '../src/wire/index.js';
+import { faultAt } from './faults.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
 import { Workloads } from './workloads.js';
@@ -361,6 +362,13 @@ export class Agent {
 
   #imagesDone(d: BodyOf<'imagesDone'>): Body {
     const m = this.#destination(d.migrationId ?? '');
+    const victim = d.files?.find((f) => Number(f.size ?? 0) > 0)?.name;
+    if (faultAt('destination.images-done') === 'corrupt' && victim) {
+      const file = join(m.dir, d.round ?? '', victim);
+      const bytes = readFileSync(file);
+      bytes[0] = (bytes[0] ?? 0) ^ 0xff;
+      writeFileSync(file, bytes);
+    }
     const { files, bytes } = this.#receiver(m, d.round ?? '').verify(d.files ?? []);
     log.info('images received', { migration: m.id, files, bytes });
     return { ack: {} };
@@ -370,6 +378,7 @@ export class Agent {
   async #restore(r: BodyOf<'restore'>, connection: WireConnection): Promise<Body> {
     const m = this.#destination(r.migrationId ?? '');
     const dir = join(m.dir, r.round ?? '');
+    if (faultAt('destination.before-restore') === 'break-images') rmSync(join(dir, 'pstree.img'), { force: true });
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.options.name });
     let restored: (pid: number) => void = () => undefined;
