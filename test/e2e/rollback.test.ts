@@ -1,0 +1,90 @@
+import { execFile } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { labDown, labUp, type LabHost } from '../../controller/lab.js';
+import { projectRoot } from '../../src/paths.js';
+import { runWorkload } from '../../controller/workloads.js';
+import { requireRoot } from '../helpers/root.js';
+import { sleep, waitFor } from '../helpers/wait.js';
+import { isRunning } from '../helpers/workload.js';
+
+const execFileAsync = promisify(execFile);
+const LAB = `fr${process.pid % 100_000}`;
+const examples = join(projectRoot(), 'dist', 'examples');
+const ferry = join(projectRoot(), 'bin', 'ferry');
+const scratch = mkdtempSync(join(tmpdir(), 'ferry-rollback-'));
+let a: LabHost;
+let breaksImages: LabHost;
+let corruptsImages: LabHost;
+
+beforeAll(async () => {
+  requireRoot();
+  // Host b's agent deletes an image before restoring, so CRIU's restore fails;
+  // host c's flips a byte of a received image, so its checksum does not match.
+  const lab = await labUp({
+    name: LAB,
+    hosts: 3,
+    agentEnv: {
+      b: { FERRY_TEST_FAULT: 'destination.before-restore=break-images' },
+      c: { FERRY_TEST_FAULT: 'destination.images-done=corrupt' },
+    },
+  });
+  [a, breaksImages, corruptsImages] = lab.hosts as [LabHost, LabHost, LabHost];
+}, 60_000);
+
+afterAll(async () => {
+  await labDown(LAB);
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+function count(dir: string): { pid: number; count: number } {
+  const [pid, n] = readFileSync(join(dir, 'state'), 'utf8').trim().split(/\s+/).map(Number);
+  return { pid: pid ?? 0, count: n ?? 0 };
+}
+
+async function migrateCli(name: string, to: string): Promise<{ code: number; stderr: string }> {
+  try {
+    await execFileAsync(ferry, ['migrate', name, '--from', 'a', '--to', to], { env: { ...process.env, FERRY_LAB: LAB } });
+    return { code: 0, stderr: '' };
+  } catch (error) {
+    const e = error as { code?: number; stderr?: string };
+    return { code: e.code ?? -1, stderr: e.stderr ?? '' };
+  }
+}
+
+describe('a migration that fails on the destination', () => {
+  for (const [label, host] of [
+    ['the restore fails on the destination', () => breaksImages],
+    ['an image arrives corrupted', () => corruptsImages],
+  ] as const) {
+    it(`leaves the process running on the source, unchanged, when ${label}`, async () => {
+      const dir = mkdtempSync(join(scratch, 'w-'));
+      const name = `victim-${host().host}`;
+      const w = await runWorkload(a.url, name, [join(examples, 'counter'), join(dir, 'state'), '20', '16', '1'], 'test');
+      const pid = w.pid ?? 0;
+      await sleep(200);
+
+      const { code, stderr } = await migrateCli(name, host().host);
+      expect(code, stderr).toBe(1);
+      expect(stderr).toMatch(/The process still runs on a, unchanged/);
+
+      // Same process, still counting, from where it was (no restart from 1).
+      expect(isRunning(pid)).toBe(true);
+      const after = count(dir);
+      expect(after.pid).toBe(1); // PID 1 inside its own namespace, as before
+      await waitFor(() => count(dir).count > after.count, { what: 'the source to keep counting' });
+      // The destination kept nothing: no images, no restored copy.
+      expect(readdirSync(host().imagesDir)).toEqual([]);
+      const { stdout } = await execFileAsync('ip', ['netns', 'pids', host().netns]);
+      const exes = stdout
+        .split(/\s+/)
+        .filter(Boolean)
+        .map((p) => readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0')[0] ?? '');
+      expect(exes.filter((e) => e.endsWith('counter'))).toEqual([]);
+      process.kill(pid, 'SIGKILL');
+    });
+  }
+});
