@@ -1,4 +1,13 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
@@ -41,6 +50,20 @@ export interface AgentOptions {
 
 class MigrationStateError extends FerryError {
   readonly code = 'MIGRATION_STATE';
+}
+
+/** A step that failed here, with the logs CRIU wrote for it kept for reading. */
+class StepFailedError extends FerryError {
+  readonly code: string;
+  constructor(cause: unknown, logsDir: string | undefined) {
+    const message = cause instanceof Error ? cause.message : String(cause);
+    const original = cause instanceof FerryError ? cause.hint : undefined;
+    super(message, {
+      hint: logsDir === undefined ? original : `CRIU's logs of this step are kept in ${logsDir}`,
+      cause,
+    });
+    this.code = cause instanceof FerryError ? cause.code : 'STEP_FAILED';
+  }
 }
 
 /** A decision the agent waits for while CRIU holds a process (post-dump on the source, post-restore on the destination). */
@@ -96,7 +119,8 @@ export class Agent {
   ) {}
 
   static async start(options: AgentOptions): Promise<Agent> {
-    const imagesRoot = options.imagesRoot ?? join(existsSync('/dev/shm') ? '/dev/shm' : options.dataDir, 'ferry', options.name);
+    const imagesRoot =
+      options.imagesRoot ?? join(existsSync('/dev/shm') ? '/dev/shm' : options.dataDir, 'ferry', options.name);
     mkdirSync(imagesRoot, { recursive: true, mode: 0o700 });
     mkdirSync(options.dataDir, { recursive: true, mode: 0o700 });
     const service = await CriuService.start({
@@ -292,7 +316,14 @@ export class Agent {
       failedBeforeHold = reject;
     });
     const progress = (message: string, extra: { bytes?: number } = {}): void =>
-      connection.progress({ migrationId: m.id, phase: 'switchover', round, message, source: this.options.name, ...extra });
+      connection.progress({
+        migrationId: m.id,
+        phase: 'switchover',
+        round,
+        message,
+        source: this.options.name,
+        ...extra,
+      });
 
     m.dump = this.criu
       .dump({
@@ -349,8 +380,7 @@ export class Agent {
       return { dumpHeld: await reachedHold };
     } catch (error) {
       // CRIU has already resumed the process (a failed dump thaws it).
-      this.#forget(m);
-      throw unchanged(error);
+      throw unchanged(new StepFailedError(error, this.#forget(m, true)));
     }
   }
 
@@ -422,8 +452,7 @@ export class Agent {
         },
       };
     } catch (error) {
-      this.#forget(m);
-      throw error;
+      throw new StepFailedError(error, this.#forget(m, true));
     }
   }
 
@@ -471,17 +500,19 @@ export class Agent {
       m.restoreCancel?.abort(); // CRIU kills the half-restored copy
       await m.restore?.catch(() => undefined);
     }
-    this.#forget(m);
+    this.#forget(m, true);
     return { ack: {} };
   }
 
   #sourceFor(id: string, pid: number): SourceMigration {
     const existing = this.#migrations.get(id);
     if (existing !== undefined) {
-      if (existing.role !== 'source' || existing.pid !== pid) throw new MigrationStateError(`migration ${id} is not this one`);
+      if (existing.role !== 'source' || existing.pid !== pid)
+        throw new MigrationStateError(`migration ${id} is not this one`);
       return existing;
     }
-    if (!processFacts(pid).exists) throw unchanged(new InvalidInputError(`no process with PID ${pid} on ${this.options.name}`));
+    if (!processFacts(pid).exists)
+      throw unchanged(new InvalidInputError(`no process with PID ${pid} on ${this.options.name}`));
     const dir = join(this.imagesRoot, id);
     mkdirSync(dir, { mode: 0o700 });
     const m: SourceMigration = { role: 'source', id, dir, pid, workload: this.workloads.findByPid(pid)?.name };
@@ -506,11 +537,24 @@ export class Agent {
     return receiver;
   }
 
-  /** Drops the migration and its images. */
-  #forget(m: Migration): void {
+  /** Drops the migration and its images; after a failure, CRIU's logs are kept in DATA/failed/ID (returned). */
+  #forget(m: Migration, keepLogs = false): string | undefined {
     if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
     this.#migrations.delete(m.id);
+    let kept: string | undefined;
+    if (keepLogs && existsSync(m.dir)) {
+      kept = join(this.options.dataDir, 'failed', m.id);
+      for (const round of readdirSync(m.dir)) {
+        const roundDir = join(m.dir, round);
+        if (!statSync(roundDir).isDirectory()) continue;
+        for (const name of readdirSync(roundDir).filter((n) => n.endsWith('.log'))) {
+          mkdirSync(join(kept, round), { recursive: true });
+          copyFileSync(join(roundDir, name), join(kept, round, name));
+        }
+      }
+    }
     rmSync(m.dir, { recursive: true, force: true });
+    return kept;
   }
 }
 
@@ -547,4 +591,3 @@ function pageImageBytes(dir: string): number {
 function urlHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
-

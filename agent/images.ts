@@ -99,7 +99,9 @@ export class ImageReceiver {
       const got = this.#sizes.get(name) ?? (size === 0 ? 0 : -1);
       if (got !== size) throw new ImageTransferError(`${name}: received ${got} bytes, expected ${size}`);
       if (size === 0 && !this.#sizes.has(name)) this.write(name, 0, new Uint8Array(0));
-      const digest = createHash('sha256').update(readFileSync(join(this.dir, name))).digest('hex');
+      const digest = createHash('sha256')
+        .update(readFileSync(join(this.dir, name)))
+        .digest('hex');
       if (digest !== f.sha256) throw new ImageTransferError(`${name}: checksum mismatch`);
       bytes += size;
     }

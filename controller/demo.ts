@@ -34,10 +34,15 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
     for (const h of lab.hosts) progress(`host ${h.host}: agent at ${h.url} (network namespace ${h.netns})`);
     const stateFile = join(a.dataDir, 'counter.state');
     // 64 MiB of memory, 4 MiB of it rewritten every tick; a line every second.
-    const started = await runWorkload(a.url, 'counter', [workload, stateFile, '100', '64', '4', '10'], options.softwareVersion);
+    const started = await runWorkload(
+      a.url,
+      'counter',
+      [workload, stateFile, '100', '64', '4', '10'],
+      options.softwareVersion,
+    );
     const logFile = started.logFile ?? '';
     progress(`\nstarted workload "counter" on a as PID ${started.pid}; its output:`);
-    let shown = await follow(logFile, 0, 3, 'a', options.signal);
+    const shown = await follow(logFile, 0, 3, 'a', options.signal);
 
     progress('\nmigrating it to b while it runs:');
     const report = await migrate({
@@ -53,7 +58,7 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
     const pid = report.to.pid;
     const inB = sameNetns(pid, b.netns);
     progress(`\nits output now, from PID ${pid}${inB ? ` in host b's network namespace` : ''}:`);
-    shown = await follow(logFile, shown, 3, 'b', options.signal);
+    await follow(logFile, shown, 3, 'b', options.signal);
     progress(
       existsSync(`/proc/${report.from.pid}`)
         ? `\nPID ${report.from.pid} still exists on a: this should not happen`

@@ -66,11 +66,14 @@ export function readLab(name = DEFAULT_LAB): Lab | undefined {
 export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
   const name = options.name ?? DEFAULT_LAB;
   if (!LAB_NAME.test(name)) {
-    throw new InvalidInputError(`bad lab name ${JSON.stringify(name)}`, { hint: 'use 1 to 10 lower-case letters and digits' });
+    throw new InvalidInputError(`bad lab name ${JSON.stringify(name)}`, {
+      hint: 'use 1 to 10 lower-case letters and digits',
+    });
   }
   const count = options.hosts ?? 2;
   if (!Number.isInteger(count) || count < 2 || count > 8) throw new InvalidInputError('a lab has 2 to 8 hosts');
-  if (process.getuid?.() !== 0) throw new LabError('the lab needs root (network namespaces, CRIU)', { hint: 'run as root' });
+  if (process.getuid?.() !== 0)
+    throw new LabError('the lab needs root (network namespaces, CRIU)', { hint: 'run as root' });
   const existing = readLab(name);
   if (existing !== undefined) {
     if (await allAnswer(existing)) return existing;
@@ -78,7 +81,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
   }
   const dir = labDir(name);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const octet = (createHash('sha256').update(name).digest()[0] ?? 0) % 200 + 20;
+  const octet = ((createHash('sha256').update(name).digest()[0] ?? 0) % 200) + 20;
   const subnet = `10.199.${octet}`;
   const bridge = `${name}-br`;
   const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [] };
@@ -201,15 +204,24 @@ async function waitForAgent(h: LabHost): Promise<void> {
   const deadline = Date.now() + 20_000;
   for (;;) {
     try {
-      const c = await WireConnection.connect(h.url, { role: 'controller', name: 'lab', softwareVersion: '' }, { timeoutMs: 1_000 });
+      const c = await WireConnection.connect(
+        h.url,
+        { role: 'controller', name: 'lab', softwareVersion: '' },
+        { timeoutMs: 1_000 },
+      );
       c.close();
       return;
     } catch (error) {
       if (Date.now() > deadline) {
-        const tail = existsSync(h.logFile) ? readFileSync(h.logFile, 'utf8').trim().split('\n').slice(-5).join('\n') : '';
-        throw new LabError(`the agent of host ${h.host} did not answer at ${h.url}: ${(error as Error).message}\n${tail}`, {
-          hint: `read ${h.logFile}`,
-        });
+        const tail = existsSync(h.logFile)
+          ? readFileSync(h.logFile, 'utf8').trim().split('\n').slice(-5).join('\n')
+          : '';
+        throw new LabError(
+          `the agent of host ${h.host} did not answer at ${h.url}: ${(error as Error).message}\n${tail}`,
+          {
+            hint: `read ${h.logFile}`,
+          },
+        );
       }
       await sleep(100);
     }
@@ -219,7 +231,11 @@ async function waitForAgent(h: LabHost): Promise<void> {
 async function allAnswer(lab: Lab): Promise<boolean> {
   for (const h of lab.hosts) {
     try {
-      const c = await WireConnection.connect(h.url, { role: 'controller', name: 'lab', softwareVersion: '' }, { timeoutMs: 1_000 });
+      const c = await WireConnection.connect(
+        h.url,
+        { role: 'controller', name: 'lab', softwareVersion: '' },
+        { timeoutMs: 1_000 },
+      );
       c.close();
     } catch {
       return false;

@@ -42,12 +42,14 @@ function hostPort(value: string): { host: string; port: number } {
   const host = match?.[1] ?? match?.[2];
   const port = Number(match?.[3]);
   if (host === undefined || !(port >= 0 && port <= 65535)) throw new InvalidArgumentError('expected HOST:PORT');
-  if (isIP(host) === 0) throw new InvalidArgumentError('HOST must be a numeric IP address (CRIU page servers need one)');
+  if (isIP(host) === 0)
+    throw new InvalidArgumentError('HOST must be a numeric IP address (CRIU page servers need one)');
   return { host, port };
 }
 
 function labName(value: string): string {
-  if (!LAB_NAME.test(value)) throw new InvalidArgumentError('1 to 10 lower-case letters and digits, starting with a letter');
+  if (!LAB_NAME.test(value))
+    throw new InvalidArgumentError('1 to 10 lower-case letters and digits, starting with a letter');
   return value;
 }
 
@@ -56,7 +58,9 @@ function json(value: unknown): void {
 }
 
 const criuOption = () =>
-  new Option('--criu <path>', 'the CRIU binary to use (default: the project prefix, then the system)').env('FERRY_CRIU');
+  new Option('--criu <path>', 'the CRIU binary to use (default: the project prefix, then the system)').env(
+    'FERRY_CRIU',
+  );
 
 export function buildProgram(): Command {
   const program = new Command('ferry')
@@ -86,7 +90,9 @@ Start with:
     .requiredOption('--from <AGENT>', 'the agent where the process runs now')
     .requiredOption('--to <AGENT>', 'the agent to move it to')
     .addOption(
-      new Option('--strategy <S>', 'how memory is copied').choices(['auto', 'precopy', 'stop-and-copy']).default('auto'),
+      new Option('--strategy <S>', 'how memory is copied')
+        .choices(['auto', 'precopy', 'stop-and-copy'])
+        .default('auto'),
     )
     .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', wholeNumber, 8)
     .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
@@ -102,7 +108,13 @@ point leaves the process running on the source as it was (exit code 1).`,
     .action(
       async (
         target: string,
-        opts: { from: string; to: string; strategy: 'auto' | 'precopy' | 'stop-and-copy'; maxRounds: number; json?: boolean },
+        opts: {
+          from: string;
+          to: string;
+          strategy: 'auto' | 'precopy' | 'stop-and-copy';
+          maxRounds: number;
+          json?: boolean;
+        },
       ) => {
         const isPid = /^\d+$/.test(target);
         if (!isPid && !WORKLOAD_NAME.test(target)) {
@@ -143,7 +155,10 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
     )
     .action(async (cmd: string[], opts: { on: string; name?: string; json?: boolean }) => {
       const name = opts.name ?? (cmd[0] ?? '').split('/').at(-1) ?? '';
-      if (!WORKLOAD_NAME.test(name)) throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, { hint: 'use letters, digits, . _ -' });
+      if (!WORKLOAD_NAME.test(name))
+        throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, {
+          hint: 'use letters, digits, . _ -',
+        });
       const w = await runWorkload(resolveAgent(opts.on), name, cmd, version);
       if (opts.json === true) json(w);
       else process.stdout.write(`started ${w.name} on ${w.agent} as PID ${w.pid}; output: ${w.logFile}\n`);
@@ -161,9 +176,11 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
         return;
       }
       const rows = [['NAME', 'PID', 'STATE', 'AGENT', 'COMMAND']];
-      for (const w of workloads) rows.push([w.name ?? '', String(w.pid ?? ''), w.state ?? '', w.agent ?? '', (w.argv ?? []).join(' ')]);
+      for (const w of workloads)
+        rows.push([w.name ?? '', String(w.pid ?? ''), w.state ?? '', w.agent ?? '', (w.argv ?? []).join(' ')]);
       const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-      for (const r of rows) process.stdout.write(r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ') + '\n');
+      for (const r of rows)
+        process.stdout.write(r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ') + '\n');
     });
 
   program
@@ -186,7 +203,9 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
       }) => {
         const advertise = opts.advertise ?? opts.listen.host;
         if (isIP(advertise) === 0 || advertise === '0.0.0.0' || advertise === '::') {
-          throw new InvalidInputError(`the agent needs an address peers can reach, not ${advertise}`, { hint: 'pass --advertise IP' });
+          throw new InvalidInputError(`the agent needs an address peers can reach, not ${advertise}`, {
+            hint: 'pass --advertise IP',
+          });
         }
         const agent = await Agent.start({
           name: opts.name,
@@ -207,7 +226,9 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
       },
     );
 
-  const lab = program.command('lab').description('Two local hosts (network namespaces) with agents, for trying Ferry out');
+  const lab = program
+    .command('lab')
+    .description('Two local hosts (network namespaces) with agents, for trying Ferry out');
   lab
     .command('up')
     .description('Create the lab hosts a and b and start an agent on each (idempotent)')
@@ -216,7 +237,8 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
     .action(async (opts: { name: string; json?: boolean }) => {
       const up = await labUp({ name: opts.name });
       if (opts.json === true) json(up);
-      else for (const h of up.hosts) process.stdout.write(`${h.host}  ${h.url}  (netns ${h.netns}, log ${h.logFile})\n`);
+      else
+        for (const h of up.hosts) process.stdout.write(`${h.host}  ${h.url}  (netns ${h.netns}, log ${h.logFile})\n`);
     });
   lab
     .command('down')

@@ -2,7 +2,13 @@ import { randomBytes } from 'node:crypto';
 import pRetry from 'p-retry';
 import { FerryError, InvalidInputError, type FerryErrorOptions } from '../src/errors.js';
 import { PAGE_SIZE, formatBytes } from '../src/units.js';
-import { PeerGoneError, type WireConnection, type DumpStatsMessage, type Facts, type ProgressMessage } from '../src/wire/index.js';
+import {
+  PeerGoneError,
+  type WireConnection,
+  type DumpStatsMessage,
+  type Facts,
+  type ProgressMessage,
+} from '../src/wire/index.js';
 import { connectAgent, localized } from './connect.js';
 
 export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'rollback' | 'done';
@@ -102,7 +108,9 @@ const HOLD_MS = 60_000;
  */
 export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
   if (options.from === options.to) {
-    throw new InvalidInputError('--from and --to name the same agent', { hint: 'a migration needs two different agents' });
+    throw new InvalidInputError('--from and --to name the same agent', {
+      hint: 'a migration needs two different agents',
+    });
   }
   if ((options.pid === undefined) === (options.workload === undefined)) {
     throw new InvalidInputError('name the process by PID or by workload name, exactly one');
@@ -138,7 +146,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   let prepared = false;
   try {
     // 1. Preflight: facts from both, and every reason to refuse before touching the process.
-    const sourceFacts = await source.request({ factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '' } }, 'facts');
+    const sourceFacts = await source.request(
+      { factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '' } },
+      'facts',
+    );
     const proc = sourceFacts.process;
     if (!proc?.exists) {
       throw new InvalidInputError(`no process with PID ${options.pid} on ${sourceName}`, {
@@ -210,11 +221,16 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         );
         const report = roundReport(round, done.stats, done.durationMs ?? 0);
         rounds.push(report);
-        emit('precopy', sourceName, `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged`, {
-          round,
-          pages: report.pagesWritten,
-          bytes: report.bytes,
-        });
+        emit(
+          'precopy',
+          sourceName,
+          `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged`,
+          {
+            round,
+            pages: report.pagesWritten,
+            bytes: report.bytes,
+          },
+        );
         parent = round;
         const previous = rounds.at(-2);
         if (report.pagesWritten <= 64) roundsStopReason = `round ${k} wrote ${report.pagesWritten} pages (64 or fewer)`;
@@ -230,7 +246,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // 3. Switchover: final dump held frozen at the source, images to the destination, restore held.
     phase = 'switchover';
     const holdMs = options.holdMs ?? HOLD_MS;
-    const ps = await destination.request({ pageServerStart: { migrationId, round: 'final', parent } }, 'pageServerStarted');
+    const ps = await destination.request(
+      { pageServerStart: { migrationId, round: 'final', parent } },
+      'pageServerStarted',
+    );
     emit('switchover', 'controller', `page server ready on ${ps.address}:${ps.port}; final dump`);
     const held = await source.request(
       {
@@ -277,16 +296,20 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       // Safe to repeat: resume acts only on a held copy.
       resumedPid =
         (
-          await pRetry(
-            () => destination.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs }),
-            { retries: 2, minTimeout: 200, shouldRetry: (e) => e instanceof PeerGoneError },
-          )
+          await pRetry(() => destination.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs }), {
+            retries: 2,
+            minTimeout: 200,
+            shouldRetry: (e) => e instanceof PeerGoneError,
+          })
         ).pid ?? 0;
     } catch (error) {
-      throw new OutcomeUnknownError(`resuming on ${destinationName} failed after the commit: ${(error as Error).message}`, {
-        hint: `the process is held on ${destinationName}; \`ferry recover\` resumes it`,
-        cause: error,
-      });
+      throw new OutcomeUnknownError(
+        `resuming on ${destinationName} failed after the commit: ${(error as Error).message}`,
+        {
+          hint: `the process is held on ${destinationName}; \`ferry recover\` resumes it`,
+          cause: error,
+        },
+      );
     }
     const downtimeMs = (held.frozenMs ?? 0) + (performance.now() - heldAt);
     emit('done', destinationName, `running as PID ${resumedPid}`);
@@ -360,7 +383,11 @@ function refuseIfUnfit(source: Facts, destination: Facts, destinationName: strin
   }
 }
 
-function chooseStrategy(requested: 'auto' | Strategy, source: Facts, destination: Facts): { strategy: Strategy; reason: string } {
+function chooseStrategy(
+  requested: 'auto' | Strategy,
+  source: Facts,
+  destination: Facts,
+): { strategy: Strategy; reason: string } {
   const tracks = source.memTrack === true;
   if (requested === 'stop-and-copy') return { strategy: 'stop-and-copy', reason: 'requested with --strategy' };
   if (requested === 'precopy' && !tracks) {
@@ -368,11 +395,16 @@ function chooseStrategy(requested: 'auto' | Strategy, source: Facts, destination
       hint: 'use --strategy stop-and-copy (or auto)',
     });
   }
-  if (tracks) return { strategy: 'precopy', reason: 'the source kernel tracks dirty memory: memory is copied while the process runs' };
+  if (tracks)
+    return {
+      strategy: 'precopy',
+      reason: 'the source kernel tracks dirty memory: memory is copied while the process runs',
+    };
   void destination;
   return {
     strategy: 'stop-and-copy',
-    reason: 'the source kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY), so the process stops for the whole copy',
+    reason:
+      'the source kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY), so the process stops for the whole copy',
   };
 }
 

@@ -1,7 +1,12 @@
 import type { WorkloadInfo } from '../src/wire/index.js';
 import { connectAgent, localized } from './connect.js';
 
-export async function runWorkload(url: string, name: string, argv: readonly string[], softwareVersion: string): Promise<WorkloadInfo> {
+export async function runWorkload(
+  url: string,
+  name: string,
+  argv: readonly string[],
+  softwareVersion: string,
+): Promise<WorkloadInfo> {
   const agent = await connectAgent(url, softwareVersion);
   try {
     return await agent.request({ runWorkload: { name, argv: [...argv] } }, 'workload', { timeoutMs: 30_000 });

@@ -62,7 +62,9 @@ export class WireConnection {
     ws.binaryType = 'nodebuffer';
     ws.on('message', (data, isBinary) => this.#onFrame(data as Buffer, isBinary));
     ws.on('close', (code, reason) =>
-      this.#shutdown(new PeerGoneError(options.peer, `connection closed (${code}${reason.length ? ` ${reason.toString()}` : ''})`)),
+      this.#shutdown(
+        new PeerGoneError(options.peer, `connection closed (${code}${reason.length ? ` ${reason.toString()}` : ''})`),
+      ),
     );
     ws.on('error', (error) => this.#shutdown(new PeerGoneError(options.peer, error.message, { cause: error })));
     ws.on('pong', () => (this.#lastPong = Date.now()));
@@ -130,6 +132,11 @@ export class WireConnection {
     return connection;
   }
 
+  /** How messages name the peer: its own name once the handshake told it, else the address. */
+  get #label(): string {
+    return this.peerName !== '' ? this.peerName : this.#options.peer;
+  }
+
   get closed(): boolean {
     return this.#closed !== undefined;
   }
@@ -144,21 +151,21 @@ export class WireConnection {
   async request<K extends BodyName>(body: Body, expect: K, options: RequestOptions = {}): Promise<BodyOf<K>> {
     if (this.#closed !== undefined) throw this.#closed;
     const { signal } = options;
-    if (signal?.aborted === true) throw abortReason(signal, `request to ${this.#options.peer}`);
+    if (signal?.aborted === true) throw abortReason(signal, `request to ${this.#label}`);
     const id = this.#nextId++;
     const reply = new Promise<EnvelopeMessage>((resolve, reject) => this.#pending.set(id, { resolve, reject }));
     const cleanups: (() => void)[] = [];
     const guarded = new Promise<EnvelopeMessage>((resolve, reject) => {
       reply.then(resolve, reject);
       if (signal !== undefined) {
-        const onAbort = (): void => reject(abortReason(signal, `request to ${this.#options.peer}`));
+        const onAbort = (): void => reject(abortReason(signal, `request to ${this.#label}`));
         signal.addEventListener('abort', onAbort, { once: true });
         cleanups.push(() => signal.removeEventListener('abort', onAbort));
       }
       const timeoutMs = options.timeoutMs ?? 60_000;
       if (timeoutMs > 0) {
         const timer = setTimeout(
-          () => reject(new TimeoutError(`${this.#options.peer} to answer ${bodyName(body) ?? 'a request'}`, timeoutMs)),
+          () => reject(new TimeoutError(`${this.#label} to answer ${bodyName(body) ?? 'a request'}`, timeoutMs)),
           timeoutMs,
         );
         cleanups.push(() => clearTimeout(timer));
@@ -170,7 +177,7 @@ export class WireConnection {
       if (envelope.failure) {
         const f = envelope.failure;
         throw new RemoteError(
-          this.#options.peer,
+          this.#label,
           f.code || 'REMOTE',
           f.message ?? 'failed',
           f.hint || undefined,
@@ -180,10 +187,10 @@ export class WireConnection {
       const value = envelope[expect];
       if (value === undefined || value === null) {
         const got = bodyName(envelope) ?? 'nothing';
-        this.#violation(new WireProtocolError(`${this.#options.peer} answered with ${got}, expected ${expect}`));
-        throw new WireProtocolError(`${this.#options.peer} answered with ${got}, expected ${expect}`);
+        this.#violation(new WireProtocolError(`${this.#label} answered with ${got}, expected ${expect}`));
+        throw new WireProtocolError(`${this.#label} answered with ${got}, expected ${expect}`);
       }
-      return value as BodyOf<K>;
+      return value;
     } finally {
       this.#pending.delete(id);
       for (const cleanup of cleanups) cleanup();
@@ -196,7 +203,7 @@ export class WireConnection {
   }
 
   close(reason = 'done'): void {
-    this.#shutdown(new PeerGoneError(this.#options.peer, `closed here (${reason})`));
+    this.#shutdown(new PeerGoneError(this.#label, `closed here (${reason})`));
     if (this.#ws.readyState === WebSocket.OPEN || this.#ws.readyState === WebSocket.CONNECTING) {
       this.#ws.close(1000, reason.slice(0, 120));
     }
@@ -204,7 +211,7 @@ export class WireConnection {
 
   /** Closes without a goodbye: what a crash looks like to the peer. */
   terminate(): void {
-    this.#shutdown(new PeerGoneError(this.#options.peer, 'terminated here'));
+    this.#shutdown(new PeerGoneError(this.#label, 'terminated here'));
     this.#ws.terminate();
   }
 
@@ -235,7 +242,7 @@ export class WireConnection {
     }
     if (envelope.failure) {
       // A failure that answers nothing: the peer found us in violation and is closing.
-      this.#shutdown(new PeerGoneError(this.#options.peer, `closed by the peer: ${envelope.failure.message ?? ''}`));
+      this.#shutdown(new PeerGoneError(this.#label, `closed by the peer: ${envelope.failure.message ?? ''}`));
       return;
     }
     if (envelope.progress) {
@@ -253,7 +260,8 @@ export class WireConnection {
   async #answer(id: number, envelope: EnvelopeMessage): Promise<void> {
     const handler = this.#options.onRequest;
     try {
-      if (handler === undefined) throw new WireProtocolError(`${bodyName(envelope)} is not a request this side answers`);
+      if (handler === undefined)
+        throw new WireProtocolError(`${bodyName(envelope)} is not a request this side answers`);
       const body = await handler(envelope, this);
       this.#send({ ...body, replyTo: id });
     } catch (error) {
@@ -274,7 +282,7 @@ export class WireConnection {
   /** The peer broke the protocol: tell it why, then stop trusting it. */
   #violation(error: WireProtocolError): void {
     this.#send({ failure: { code: error.code, message: error.message, hint: '', unchanged: true } });
-    this.#shutdown(new PeerGoneError(this.#options.peer, `protocol violation: ${error.message}`, { cause: error }));
+    this.#shutdown(new PeerGoneError(this.#label, `protocol violation: ${error.message}`, { cause: error }));
     this.#ws.close(1008, 'protocol violation');
   }
 

@@ -14,7 +14,10 @@ export interface WireServerOptions {
   /** Requests after the handshake. */
   onRequest: RequestHandler;
   onProgress?: (progress: ProgressMessage, connection: WireConnection) => void;
-  onConnection?: (connection: WireConnection, peer: { role: 'controller' | 'agent'; name: string; address: string }) => void;
+  onConnection?: (
+    connection: WireConnection,
+    peer: { role: 'controller' | 'agent'; name: string; address: string },
+  ) => void;
   heartbeatMs?: number;
   deadAfterMs?: number;
 }
@@ -58,7 +61,13 @@ export class WireServer {
               name: hello.name ?? '',
               address,
             });
-            return { welcome: { protocolVersion: PROTOCOL_VERSION, agentName: options.name, softwareVersion: options.softwareVersion } };
+            return {
+              welcome: {
+                protocolVersion: PROTOCOL_VERSION,
+                agentName: options.name,
+                softwareVersion: options.softwareVersion,
+              },
+            };
           }
           if (envelope.hello) throw new WireProtocolError('hello twice');
           return options.onRequest(envelope, conn);

@@ -63,7 +63,10 @@ async function workloadPidsIn(host: LabHost): Promise<number[]> {
 
 async function ferryCli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   try {
-    const { stdout, stderr } = await execFileAsync(ferry, args, { timeout: 120_000, env: { ...process.env, FERRY_LAB: LAB } });
+    const { stdout, stderr } = await execFileAsync(ferry, args, {
+      timeout: 120_000,
+      env: { ...process.env, FERRY_LAB: LAB },
+    });
     return { code: 0, stdout, stderr };
   } catch (error) {
     const e = error as { code?: number; stdout?: string; stderr?: string };
@@ -76,11 +79,19 @@ describe('ferry migrate between two lab hosts', () => {
     const dir = workDir('stateful');
     const started = await runWorkload(a.url, 'stateful', [join(examples, 'stateful'), dir, '3'], 'test');
     const oldPid = started.pid ?? 0;
-    await waitFor(() => existsSync(join(dir, 'thread-2')) && existsSync(join(dir, 'child')), { what: 'the workload to start' });
+    await waitFor(() => existsSync(join(dir, 'thread-2')) && existsSync(join(dir, 'child')), {
+      what: 'the workload to start',
+    });
     await sleep(300);
 
     const events: MigrationEvent[] = [];
-    const report = await migrate({ workload: 'stateful', from: a.url, to: b.url, softwareVersion: 'test', onEvent: (e) => events.push(e) });
+    const report = await migrate({
+      workload: 'stateful',
+      from: a.url,
+      to: b.url,
+      softwareVersion: 'test',
+      onEvent: (e) => events.push(e),
+    });
     const newPid = report.to.pid;
     expect(report.from.pid).toBe(oldPid);
     expect(newPid).toBeGreaterThan(0);
@@ -99,7 +110,9 @@ describe('ferry migrate between two lab hosts', () => {
     await sleep(500);
     expect(readNumber(join(dir, 'state'), 1)).toBeGreaterThan(before.count);
     expect(readNumber(join(dir, 'child'), 1)).toBeGreaterThan(before.child);
-    [0, 1, 2].forEach((i) => expect(readNumber(join(dir, `thread-${i}`))).toBeGreaterThan(before.threads[i] ?? Infinity));
+    [0, 1, 2].forEach((i) =>
+      expect(readNumber(join(dir, `thread-${i}`))).toBeGreaterThan(before.threads[i] ?? Infinity),
+    );
 
     // The journal was written at the right offset throughout: 1, 2, 3, ... with no gap, no repeat, no restart.
     const journal = readFileSync(join(dir, 'journal'), 'utf8').trim().split('\n').map(Number);
@@ -108,7 +121,9 @@ describe('ferry migrate between two lab hosts', () => {
 
     // The workload's record moved with it.
     const ps = await ferryCli('ps', '--on', 'b', '--json');
-    const listed = (JSON.parse(ps.stdout) as { name: string; pid: number; state: string }[]).find((w) => w.name === 'stateful');
+    const listed = (JSON.parse(ps.stdout) as { name: string; pid: number; state: string }[]).find(
+      (w) => w.name === 'stateful',
+    );
     expect(listed).toMatchObject({ pid: newPid, state: 'running' });
     const psA = JSON.parse((await ferryCli('ps', '--on', 'a', '--json')).stdout) as { name: string }[];
     expect(psA.map((w) => w.name)).not.toContain('stateful');
@@ -129,7 +144,10 @@ describe('ferry migrate between two lab hosts', () => {
     });
     pending = false;
     const phases = events.map((e) => e.phase);
-    const expected = report.strategy === 'precopy' ? ['preflight', 'precopy', 'switchover', 'commit', 'done'] : ['preflight', 'switchover', 'commit', 'done'];
+    const expected =
+      report.strategy === 'precopy'
+        ? ['preflight', 'precopy', 'switchover', 'commit', 'done']
+        : ['preflight', 'switchover', 'commit', 'done'];
     const order = [...new Set(phases)];
     expect(order).toEqual(expected);
     // Every event was seen while the migration was still under way.
@@ -153,7 +171,9 @@ describe('ferry migrate between two lab hosts', () => {
     expect(report.bytesSent).toBe(report.pageImageBytes + report.final.imageBytes);
     expect(report.downtimeMs).toBeGreaterThan(0);
     expect(report.downtimeMs).toBeLessThanOrEqual(report.totalMs);
-    await waitFor(() => readNumber(join(dir, 'state'), 1) > frozenBefore + 1, { what: 'the big workload to count on B' });
+    await waitFor(() => readNumber(join(dir, 'state'), 1) > frozenBefore + 1, {
+      what: 'the big workload to count on B',
+    });
     process.kill(report.to.pid, 'SIGKILL');
   });
 });
@@ -180,7 +200,10 @@ describe('ferry migrate on the command line', () => {
     const cases: [string[], RegExp][] = [
       [['migrate', '4000000', '--from', 'a', '--to', 'b'], /no process with PID 4000000 on a/],
       [['migrate', 'nosuchworkload', '--from', 'a', '--to', 'b'], /no workload named nosuchworkload on a/],
-      [['migrate', 'untouched', '--from', 'a', '--to', 'ws://127.0.0.1:1'], /cannot reach the agent at ws:\/\/127\.0\.0\.1:1/],
+      [
+        ['migrate', 'untouched', '--from', 'a', '--to', 'ws://127.0.0.1:1'],
+        /cannot reach the agent at ws:\/\/127\.0\.0\.1:1/,
+      ],
       [['migrate', 'untouched', '--from', 'a', '--to', 'a'], /--from and --to name the same agent/],
       [['migrate', 'untouched', '--from', 'a', '--to', 'nowhere'], /unknown agent "nowhere"/],
       [['migrate', '../etc', '--from', 'a', '--to', 'b'], /neither a PID nor a workload name/],

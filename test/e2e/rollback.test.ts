@@ -47,7 +47,9 @@ function count(dir: string): { pid: number; count: number } {
 
 async function migrateCli(name: string, to: string): Promise<{ code: number; stderr: string }> {
   try {
-    await execFileAsync(ferry, ['migrate', name, '--from', 'a', '--to', to], { env: { ...process.env, FERRY_LAB: LAB } });
+    await execFileAsync(ferry, ['migrate', name, '--from', 'a', '--to', to], {
+      env: { ...process.env, FERRY_LAB: LAB },
+    });
     return { code: 0, stderr: '' };
   } catch (error) {
     const e = error as { code?: number; stderr?: string };
@@ -63,7 +65,12 @@ describe('a migration that fails on the destination', () => {
     it(`leaves the process running on the source, unchanged, when ${label}`, async () => {
       const dir = mkdtempSync(join(scratch, 'w-'));
       const name = `victim-${host().host}`;
-      const w = await runWorkload(a.url, name, [join(examples, 'counter'), join(dir, 'state'), '20', '16', '1'], 'test');
+      const w = await runWorkload(
+        a.url,
+        name,
+        [join(examples, 'counter'), join(dir, 'state'), '20', '16', '1'],
+        'test',
+      );
       const pid = w.pid ?? 0;
       await sleep(200);
 
