@@ -10,7 +10,7 @@ import { runWorkload } from '../../controller/workloads.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
-import { isRunning } from '../helpers/workload.js';
+import { isRunning, processState } from '../helpers/workload.js';
 
 const execFileAsync = promisify(execFile);
 const LAB = `fm${process.pid % 100_000}`;
