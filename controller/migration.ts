@@ -59,7 +59,16 @@ export interface MigrationReport {
   rounds: RoundReport[];
   /** Why the pre-copy rounds stopped (precopy only). */
   roundsStopReason: string | undefined;
-  final: RoundReport & { frozenMs: number; imageFiles: number; imageBytes: number };
+  final: RoundReport & {
+    /** CRIU's frozen time on the source: from the freeze to the kill, so it includes the held switchover. */
+    frozenMs: number;
+    imageFiles: number;
+    imageBytes: number;
+    /** Streaming the non-page images to the destination. */
+    streamMs: number;
+    /** The destination's restore, up to the held point. */
+    restoreMs: number;
+  };
   /** Memory pages plus other images, all rounds. */
   bytesSent: number;
   /** What the destination's page servers wrote, by file size. */
@@ -320,6 +329,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       frozenMs: (finalStats?.frozenTimeUs ?? 0) / 1000,
       imageFiles: held.imageFiles ?? 0,
       imageBytes: Number(held.imageBytes ?? 0),
+      streamMs: held.streamMs ?? 0,
+      restoreMs: restored.restoreMs ?? 0,
     };
     return {
       migrationId,

@@ -113,7 +113,9 @@ async function ferry(a: LabHost, b: LabHost, run: number): Promise<Sample> {
     downtimeMs: report.downtimeMs,
     totalMs: report.totalMs,
     bytes: report.bytesSent,
-    detail: `frozen (CRIU) ${ms(report.final.frozenMs)}, preflight ${ms(report.phasesMs.preflight)}, switchover ${ms(report.phasesMs.switchover)}, commit ${ms(report.phasesMs.commit)}`,
+    detail:
+      `dump+stream ${ms(report.phasesMs.switchover - report.final.restoreMs)} (stream ${ms(report.final.streamMs)}), ` +
+      `restore ${ms(report.final.restoreMs)}, commit+resume ${ms(report.phasesMs.commit)}; preflight ${ms(report.phasesMs.preflight)}`,
   };
 }
 
