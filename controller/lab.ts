@@ -200,16 +200,21 @@ function startAgent(
   return child.pid;
 }
 
+/** Resolves when the host's agent completes a handshake; throws why not. */
+async function answers(h: LabHost): Promise<void> {
+  const c = await WireConnection.connect(
+    h.url,
+    { role: 'controller', name: 'lab', softwareVersion: '' },
+    { timeoutMs: 1_000 },
+  );
+  c.close();
+}
+
 async function waitForAgent(h: LabHost): Promise<void> {
   const deadline = Date.now() + 20_000;
   for (;;) {
     try {
-      const c = await WireConnection.connect(
-        h.url,
-        { role: 'controller', name: 'lab', softwareVersion: '' },
-        { timeoutMs: 1_000 },
-      );
-      c.close();
+      await answers(h);
       return;
     } catch (error) {
       if (Date.now() > deadline) {
@@ -231,12 +236,7 @@ async function waitForAgent(h: LabHost): Promise<void> {
 async function allAnswer(lab: Lab): Promise<boolean> {
   for (const h of lab.hosts) {
     try {
-      const c = await WireConnection.connect(
-        h.url,
-        { role: 'controller', name: 'lab', softwareVersion: '' },
-        { timeoutMs: 1_000 },
-      );
-      c.close();
+      await answers(h);
     } catch {
       return false;
     }

@@ -172,7 +172,8 @@ describe('ferry migrate between two lab hosts', () => {
     expect(report.downtimeMs).toBeGreaterThan(0);
     expect(report.downtimeMs).toBeLessThanOrEqual(report.totalMs);
     await waitFor(() => readNumber(join(dir, 'state'), 1) > frozenBefore + 1, {
-      what: 'the big workload to count on B',
+      what: `the big workload to count on B (PID ${report.to.pid}, state ${processState(report.to.pid)})`,
+      timeoutMs: 30_000,
     });
     process.kill(report.to.pid, 'SIGKILL');
   });
