@@ -9,7 +9,7 @@ import {
   type Facts,
   type ProgressMessage,
 } from '../src/wire/index.js';
-import { connectAgent, localized } from './connect.js';
+import { AgentUnreachableError, connectAgent, localized } from './connect.js';
 
 export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'rollback' | 'done';
 export type Strategy = 'precopy' | 'stop-and-copy';
@@ -97,7 +97,7 @@ export class MigrationFailedError extends FerryError {
   }
 }
 
-/** Something failed after the commit point or while settling it: the outcome needs `ferry recover`. */
+/** Something failed after the commit point or while settling it: a person has to look (ferry ps on both agents). */
 export class OutcomeUnknownError extends FerryError {
   readonly code = 'OUTCOME_UNKNOWN';
 }
@@ -295,30 +295,39 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       finalStats = (await source.request({ commit: { migrationId } }, 'committed', { timeoutMs: holdMs })).stats;
     } catch (error) {
       throw new OutcomeUnknownError(`the commit on ${sourceName} did not complete: ${(error as Error).message}`, {
-        hint: `the process is held on ${destinationName} and may have ended on ${sourceName}; \`ferry recover\` settles it`,
+        hint: `the process may have ended on ${sourceName}, and a copy is held on ${destinationName} for ${Math.round(holdMs / 1000)} s; check both with \`ferry ps\``,
         cause: error,
       });
     }
     emit('commit', sourceName, 'committed: the source copy has ended');
     let resumedPid: number;
+    let resumer = destination;
     try {
-      // Safe to repeat: resume acts only on a held copy.
+      // Safe to repeat, over a new connection if the old one broke: resume acts only on a held copy.
       resumedPid =
         (
-          await pRetry(() => destination.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs }), {
-            retries: 2,
-            minTimeout: 200,
-            shouldRetry: (e) => e instanceof PeerGoneError,
-          })
+          await pRetry(
+            async () => {
+              if (resumer.closed) resumer = await connect(options.to);
+              return resumer.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs });
+            },
+            {
+              retries: 3,
+              minTimeout: 200,
+              shouldRetry: (e) => e instanceof PeerGoneError || e instanceof AgentUnreachableError,
+            },
+          )
         ).pid ?? 0;
     } catch (error) {
       throw new OutcomeUnknownError(
         `resuming on ${destinationName} failed after the commit: ${(error as Error).message}`,
         {
-          hint: `the process is held on ${destinationName}; \`ferry recover\` resumes it`,
+          hint: `the source copy has ended and the restored copy is held on ${destinationName} for ${Math.round(holdMs / 1000)} s; check it with \`ferry ps --on ${destinationName}\``,
           cause: error,
         },
       );
+    } finally {
+      if (resumer !== destination) resumer.close();
     }
     const downtimeMs = (held.frozenMs ?? 0) + (performance.now() - heldAt);
     emit('done', destinationName, `running as PID ${resumedPid}`);

@@ -7,7 +7,7 @@ export const ExitCode = {
   failed: 1,
   /** Bad input: nothing was changed. */
   badInput: 2,
-  /** Outcome unknown: `ferry recover` needed. */
+  /** Outcome unknown: look at both agents before doing anything else. */
   unknown: 3,
 } as const;
 

@@ -1,4 +1,4 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -214,6 +214,14 @@ describe('ferry migrate on the command line', () => {
       expect(code, `${args.join(' ')}: ${stderr}`).toBe(2);
       expect(stderr).toMatch(message);
     }
+    // A process outside its own PID namespace keeps a PID that is taken on b (the same machine here).
+    const plain = spawn('ip', ['netns', 'exec', a.netns, 'sleep', '600'], { detached: true, stdio: 'ignore' });
+    const refused = await ferryCli('migrate', String(plain.pid), '--from', 'a', '--to', 'b');
+    plain.kill('SIGKILL');
+    expect(refused.code, refused.stderr).toBe(2);
+    expect(refused.stderr).toMatch(/PID \d+ is taken on b, and the process is not in its own PID namespace/);
+    expect(refused.stderr).toMatch(/hint: start workloads with `ferry run`/);
+
     expect(isRunning(pid)).toBe(true);
     const count = readNumber(join(dir, 'state'), 1);
     await waitFor(() => readNumber(join(dir, 'state'), 1) > count, { what: 'the workload to keep counting on A' });
