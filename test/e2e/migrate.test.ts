@@ -40,6 +40,25 @@ function readNumber(file: string, field = 0): number {
   return Number(readFileSync(file, 'utf8').trim().split(/\s+/)[field]);
 }
 
+/** What a stuck process is doing, for a failure message. */
+function diagnose(pid: number, stateFile: string): string {
+  const read = (f: string): string => {
+    try {
+      return readFileSync(f, 'utf8').trim();
+    } catch (e) {
+      return (e as Error).message;
+    }
+  };
+  const fds = (() => {
+    try {
+      return readdirSync(`/proc/${pid}/fd`).map((fd) => `${fd}->${readlinkSync(`/proc/${pid}/fd/${fd}`)}`);
+    } catch {
+      return [];
+    }
+  })();
+  return `PID ${pid}, state ${processState(pid)}, wchan ${read(`/proc/${pid}/wchan`)}, fds ${fds.join(' ')}, state file ${JSON.stringify(read(stateFile))}`;
+}
+
 function netnsInode(pid: number): number {
   return Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
 }
@@ -172,7 +191,7 @@ describe('ferry migrate between two lab hosts', () => {
     expect(report.downtimeMs).toBeGreaterThan(0);
     expect(report.downtimeMs).toBeLessThanOrEqual(report.totalMs);
     await waitFor(() => readNumber(join(dir, 'state'), 1) > frozenBefore + 1, {
-      what: `the big workload to count on B (PID ${report.to.pid}, state ${processState(report.to.pid)})`,
+      what: `the big workload to count on B (${diagnose(report.to.pid, join(dir, 'state'))})`,
       timeoutMs: 30_000,
     });
     process.kill(report.to.pid, 'SIGKILL');
