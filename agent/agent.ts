@@ -55,11 +55,14 @@ class MigrationStateError extends FerryError {
 /** A step that failed here, with the logs CRIU wrote for it kept for reading. */
 class StepFailedError extends FerryError {
   readonly code: string;
-  constructor(cause: unknown, logsDir: string | undefined) {
-    const message = cause instanceof Error ? cause.message : String(cause);
-    const original = cause instanceof FerryError ? cause.hint : undefined;
+  constructor(cause: unknown, kept: { from: string; to: string | undefined }) {
+    const original = cause instanceof Error ? cause.message : String(cause);
+    // The images directory is gone; point at the kept copy of its logs instead.
+    const message = kept.to === undefined ? original : original.split(kept.from).join(kept.to);
+    const hint = cause instanceof FerryError ? cause.hint : undefined;
+    const where = kept.to === undefined ? undefined : `CRIU's logs of this step are kept in ${kept.to}`;
     super(message, {
-      hint: logsDir === undefined ? original : `CRIU's logs of this step are kept in ${logsDir}`,
+      hint: [hint, where].filter((h) => h !== undefined && !h.startsWith('read ')).join('; ') || undefined,
       cause,
     });
     this.code = cause instanceof FerryError ? cause.code : 'STEP_FAILED';
@@ -380,7 +383,7 @@ export class Agent {
       return { dumpHeld: await reachedHold };
     } catch (error) {
       // CRIU has already resumed the process (a failed dump thaws it).
-      throw unchanged(new StepFailedError(error, this.#forget(m, true)));
+      throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
     }
   }
 
@@ -452,7 +455,7 @@ export class Agent {
         },
       };
     } catch (error) {
-      throw new StepFailedError(error, this.#forget(m, true));
+      throw new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) });
     }
   }
 

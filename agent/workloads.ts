@@ -128,27 +128,33 @@ async function namespaceInit(
 ): Promise<number | undefined> {
   let gone = false;
   void exited.then(() => (gone = true));
-  for (let i = 0; i < 500 && !gone; i++) {
+  let init: number | undefined;
+  // The init's PID does not change when it execs the command, but waiting
+  // for the exec (up to 2 s: wrappers such as version-manager shims exec
+  // more than once) means an early dump sees the command, not the shell.
+  for (let i = 0; i < 400 && !gone; i++) {
     try {
-      const children = readFileSync(`/proc/${launcherPid}/task/${launcherPid}/children`, 'utf8').trim();
-      const first = children.split(/\s+/)[0];
-      if (first !== undefined && first !== '') {
-        const pid = Number(first);
-        // Wait until setsid and the shell have exec'd the command itself.
-        if (runsCommand(pid, argv)) return pid;
-      }
+      const first = readFileSync(`/proc/${launcherPid}/task/${launcherPid}/children`, 'utf8').trim().split(/\s+/)[0];
+      if (first !== undefined && first !== '') init = Number(first);
     } catch {
       // not there yet, or already gone
     }
+    if (init !== undefined && (runsCommand(init, argv) || i >= 400 - 1)) return isAlive(init) ? init : undefined;
     await sleep(5);
   }
-  return undefined;
+  return gone || init === undefined || !isAlive(init) ? undefined : init;
 }
 
+/** The process runs the command: same arguments, and the same program name (a wrapper may give its full path). */
 function runsCommand(pid: number, argv: readonly string[]): boolean {
   try {
     const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').slice(0, -1);
-    return cmdline.length === argv.length && cmdline.every((arg, i) => arg === argv[i]);
+    const base = (s: string | undefined): string => (s ?? '').split('/').at(-1) ?? '';
+    return (
+      cmdline.length === argv.length &&
+      base(cmdline[0]) === base(argv[0]) &&
+      cmdline.slice(1).every((arg, i) => arg === argv[i + 1])
+    );
   } catch {
     return false;
   }

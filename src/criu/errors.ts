@@ -121,9 +121,18 @@ export class ImagesDirError extends FerryError {
   }
 }
 
+/** Summary lines CRIU logs after the real error ("Dumping FAILED.", "... failed with -1"). */
+const GENERIC = [/FAILED\.?\s*\(/, /failed with -1/, /Can't send response/, /One of more action scripts failed/];
+
+/** The error line that says what went wrong: the first specific one, else the last. */
+export function mainReason(errors: readonly string[] | undefined): string | undefined {
+  if (errors === undefined || errors.length === 0) return undefined;
+  return errors.find((e) => !GENERIC.some((re) => re.test(e))) ?? errors.at(-1);
+}
+
 function describeFailure(d: CriuFailureDetails): string {
   const parts = [`CRIU ${d.request} failed`];
-  const reason = d.logErrors?.at(-1) ?? d.crErrmsg;
+  const reason = mainReason(d.logErrors) ?? d.crErrmsg;
   if (reason !== undefined && reason !== '') parts.push(`: ${reason}`);
   if (d.crErrno !== undefined && d.crErrno !== 0) parts.push(` (errno ${d.crErrno})`);
   if (d.logFile !== undefined) parts.push(`; log: ${d.logFile}`);
@@ -138,5 +147,8 @@ function hintFor(d: CriuFailureDetails): string | undefined {
   if (/No such process|Can't find process|ESRCH/.test(text)) return 'the process may have exited';
   if (/Can't (connect|resolve)|Connection refused/.test(text))
     return 'the page server is not reachable at that address and port';
+  if (/sockets: Can't get 1:(16|34) opt/.test(text)) {
+    return 'CRIU 4.1 cannot dump TCP/UDP sockets on this kernel (it refuses SO_PASSCRED on inet sockets); see docs/criu.md';
+  }
   return d.logFile === undefined ? undefined : `read ${d.logFile} for the whole story`;
 }

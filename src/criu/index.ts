@@ -32,6 +32,7 @@ export {
   CriuServiceUnavailableError,
   CriuUnsupportedError,
   ImagesDirError,
+  mainReason,
   ProcessNotFoundError,
 } from './errors.js';
 export { readLogExcerpt } from './log.js';

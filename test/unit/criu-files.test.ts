@@ -6,6 +6,7 @@ import {
   CriuNotFoundError,
   CriuProtocolError,
   decodeStats,
+  mainReason,
   parseCriuVersion,
   readLogExcerpt,
   resolveCriuBinary,
@@ -61,6 +62,18 @@ describe('CRIU logs', () => {
     const excerpt = await readLogExcerpt(file);
     expect(excerpt?.errors).toEqual(["Can't fork for 42: File exists (criu/cr-restore.c:1480)"]);
     expect(excerpt?.tail.at(-1)).toBe('(00.000400) Restoring FAILED.');
+  });
+
+  it('names the specific error, not the summary CRIU logs after it', () => {
+    expect(
+      mainReason([
+        "sockets: Can't get 1:16 opt: Operation not supported (criu/sockets.c:628)",
+        'Dump files (pid: 7) failed with -1 (criu/cr-dump.c:1681)',
+        'Dumping FAILED. (criu/cr-dump.c:2111)',
+      ]),
+    ).toBe("sockets: Can't get 1:16 opt: Operation not supported (criu/sockets.c:628)");
+    expect(mainReason(['Dumping FAILED. (criu/cr-dump.c:2111)'])).toBe('Dumping FAILED. (criu/cr-dump.c:2111)');
+    expect(mainReason([])).toBeUndefined();
   });
 
   it('returns nothing for a log that does not exist', async () => {
