@@ -40,6 +40,14 @@ export class Counter {
     return counter;
   }
 
+  #owns(pid: number): boolean {
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(this.dir);
+    } catch {
+      return false;
+    }
+  }
+
   get pid(): number {
     const pid = this.child.pid;
     if (pid === undefined) throw new Error('counter has no PID');
@@ -63,10 +71,14 @@ export class Counter {
     return reading.count;
   }
 
-  /** Kills the process (a PID that was restored elsewhere too) and removes its directory. */
+  /**
+   * Kills the process and removes its directory. Only a PID that still runs
+   * this counter (its command line names this counter's directory) is
+   * killed: by cleanup time the PID may belong to another test's process.
+   */
   cleanup(extraPids: readonly number[] = []): void {
     for (const pid of [this.child.pid, ...extraPids]) {
-      if (pid === undefined) continue;
+      if (pid === undefined || !this.#owns(pid)) continue;
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
