@@ -334,6 +334,8 @@ export class Agent {
         imagesDir: dir,
         parentImg: p.parent ? `../${p.parent}` : undefined,
         pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0 },
+        // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
+        trackMem: p.parent ? true : undefined,
         timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
         onNotify: async (event) => {
           if (event.script === 'pre-dump') {

@@ -230,10 +230,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         );
         const report = roundReport(round, done.stats, done.durationMs ?? 0);
         rounds.push(report);
+        const rate = report.durationMs > 0 ? `, ${formatBytes((report.bytes / report.durationMs) * 1000)}/s` : '';
         emit(
           'precopy',
           sourceName,
-          `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged`,
+          `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged, ${report.durationMs} ms${rate}`,
           {
             round,
             pages: report.pagesWritten,
@@ -245,6 +246,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         if (report.pagesWritten <= 64) roundsStopReason = `round ${k} wrote ${report.pagesWritten} pages (64 or fewer)`;
         else if (previous !== undefined && report.pagesWritten > previous.pagesWritten * 1.1)
           roundsStopReason = `not converging: round ${k} wrote more than round ${k - 1}`;
+        else if (previous !== undefined && report.pagesWritten > previous.pagesWritten * 0.9)
+          roundsStopReason =
+            `not converging: round ${k} wrote ${Math.round((report.pagesWritten / previous.pagesWritten) * 100)} % ` +
+            `of round ${k - 1}'s pages (the dirty set no longer shrinks)`;
         else if (k === maxRounds) roundsStopReason = `reached ${maxRounds} rounds`;
         if (roundsStopReason !== undefined) break;
       }

@@ -1,0 +1,94 @@
+/**
+ * Runs inside the kernel lab (scripts/kernel-lab), on a kernel that tracks
+ * dirty memory: two Ferry lab hosts in the guest, and the migrations the
+ * pre-copy tests check. Prints one line "KERNEL-LAB-RESULT {json}".
+ *
+ *   converging   256 MiB, 16 MiB rewritten continuously: pre-copy
+ *   baseline     the same workload, stop-and-copy, for the downtime comparison
+ *   racing       256 MiB rewritten as fast as it can: rounds must stop (not converging)
+ */
+import { existsSync, mkdtempSync, readFileSync, readlinkSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { labDown, labUp } from '../controller/lab.js';
+import { migrate, type MigrationReport, type Strategy } from '../controller/migration.js';
+import { runWorkload } from '../controller/workloads.js';
+import { projectRoot } from '../src/paths.js';
+
+interface Scenario {
+  name: string;
+  strategy: Strategy;
+  memoryMb: number;
+  hotMb: number;
+  tickMs: number;
+}
+
+interface Outcome {
+  scenario: Scenario;
+  report: MigrationReport;
+  countBefore: number;
+  countAfter: number;
+  /** The restored process runs, in the destination host's network namespace. */
+  runsOnDestination: boolean;
+  sourceGone: boolean;
+}
+
+const scenarios: Scenario[] = [
+  { name: 'converging', strategy: 'precopy', memoryMb: 256, hotMb: 16, tickMs: 20 },
+  { name: 'baseline', strategy: 'stop-and-copy', memoryMb: 256, hotMb: 16, tickMs: 20 },
+  { name: 'racing', strategy: 'precopy', memoryMb: 256, hotMb: 256, tickMs: 0 },
+];
+
+function count(stateFile: string): number {
+  return Number(readFileSync(stateFile, 'utf8').trim().split(/\s+/)[1]);
+}
+
+async function main(): Promise<void> {
+  const lab = await labUp({ name: 'kl' });
+  const [a, b] = lab.hosts;
+  if (a === undefined || b === undefined) throw new Error('the lab has fewer than two hosts');
+  const counter = join(projectRoot(), 'dist', 'examples', 'counter');
+  const outcomes: Outcome[] = [];
+  try {
+    for (const scenario of scenarios) {
+      const dir = mkdtempSync('/tmp/kl-');
+      const state = join(dir, 'state');
+      const w = await runWorkload(
+        a.url,
+        scenario.name,
+        [counter, state, String(scenario.tickMs), String(scenario.memoryMb), String(scenario.hotMb)],
+        'kernel-lab',
+      );
+      // Let it fault in all of its memory first.
+      await sleep(3000);
+      const countBefore = count(state);
+      const report = await migrate({
+        workload: scenario.name,
+        from: a.url,
+        to: b.url,
+        strategy: scenario.strategy,
+        softwareVersion: 'kernel-lab',
+        onEvent: (e) => process.stderr.write(`[${scenario.name}] ${e.phase} ${e.from}: ${e.message}\n`),
+      });
+      const pid = report.to.pid;
+      const frozen = count(state);
+      await sleep(1000);
+      const countAfter = count(state);
+      const netnsInode = Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
+      outcomes.push({
+        scenario,
+        report,
+        countBefore,
+        countAfter,
+        runsOnDestination: countAfter > frozen && netnsInode === statSync(`/run/netns/${b.netns}`).ino,
+        sourceGone: !existsSync(`/proc/${w.pid}`),
+      });
+      process.kill(pid, 'SIGKILL');
+    }
+  } finally {
+    await labDown('kl');
+  }
+  process.stdout.write(`KERNEL-LAB-RESULT ${JSON.stringify(outcomes)}\n`);
+}
+
+await main();
