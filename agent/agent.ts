@@ -10,6 +10,7 @@ import {
 } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   CriuOperationError,
   CriuService,
@@ -27,9 +28,11 @@ import {
   type BodyOf,
   type DumpStatsMessage,
   type EnvelopeMessage,
+  type MigrationRecord,
   type WorkloadSpec,
 } from '../src/wire/index.js';
 import { faultAt } from './faults.js';
+import { isFinal, Journal, sameProcess, startTime, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
 import { Workloads } from './workloads.js';
@@ -84,6 +87,8 @@ interface SourceMigration {
   dump?: Promise<unknown>;
   finalRound?: string;
   leaseTimer?: NodeJS.Timeout;
+  /** Set once the hold is being released, whichever way: the decision is taken once. */
+  settling?: Promise<'committed' | 'aborted'>;
 }
 
 interface DestinationMigration {
@@ -97,6 +102,9 @@ interface DestinationMigration {
   restoreCancel?: AbortController;
   restoredPid?: number;
   leaseTimer?: NodeJS.Timeout;
+  sourceUrl: string;
+  holdMs: number;
+  settling?: Promise<'resumed' | 'discarded'>;
 }
 
 type Migration = SourceMigration | DestinationMigration;
@@ -111,6 +119,8 @@ type Migration = SourceMigration | DestinationMigration;
  */
 export class Agent {
   readonly #migrations = new Map<string, Migration>();
+  readonly journal: Journal;
+  #recoveryTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     readonly options: AgentOptions,
@@ -119,7 +129,9 @@ export class Agent {
     readonly workloads: Workloads,
     readonly server: WireServer,
     readonly imagesRoot: string,
-  ) {}
+  ) {
+    this.journal = new Journal(options.dataDir);
+  }
 
   static async start(options: AgentOptions): Promise<Agent> {
     const imagesRoot =
@@ -146,6 +158,8 @@ export class Agent {
       });
       agent = new Agent(options, service, service.client(), workloads, server, imagesRoot);
       log.info('listening', { url: agent.url, criu: service.version?.text, images: imagesRoot });
+      // Settle what a previous run of this agent left half-done.
+      void agent.recover();
       return agent;
     } catch (error) {
       await service.stop();
@@ -162,6 +176,7 @@ export class Agent {
   }
 
   async stop(): Promise<void> {
+    if (this.#recoveryTimer !== undefined) clearTimeout(this.#recoveryTimer);
     for (const m of this.#migrations.values()) {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
       m.hold?.release(false);
@@ -189,6 +204,9 @@ export class Agent {
     if (e.commit) return this.#commit(e.commit.migrationId ?? '');
     if (e.resume) return this.#resume(e.resume.migrationId ?? '');
     if (e.abort) return this.#abort(e.abort.migrationId ?? '', e.abort.reason ?? '');
+    if (e.outcomeQuery) return { outcome: { state: await this.#outcome(e.outcomeQuery.migrationId ?? '') } };
+    if (e.recover) return { migrationList: { migrations: (await this.recover()).map(record) } };
+    if (e.statusQuery) return { migrationList: { migrations: this.journal.list().map(record) } };
     throw new MigrationStateError('this request is not answered by an agent');
   }
 
@@ -264,6 +282,16 @@ export class Agent {
       dir,
       workload: p.workload ?? undefined,
       receivers: new Map(),
+      sourceUrl: p.sourceUrl ?? '',
+      holdMs: p.holdMs || 60_000,
+    });
+    this.journal.write({
+      id,
+      role: 'destination',
+      state: 'prepared',
+      dir,
+      peerUrl: p.sourceUrl ?? '',
+      workload: p.workload ?? undefined,
     });
     log.info('destination prepared', { migration: id, dir });
     return { ack: {} };
@@ -303,7 +331,8 @@ export class Agent {
    * destination's page server and writes the rest here; at post-dump the
    * answer is held (the process stays frozen) while the images are streamed
    * to the destination. The reply goes out while still holding; commit or
-   * abort decides, and a lease answers "no" (resume) if neither comes.
+   * abort decides. Without either within the hold time, or when the
+   * controller's connection drops, the answer is "no": the process resumes.
    */
   async #finalDump(p: BodyOf<'finalDump'>, connection: WireConnection): Promise<Body> {
     const m = this.#sourceFor(p.migrationId ?? '', p.pid ?? 0);
@@ -311,6 +340,16 @@ export class Agent {
     const dir = join(m.dir, round);
     mkdirSync(dir, { mode: 0o700 });
     m.finalRound = round;
+    this.journal.write({
+      id: m.id,
+      role: 'source',
+      state: 'dumping',
+      pid: m.pid,
+      pidStart: startTime(m.pid),
+      dir: m.dir,
+      peerUrl: p.destinationUrl ?? '',
+      workload: m.workload === undefined ? undefined : { name: m.workload },
+    });
     let frozenAt = 0;
     let held: (value: BodyOf<'dumpHeld'>) => void = () => undefined;
     let failedBeforeHold: (error: unknown) => void = () => undefined;
@@ -361,12 +400,14 @@ export class Agent {
           const decision = new Promise<boolean>((resolve) => {
             m.hold = { release: resolve };
           });
+          this.journal.update(m.id, { state: 'held' });
+          crashAt('source.after-hold');
           m.leaseTimer = setTimeout(() => {
             log.warn('no commit within the hold time: resuming the source', { migration: m.id });
-            m.hold?.release(false);
+            void this.#settleSource(m, false);
           }, p.holdMs || 60_000);
           // Without a controller there will be no commit: resume now rather than at lease end.
-          connection.onClose(() => m.hold?.release(false));
+          connection.onClose(() => void this.#settleSource(m, false));
           held({
             imageFiles: sent.files,
             imageBytes: sent.bytes,
@@ -385,8 +426,39 @@ export class Agent {
       return { dumpHeld: await reachedHold };
     } catch (error) {
       // CRIU has already resumed the process (a failed dump thaws it).
+      this.journal.update(m.id, { state: 'aborted', action: 'the dump failed; the process resumed' });
       throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
     }
+  }
+
+  /**
+   * Releases the source's hold, once. "Yes" is journalled as committing
+   * before CRIU hears it: from then on the source never resumes (CRIU ends
+   * it); a crash before CRIU hears it makes CRIU resume the process, which
+   * recovery sees (the process exists) and records as aborted.
+   */
+  #settleSource(m: SourceMigration, go: boolean): Promise<'committed' | 'aborted'> {
+    m.settling ??= (async () => {
+      if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
+      if (go) {
+        this.journal.update(m.id, { state: 'committing' });
+        crashAt('source.before-commit-answer');
+        m.hold?.release(true);
+        await m.dump;
+        this.journal.update(m.id, { state: 'committed' });
+        crashAt('source.after-commit');
+        if (m.workload !== undefined) this.workloads.forget(m.workload);
+        log.info('committed: source process ended', { migration: m.id, pid: m.pid });
+        return 'committed';
+      }
+      m.hold?.release(false); // CRIU thaws the process
+      await m.dump?.catch(() => undefined);
+      this.journal.update(m.id, { state: 'aborted', action: 'the process resumed on the source' });
+      this.#forget(m, true);
+      log.info('aborted: source process resumed', { migration: m.id, pid: m.pid });
+      return 'aborted';
+    })();
+    return m.settling;
   }
 
   #imageChunk(c: BodyOf<'imageChunk'>): Body {
@@ -434,10 +506,9 @@ export class Agent {
           const decision = new Promise<boolean>((resolve) => {
             m.hold = { release: resolve };
           });
-          m.leaseTimer = setTimeout(() => {
-            log.warn('no resume within the hold time: discarding the restored copy', { migration: m.id });
-            m.restoreCancel?.abort();
-          }, r.holdMs || 60_000);
+          this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
+          crashAt('destination.after-restore-held');
+          this.#leaseDestination(m);
           restored(event.pid ?? 0);
           return decision;
         },
@@ -457,8 +528,53 @@ export class Agent {
         },
       };
     } catch (error) {
+      // Before any commit: nothing to keep.
+      this.journal.update(m.id, { state: 'discarded', action: 'the restore failed' });
       throw new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) });
     }
+  }
+
+  /** Waits for resume; when it does not come in time, asks the source what happened. */
+  #leaseDestination(m: DestinationMigration): void {
+    if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
+    m.leaseTimer = setTimeout(() => void this.#decideFromSource(m), m.holdMs);
+  }
+
+  async #decideFromSource(m: DestinationMigration): Promise<void> {
+    const outcome = await this.#askSource(m.id, m.sourceUrl);
+    log.warn('no resume within the hold time; the source says', { migration: m.id, outcome });
+    if (outcome === 'committed') await this.#settleDestination(m, true);
+    else if (outcome === 'aborted' || outcome === 'unknown') await this.#settleDestination(m, false);
+    else this.#leaseDestination(m); // undecided or unreachable: keep holding, ask again later
+  }
+
+  /**
+   * Releases the destination's hold, once. Resume only after the source
+   * committed (the controller's Resume, or the source's own answer): the
+   * destination never runs before the commit.
+   */
+  #settleDestination(m: DestinationMigration, go: boolean): Promise<'resumed' | 'discarded'> {
+    m.settling ??= (async () => {
+      if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
+      if (go) {
+        this.journal.update(m.id, { state: 'resuming' });
+        crashAt('destination.before-resume-answer');
+        m.hold?.release(true);
+        await m.restore;
+        const pid = m.restoredPid ?? 0;
+        if (m.workload !== undefined) this.workloads.adopt(m.workload, pid);
+        this.journal.update(m.id, { state: 'resumed', pid, pidStart: startTime(pid) });
+        this.#forget(m);
+        log.info('resumed', { migration: m.id, pid });
+        return 'resumed';
+      }
+      m.restoreCancel?.abort(); // CRIU kills the half-restored copy
+      await m.restore?.catch(() => undefined);
+      this.journal.update(m.id, { state: 'discarded', action: 'the restored copy was discarded' });
+      this.#forget(m, true);
+      return 'discarded';
+    })();
+    return m.settling;
   }
 
   async #commit(id: string): Promise<Body> {
@@ -466,30 +582,25 @@ export class Agent {
     if (m?.role !== 'source' || m.hold === undefined || m.dump === undefined) {
       throw new MigrationStateError(`migration ${id} is not held here, nothing to commit`);
     }
-    // Past this point the source never resumes: CRIU kills it on "yes".
-    if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
-    m.hold.release(true);
-    await m.dump;
+    if ((await this.#settleSource(m, true)) !== 'committed') {
+      throw new MigrationStateError(`migration ${id} was already rolled back here: the process runs on the source`);
+    }
     const stats = await readDumpStats(join(m.dir, m.finalRound ?? 'final'));
-    if (m.workload !== undefined) this.workloads.forget(m.workload);
     this.#forget(m);
-    log.info('committed: source process ended', { migration: id, pid: m.pid });
     return { committed: { stats: statsMessage(stats) } };
   }
 
   async #resume(id: string): Promise<Body> {
     const m = this.#migrations.get(id);
     if (m?.role !== 'destination' || m.hold === undefined || m.restore === undefined) {
+      const entry = this.journal.read(id);
+      if (entry?.state === 'resumed') return { resumed: { pid: entry.pid ?? 0 } };
       throw new MigrationStateError(`migration ${id} has no held copy here, nothing to resume`);
     }
-    if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
-    m.hold.release(true);
-    await m.restore;
-    const pid = m.restoredPid ?? 0;
-    if (m.workload !== undefined) this.workloads.adopt(m.workload, pid);
-    this.#forget(m);
-    log.info('resumed', { migration: id, pid });
-    return { resumed: { pid } };
+    if ((await this.#settleDestination(m, true)) !== 'resumed') {
+      throw new MigrationStateError(`migration ${id}'s copy was already discarded here`);
+    }
+    return { resumed: { pid: m.restoredPid ?? 0 } };
   }
 
   /** Rolls back whatever this agent holds for the migration. */
@@ -497,16 +608,133 @@ export class Agent {
     const m = this.#migrations.get(id);
     if (m === undefined) return { ack: {} };
     log.warn('aborting', { migration: id, role: m.role, reason });
-    if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
     if (m.role === 'source') {
-      m.hold?.release(false); // CRIU thaws the process
-      await m.dump?.catch(() => undefined);
+      if ((await this.#settleSource(m, false)) === 'committed') {
+        throw new MigrationStateError(`migration ${id} is already committed here`);
+      }
     } else {
-      m.restoreCancel?.abort(); // CRIU kills the half-restored copy
-      await m.restore?.catch(() => undefined);
+      await this.#settleDestination(m, false);
     }
-    this.#forget(m, true);
     return { ack: {} };
+  }
+
+  /** The source's answer to "did it commit?": from the journal, and from the process itself after a restart. */
+  async #outcome(id: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown'> {
+    const m = this.#migrations.get(id);
+    if (m?.role === 'source') return m.settling === undefined ? 'pending' : await m.settling;
+    const entry = this.journal.read(id);
+    if (entry === undefined || entry.role !== 'source') return 'unknown';
+    if (entry.state === 'committed' || entry.state === 'aborted') return entry.state;
+    return (await this.#recoverSource(entry)).state as 'committed' | 'aborted';
+  }
+
+  /**
+   * Settles every migration this agent's journal has left half-done: at
+   * start (after a crash) and on `ferry recover`. Destinations that cannot
+   * reach their source yet are retried every few seconds.
+   */
+  async recover(): Promise<JournalEntry[]> {
+    const settled: JournalEntry[] = [];
+    let retry = false;
+    for (const entry of this.journal.list()) {
+      if (isFinal(entry) || this.#migrations.has(entry.id)) continue;
+      try {
+        const after =
+          entry.role === 'source' ? await this.#recoverSource(entry) : await this.#recoverDestination(entry);
+        if (!isFinal(after)) retry = true;
+        settled.push(after);
+      } catch (error) {
+        log.error('recovery failed', { migration: entry.id, error: (error as Error).message });
+        retry = true;
+      }
+    }
+    this.#cleanOrphanImages();
+    if (retry && this.#recoveryTimer === undefined) {
+      this.#recoveryTimer = setTimeout(() => {
+        this.#recoveryTimer = undefined;
+        void this.recover();
+      }, 2_000);
+      this.#recoveryTimer.unref();
+    }
+    return settled;
+  }
+
+  /** A source record left by a crash: the process's existence says how CRIU ended it. */
+  async #recoverSource(entry: JournalEntry): Promise<JournalEntry> {
+    // CRIU may still be finishing (thawing or killing) the tree it held.
+    for (let i = 0; i < 300 && entry.pid !== undefined && tracerOf(entry.pid) !== 0; i++) await sleep(50);
+    const alive = sameProcess(entry.pid, entry.pidStart);
+    const committed = entry.state === 'committing' && !alive;
+    if (committed && entry.workload?.name) this.workloads.forget(entry.workload.name);
+    rmSync(entry.dir, { recursive: true, force: true });
+    const after = this.journal.write({
+      ...entry,
+      state: committed ? 'committed' : 'aborted',
+      action: committed
+        ? 'recovered: the source copy had ended after the commit'
+        : alive
+          ? 'recovered: the process runs on the source'
+          : 'recovered: the process was gone before any commit',
+    });
+    log.warn('recovered a source migration', { migration: entry.id, state: after.state, action: after.action });
+    return after;
+  }
+
+  /** A destination record left by a crash: the source decides; the images are kept until then. */
+  async #recoverDestination(entry: JournalEntry): Promise<JournalEntry> {
+    const outcome = await this.#askSource(entry.id, entry.peerUrl);
+    if (outcome === 'pending' || outcome === 'unreachable') return entry;
+    if (outcome === 'committed') {
+      let pid = entry.pid;
+      let action = 'recovered: the restored copy was already running';
+      if (!(sameProcess(entry.pid, entry.pidStart) && tracerOf(entry.pid ?? 0) === 0 && entry.state === 'resuming')) {
+        // The held copy died with the old agent (CRIU kills it): restore it again from the kept images.
+        pid = (await this.criu.restore({ imagesDir: join(entry.dir, 'final') })).pid;
+        action = 'recovered: restored from the kept images after the commit';
+      }
+      if (entry.workload?.name) this.workloads.adopt(entry.workload, pid ?? 0);
+      rmSync(entry.dir, { recursive: true, force: true });
+      const after = this.journal.write({ ...entry, state: 'resumed', pid, pidStart: startTime(pid ?? 0), action });
+      log.warn('recovered a destination migration', { migration: entry.id, action });
+      return after;
+    }
+    if (sameProcess(entry.pid, entry.pidStart) && entry.state !== 'resuming') process.kill(entry.pid ?? 0, 'SIGKILL');
+    rmSync(entry.dir, { recursive: true, force: true });
+    return this.journal.write({ ...entry, state: 'discarded', action: `recovered: the source says ${outcome}` });
+  }
+
+  async #askSource(id: string, url: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown' | 'unreachable'> {
+    try {
+      const source = await WireConnection.connect(
+        url,
+        { role: 'agent', name: this.options.name, softwareVersion: this.options.softwareVersion },
+        { peer: `source ${url}`, timeoutMs: 3_000 },
+      );
+      try {
+        const state = (await source.request({ outcomeQuery: { migrationId: id } }, 'outcome', { timeoutMs: 30_000 }))
+          .state;
+        return state === 'committed' || state === 'aborted' || state === 'pending' ? state : 'unknown';
+      } finally {
+        source.close();
+      }
+    } catch (error) {
+      log.warn('cannot ask the source for the outcome', { migration: id, url, error: (error as Error).message });
+      return 'unreachable';
+    }
+  }
+
+  /** Image directories no journal entry accounts for (a crash before the first record). */
+  #cleanOrphanImages(): void {
+    const known = new Set([
+      ...this.journal
+        .list()
+        .filter((e) => !isFinal(e))
+        .map((e) => e.id),
+      ...this.#migrations.keys(),
+    ]);
+    for (const name of readdirSync(this.imagesRoot)) {
+      if (/^m-/.test(name) && !known.has(name)) rmSync(join(this.imagesRoot, name), { recursive: true, force: true });
+    }
   }
 
   #sourceFor(id: string, pid: number): SourceMigration {
@@ -595,4 +823,21 @@ function pageImageBytes(dir: string): number {
 
 function urlHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
+}
+
+function record(e: JournalEntry): MigrationRecord {
+  return {
+    migrationId: e.id,
+    role: e.role,
+    state: e.state,
+    pid: e.pid ?? 0,
+    peerUrl: e.peerUrl,
+    updatedAtMs: e.updatedAtMs,
+    action: e.action ?? '',
+  };
+}
+
+/** A test fault point where the agent dies as if killed (FERRY_TEST_FAULT="point=crash"). */
+function crashAt(point: string): void {
+  if (faultAt(point) === 'crash') process.kill(process.pid, 'SIGKILL');
 }

@@ -95,6 +95,12 @@ Start with:
         .default('auto'),
     )
     .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', wholeNumber, 8)
+    .option(
+      '--hold <ms>',
+      'how long each agent holds its side of the switchover waiting for the next step before settling it alone',
+      wholeNumber,
+      60_000,
+    )
     .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
     .addHelpText(
       'after',
@@ -113,6 +119,7 @@ point leaves the process running on the source as it was (exit code 1).`,
           to: string;
           strategy: 'auto' | 'precopy' | 'stop-and-copy';
           maxRounds: number;
+          hold: number;
           json?: boolean;
         },
       ) => {
@@ -129,6 +136,7 @@ point leaves the process running on the source as it was (exit code 1).`,
           to,
           strategy: opts.strategy,
           maxRounds: opts.maxRounds,
+          holdMs: opts.hold,
           softwareVersion: version,
           onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),
           signal: interruptSignal(),

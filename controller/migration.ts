@@ -185,10 +185,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
     const preflightMs = elapsed();
 
+    const holdMs = options.holdMs ?? HOLD_MS;
     await destination.request(
       {
         prepareDestination: {
           migrationId,
+          sourceUrl: options.from,
+          holdMs,
           workload: proc.workload
             ? {
                 name: proc.workload,
@@ -259,7 +262,6 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
 
     // 3. Switchover: final dump held frozen at the source, images to the destination, restore held.
     phase = 'switchover';
-    const holdMs = options.holdMs ?? HOLD_MS;
     const ps = await destination.request(
       { pageServerStart: { migrationId, round: 'final', parent } },
       'pageServerStarted',
@@ -282,6 +284,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       { timeoutMs: 0, signal: options.signal },
     );
     const heldAt = performance.now();
+    crashAt('controller.after-held');
     emit('switchover', sourceName, `source frozen and held; ${held.imageFiles} image files streamed`, {
       bytes: Number(held.imageBytes ?? 0),
     });
@@ -290,6 +293,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       signal: options.signal,
     });
     emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);
+    crashAt('controller.after-restored');
     const switchoverMs = elapsed() - preflightMs - precopyMs;
 
     // 4. Commit: from here the source never resumes.
@@ -305,6 +309,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       });
     }
     emit('commit', sourceName, 'committed: the source copy has ended');
+    crashAt('controller.after-commit');
     let resumedPid: number;
     let resumer = destination;
     try {
@@ -442,4 +447,12 @@ function roundReport(round: string, stats: DumpStatsMessage | null | undefined, 
     bytes: pagesWritten * PAGE_SIZE,
     durationMs,
   };
+}
+
+/**
+ * A test fault point where the controller dies as if killed
+ * (FERRY_TEST_FAULT="point=crash"); inert without the variable.
+ */
+function crashAt(point: string): void {
+  if ((process.env.FERRY_TEST_FAULT ?? '').split(',').includes(`${point}=crash`)) process.kill(process.pid, 'SIGKILL');
 }

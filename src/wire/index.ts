@@ -19,6 +19,7 @@ export {
   type EnvelopeMessage,
   type Facts,
   type ImageFile,
+  type MigrationRecord,
   type ProcessFacts,
   type ProgressMessage,
   type WorkloadInfo,

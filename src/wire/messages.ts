@@ -26,6 +26,7 @@ export type ProgressMessage = ferry.IProgress;
 export type WorkloadInfo = ferry.IWorkloadInfo;
 export type WorkloadSpec = ferry.IWorkloadSpec;
 export type ImageFile = ferry.IImageFile;
+export type MigrationRecord = ferry.IMigrationRecord;
 
 export const BODY_NAMES: readonly BodyName[] = [
   'hello',
@@ -56,6 +57,11 @@ export const BODY_NAMES: readonly BodyName[] = [
   'listWorkloads',
   'workloadList',
   'progress',
+  'outcomeQuery',
+  'outcome',
+  'recover',
+  'migrationList',
+  'statusQuery',
 ];
 
 /** The one body an envelope carries. */

@@ -85,7 +85,14 @@ export function validateEnvelope(e: EnvelopeMessage): void {
     case 'commit':
     case 'resume':
     case 'abort':
+    case 'outcomeQuery':
       migration(e[name]?.migrationId);
+      break;
+    case 'outcome':
+      pattern(e.outcome?.state ?? '', /^(committed|aborted|pending|unknown)$/, 'outcome');
+      break;
+    case 'migrationList':
+      count(e.migrationList?.migrations, MAX_FILES, 'migrations');
       break;
     case 'runWorkload':
       pattern(e.runWorkload?.name ?? '', WORKLOAD_NAME, 'workload name');

@@ -1,0 +1,126 @@
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  writeSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import type { WorkloadSpec } from '../src/wire/index.js';
+
+/**
+ * Where a migration stands on one agent. The source's record is the
+ * authority on the outcome: "committing" is written (and synced) before
+ * CRIU is told to end the source copy, so a crash at any point leaves a
+ * record that, with the process's existence, says what happened.
+ */
+export type SourceState = 'dumping' | 'held' | 'committing' | 'committed' | 'aborted';
+export type DestinationState = 'prepared' | 'restored' | 'resuming' | 'resumed' | 'discarded';
+
+export interface JournalEntry {
+  id: string;
+  role: 'source' | 'destination';
+  state: SourceState | DestinationState;
+  /** The process: on the source, the one being moved; on the destination, the restored copy. */
+  pid?: number | undefined;
+  /** Its start time (/proc/PID/stat field 22), so a reused PID is never taken for it. */
+  pidStart?: number | undefined;
+  /** The images of the migration on this agent. */
+  dir: string;
+  /** The other agent: on the destination, the source to ask for the outcome. */
+  peerUrl: string;
+  workload?: WorkloadSpec | undefined;
+  /** What recovery did, once it did something. */
+  action?: string | undefined;
+  updatedAtMs: number;
+}
+
+const FINAL = new Set(['committed', 'aborted', 'resumed', 'discarded']);
+
+export function isFinal(entry: JournalEntry): boolean {
+  return FINAL.has(entry.state);
+}
+
+/** One file per migration in DATA/journal, replaced atomically and synced to disk before anyone acts on it. */
+export class Journal {
+  readonly #dir: string;
+
+  constructor(dataDir: string) {
+    this.#dir = join(dataDir, 'journal');
+    mkdirSync(this.#dir, { recursive: true, mode: 0o700 });
+  }
+
+  write(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {
+    const full: JournalEntry = { ...entry, updatedAtMs: Date.now() };
+    const file = join(this.#dir, `${entry.id}.json`);
+    const tmp = `${file}.tmp`;
+    const fd = openSync(tmp, 'w', 0o600);
+    try {
+      writeSync(fd, JSON.stringify(full, null, 2) + '\n');
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, file);
+    const dirFd = openSync(this.#dir, 'r');
+    try {
+      fsyncSync(dirFd);
+    } finally {
+      closeSync(dirFd);
+    }
+    return full;
+  }
+
+  /** Moves an entry to a new state (keeping the rest). */
+  update(id: string, change: Partial<JournalEntry>): JournalEntry | undefined {
+    const entry = this.read(id);
+    if (entry === undefined) return undefined;
+    return this.write({ ...entry, ...change });
+  }
+
+  read(id: string): JournalEntry | undefined {
+    const file = join(this.#dir, `${id}.json`);
+    if (!existsSync(file)) return undefined;
+    return JSON.parse(readFileSync(file, 'utf8')) as JournalEntry;
+  }
+
+  list(): JournalEntry[] {
+    return readdirSync(this.#dir)
+      .filter((name) => name.endsWith('.json'))
+      .map((name) => JSON.parse(readFileSync(join(this.#dir, name), 'utf8')) as JournalEntry)
+      .sort((x, y) => x.updatedAtMs - y.updatedAtMs);
+  }
+}
+
+/** A process's start time in clock ticks since boot, or undefined when it does not exist (or is a zombie). */
+export function startTime(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (fields[0] === 'Z' || fields[0] === 'X') return undefined;
+    return Number(fields[19]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** The PID of whoever ptraces the process (CRIU, while it holds it), or 0. */
+export function tracerOf(pid: number): number {
+  try {
+    const line = readFileSync(`/proc/${pid}/status`, 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('TracerPid:'));
+    return Number(line?.split(/\s+/)[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
+/** The same process as recorded: same PID, same start time. */
+export function sameProcess(pid: number | undefined, start: number | undefined): boolean {
+  return pid !== undefined && start !== undefined && startTime(pid) === start;
+}
