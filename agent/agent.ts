@@ -293,6 +293,8 @@ export class Agent {
       peerUrl: p.sourceUrl ?? '',
       workload: p.workload ?? undefined,
     });
+    // A destination that hears nothing more asks the source in the end.
+    this.#leaseDestination(this.#destination(id));
     log.info('destination prepared', { migration: id, dir });
     return { ack: {} };
   }
@@ -463,6 +465,7 @@ export class Agent {
 
   #imageChunk(c: BodyOf<'imageChunk'>): Body {
     const m = this.#destination(c.migrationId ?? '');
+    crashAt('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return { ack: {} };
   }

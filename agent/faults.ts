@@ -9,6 +9,11 @@ import { log } from '../src/log.js';
  * Points and actions:
  *   destination.images-done=corrupt      flip a byte of a received image before its checksum is checked
  *   destination.before-restore=break-images  delete pstree.img so that CRIU's restore fails
+ *   POINT=crash                          the agent kills itself (SIGKILL) at POINT:
+ *     source.after-hold, source.before-commit-answer, source.after-commit,
+ *     destination.during-images, destination.after-restore-held, destination.before-resume-answer
+ * The controller has its own crash points (controller/migration.ts):
+ *   controller.after-held, controller.after-restored, controller.after-commit
  */
 const faults = new Map(
   (process.env.FERRY_TEST_FAULT ?? '')

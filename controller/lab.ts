@@ -145,6 +145,35 @@ export async function labDown(name = DEFAULT_LAB): Promise<boolean> {
   return lab !== undefined || netnses.length > 0;
 }
 
+/**
+ * Stops a lab host's agent (SIGKILL, as a crash would) if it runs, and starts
+ * a new one with `env` added to its environment; resolves once it answers.
+ */
+export async function restartAgent(name: string, host: string, env: Record<string, string> = {}): Promise<LabHost> {
+  const lab = readLab(name);
+  const h = lab?.hosts.find((x) => x.host === host);
+  if (lab === undefined || h === undefined) throw new InvalidInputError(`no host ${host} in lab ${name}`);
+  try {
+    process.kill(h.pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+  for (let i = 0; i < 200 && existsSync(`/proc/${h.pid}`) && !isZombie(h.pid); i++) await sleep(25);
+  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, env);
+  writeFileSync(join(lab.dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
+  await waitForAgent(h);
+  return h;
+}
+
+function isZombie(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.charAt(stat.lastIndexOf(')') + 2) === 'Z';
+  } catch {
+    return true;
+  }
+}
+
 /** Runs a command inside a lab host; resolves with its exit code. */
 export async function labExec(name: string, host: string, argv: readonly string[]): Promise<number> {
   const lab = readLab(name);
@@ -174,12 +203,14 @@ function startAgent(
   const main = join(projectRoot(), 'dist', 'controller', 'main.js');
   if (!existsSync(main)) throw new LabError(`${main} is missing`, { hint: 'run `npm run build`' });
   const out = openSync(logFile, 'a');
+  // nsenter --net, not `ip netns exec`: the latter also makes a new mount
+  // namespace per start, and a workload started by one agent run would sit
+  // in a mount namespace the next run's CRIU cannot dump.
   const child = spawn(
-    'ip',
+    'nsenter',
     [
-      'netns',
-      'exec',
-      netns,
+      `--net=/run/netns/${netns}`,
+      '--',
       process.execPath,
       main,
       'agent',

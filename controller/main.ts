@@ -8,7 +8,7 @@ import { Agent } from '../agent/index.js';
 import { InvalidInputError } from '../src/errors.js';
 import { log } from '../src/log.js';
 import { projectRoot } from '../src/paths.js';
-import { WORKLOAD_NAME } from '../src/wire/index.js';
+import { WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
 import { resolveAgent } from './agents.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
@@ -16,7 +16,7 @@ import { DEFAULT_LAB, labDown, labExec, labUp, LAB_NAME } from './lab.js';
 import { migrate } from './migration.js';
 import { ExitCode, reportError } from './output.js';
 import { renderEvent, renderReport } from './report.js';
-import { listWorkloads, runWorkload } from './workloads.js';
+import { listWorkloads, migrationRecords, runWorkload } from './workloads.js';
 
 const version = (JSON.parse(readFileSync(join(projectRoot(), 'package.json'), 'utf8')) as { version: string }).version;
 
@@ -189,6 +189,54 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
       const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
       for (const r of rows)
         process.stdout.write(r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ') + '\n');
+    });
+
+  const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+  const printRecords = (agent: string, records: MigrationRecord[], onlyOpen: boolean): void => {
+    const shown = onlyOpen
+      ? records.filter((r) => !['committed', 'aborted', 'resumed', 'discarded'].includes(r.state ?? ''))
+      : records;
+    if (shown.length === 0) {
+      process.stdout.write(`${agent}: ${onlyOpen ? 'no migration in flight' : 'nothing to settle'}\n`);
+      return;
+    }
+    for (const r of shown) {
+      process.stdout.write(
+        `${agent}: ${r.migrationId} ${r.role} ${r.state}${r.pid ? ` PID ${r.pid}` : ''}${r.action ? ` (${r.action})` : ''}\n`,
+      );
+    }
+  };
+
+  program
+    .command('status')
+    .description('Show the migrations in flight on agents (from their journals)')
+    .requiredOption('--on <AGENT>', 'an agent to ask (repeat for several)', collect)
+    .option('--all', 'also the finished ones')
+    .option('--json', 'print one JSON document')
+    .action(async (opts: { on: string[]; all?: boolean; json?: boolean }) => {
+      const result: Record<string, MigrationRecord[]> = {};
+      for (const agent of opts.on) result[agent] = await migrationRecords(resolveAgent(agent), version, false);
+      if (opts.json === true) json(result);
+      else for (const [agent, records] of Object.entries(result)) printRecords(agent, records, opts.all !== true);
+    });
+
+  program
+    .command('recover')
+    .description('Settle migrations left half-done on agents (a crash, a cut network), and say what was done')
+    .requiredOption('--on <AGENT>', 'an agent to settle (repeat for several)', collect)
+    .option('--json', 'print one JSON document')
+    .addHelpText(
+      'after',
+      `
+Agents also settle on their own when they start and when a hold times out. The source agent
+decides: before its commit the process resumes there and the destination discards its copy;
+after it, the destination runs the copy (restored again from its kept images if needed).`,
+    )
+    .action(async (opts: { on: string[]; json?: boolean }) => {
+      const result: Record<string, MigrationRecord[]> = {};
+      for (const agent of opts.on) result[agent] = await migrationRecords(resolveAgent(agent), version, true);
+      if (opts.json === true) json(result);
+      else for (const [agent, records] of Object.entries(result)) printRecords(agent, records, false);
     });
 
   program

@@ -1,4 +1,4 @@
-import type { WorkloadInfo } from '../src/wire/index.js';
+import type { MigrationRecord, WorkloadInfo } from '../src/wire/index.js';
 import { connectAgent, localized } from './connect.js';
 
 export async function runWorkload(
@@ -21,6 +21,21 @@ export async function listWorkloads(url: string, softwareVersion: string): Promi
   const agent = await connectAgent(url, softwareVersion);
   try {
     return (await agent.request({ listWorkloads: {} }, 'workloadList')).workloads ?? [];
+  } finally {
+    agent.close();
+  }
+}
+
+/** Migrations an agent's journal knows (status), or the ones it settled now (recover). */
+export async function migrationRecords(
+  url: string,
+  softwareVersion: string,
+  settle: boolean,
+): Promise<MigrationRecord[]> {
+  const agent = await connectAgent(url, softwareVersion);
+  try {
+    const body = settle ? { recover: {} } : { statusQuery: {} };
+    return (await agent.request(body, 'migrationList', { timeoutMs: 120_000 })).migrations ?? [];
   } finally {
     agent.close();
   }
