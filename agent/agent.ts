@@ -8,6 +8,7 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -89,6 +90,8 @@ interface SourceMigration {
   leaseTimer?: NodeJS.Timeout;
   /** Set once the hold is being released, whichever way: the decision is taken once. */
   settling?: Promise<'committed' | 'aborted'>;
+  /** The controller's connection of the final dump (for test faults that cut it). */
+  controller?: WireConnection;
 }
 
 interface DestinationMigration {
@@ -301,6 +304,7 @@ export class Agent {
 
   async #pageServer(p: BodyOf<'pageServerStart'>): Promise<Body> {
     const m = this.#destination(p.migrationId ?? '');
+    this.#strikeAt('destination.page-server');
     const dir = join(m.dir, p.round ?? '');
     mkdirSync(dir, { mode: 0o700 });
     const { port } = await this.criu.pageServer({
@@ -382,9 +386,12 @@ export class Agent {
           if (event.script === 'pre-dump') {
             frozenAt = performance.now();
             progress('freezing and dumping');
+            m.controller = connection;
           }
+          if (event.script === 'query-ext-files') this.#strikeAt('source.frozen', connection);
           if (event.script !== 'post-dump') return true;
           progress('dump written; streaming images to the destination');
+          this.#strikeAt('source.before-stream', connection, p.destinationUrl ?? undefined);
           const streamStarted = performance.now();
           const names = imagesToStream(dir);
           const peer = await WireConnection.connect(
@@ -403,7 +410,7 @@ export class Agent {
             m.hold = { release: resolve };
           });
           this.journal.update(m.id, { state: 'held' });
-          crashAt('source.after-hold');
+          this.#strikeAt('source.after-hold', connection, p.destinationUrl ?? undefined);
           m.leaseTimer = setTimeout(() => {
             log.warn('no commit within the hold time: resuming the source', { migration: m.id });
             void this.#settleSource(m, false);
@@ -444,11 +451,11 @@ export class Agent {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
       if (go) {
         this.journal.update(m.id, { state: 'committing' });
-        crashAt('source.before-commit-answer');
+        this.#strikeAt('source.before-commit-answer');
         m.hold?.release(true);
         await m.dump;
         this.journal.update(m.id, { state: 'committed' });
-        crashAt('source.after-commit');
+        this.#strikeAt('source.after-commit', m.controller);
         if (m.workload !== undefined) this.workloads.forget(m.workload);
         log.info('committed: source process ended', { migration: m.id, pid: m.pid });
         return 'committed';
@@ -465,7 +472,7 @@ export class Agent {
 
   #imageChunk(c: BodyOf<'imageChunk'>): Body {
     const m = this.#destination(c.migrationId ?? '');
-    crashAt('destination.during-images');
+    this.#strikeAt('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return { ack: {} };
   }
@@ -510,7 +517,7 @@ export class Agent {
             m.hold = { release: resolve };
           });
           this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
-          crashAt('destination.after-restore-held');
+          this.#strikeAt('destination.after-restore-held', connection, m.sourceUrl);
           this.#leaseDestination(m);
           restored(event.pid ?? 0);
           return decision;
@@ -561,7 +568,7 @@ export class Agent {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
       if (go) {
         this.journal.update(m.id, { state: 'resuming' });
-        crashAt('destination.before-resume-answer');
+        this.#strikeAt('destination.before-resume-answer');
         m.hold?.release(true);
         await m.restore;
         const pid = m.restoredPid ?? 0;
@@ -726,6 +733,34 @@ export class Agent {
     }
   }
 
+  /**
+   * A test fault point (FERRY_TEST_FAULT="point=action", agent/faults.ts);
+   * inert without the variable. Cuts add a blackhole route in this host's
+   * network namespace, which the test removes to heal the network.
+   */
+  #strikeAt(point: string, controller?: WireConnection, peerUrl?: string): void {
+    const action = faultAt(point);
+    if (action === undefined) return;
+    const blackhole = (address: string | undefined): void => {
+      if (address !== undefined && address !== '') execFileSync('ip', ['route', 'add', 'blackhole', `${address}/32`]);
+    };
+    if (action === 'crash') process.kill(process.pid, 'SIGKILL');
+    else if (action === 'cut-controller') blackhole(controller?.remoteAddress);
+    else if (action === 'cut-peer') blackhole(peerUrl === undefined ? undefined : new URL(peerUrl).hostname);
+    else if (action === 'fill-images') {
+      // Leave 16 KiB free where the page server will write. Only on a small
+      // file system (the test mounts one): filling a RAM-backed tmpfs of the
+      // machine's size would starve the machine instead.
+      const free = freeBytes(this.imagesRoot);
+      if (free > 1024 * 1024 * 1024) throw new Error(`refusing to fill ${this.imagesRoot}: ${free} bytes free`);
+      execFileSync('fallocate', ['-l', String(Math.max(0, free - 16 * 1024)), join(this.imagesRoot, 'ballast')]);
+    } else if (action === 'kill-criu-worker') {
+      // The CRIU worker doing this agent's dump: a child of the service master.
+      const children = readFileSync(`/proc/${this.service.pid}/task/${this.service.pid}/children`, 'utf8').trim();
+      for (const pid of children.split(/\s+/).filter(Boolean)) process.kill(Number(pid), 'SIGKILL');
+    }
+  }
+
   /** Image directories no journal entry accounts for (a crash before the first record). */
   #cleanOrphanImages(): void {
     const known = new Set([
@@ -838,9 +873,4 @@ function record(e: JournalEntry): MigrationRecord {
     updatedAtMs: e.updatedAtMs,
     action: e.action ?? '',
   };
-}
-
-/** A test fault point where the agent dies as if killed (FERRY_TEST_FAULT="point=crash"). */
-function crashAt(point: string): void {
-  if (faultAt(point) === 'crash') process.kill(process.pid, 'SIGKILL');
 }

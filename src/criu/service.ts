@@ -298,9 +298,14 @@ export class CriuService implements CriuEndpoint {
   async #startFailure(child: ChildProcess): Promise<CriuServiceUnavailableError> {
     const excerpt = await readLogExcerpt(this.logFile, 10);
     const why = [...(excerpt?.errors ?? []), this.#stderr.join('').trim()].filter((s) => s !== '').join('; ');
+    const missing = child.exitCode === 127 || /No such file or directory/.test(why);
     return new CriuServiceUnavailableError(
       `criu service exited at start (${child.signalCode ?? `exit code ${child.exitCode}`})${why === '' ? '' : `: ${why}`}`,
-      { hint: `CRIU needs root and a kernel it supports; run \`${this.binary.path} check\`` },
+      {
+        hint: missing
+          ? `the CRIU binary ${this.binary.path} is gone: reinstall it (scripts/install-criu) or point FERRY_CRIU at one, then restart the agent`
+          : `CRIU needs root and a kernel it supports; run \`${this.binary.path} check\``,
+      },
     );
   }
 

@@ -21,6 +21,8 @@ export type RequestHandler = (envelope: EnvelopeMessage, connection: WireConnect
 export interface WireConnectionOptions {
   /** Name of the peer, for messages ("agent a", "controller"). */
   peer: string;
+  /** The peer's IP address, when this side accepted the connection. */
+  remoteAddress?: string | undefined;
   onRequest?: RequestHandler | undefined;
   onProgress?: ((progress: ProgressMessage) => void) | undefined;
   /** Ping interval; a peer that has not answered for deadAfterMs is gone. */
@@ -55,6 +57,10 @@ export class WireConnection {
   #lastPong = Date.now();
   /** Set by the handshake: the peer's Hello (on a server) or Welcome (on a client). */
   peerName = '';
+
+  get remoteAddress(): string | undefined {
+    return this.#options.remoteAddress;
+  }
 
   constructor(ws: WebSocket, options: WireConnectionOptions) {
     this.#ws = ws;
@@ -206,6 +212,10 @@ export class WireConnection {
     this.#shutdown(new PeerGoneError(this.#label, `closed here (${reason})`));
     if (this.#ws.readyState === WebSocket.OPEN || this.#ws.readyState === WebSocket.CONNECTING) {
       this.#ws.close(1000, reason.slice(0, 120));
+      // A peer that cannot answer the closing handshake (cut network) would
+      // hold the socket for ws's 30 s close timeout; a second is enough.
+      const timer = setTimeout(() => this.#ws.terminate(), 1_000);
+      this.#ws.once('close', () => clearTimeout(timer));
     }
   }
 
