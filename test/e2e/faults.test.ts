@@ -221,3 +221,19 @@ for (const [title, group] of [
     }
   });
 }
+
+describe('after the matrix', () => {
+  it('ferry status shows nothing in flight, recover has nothing left to settle, and the journals say what recovery did', async () => {
+    const env = { ...process.env, FERRY_LAB: LAB };
+    const status = await execFileAsync(ferry, ['status', '--on', 'a', '--on', 'b'], { env });
+    expect(status.stdout).toBe('a: no migration in flight\nb: no migration in flight\n');
+    const recover = await execFileAsync(ferry, ['recover', '--on', 'a', '--on', 'b'], { env });
+    expect(recover.stdout).toBe('a: nothing to settle\nb: nothing to settle\n');
+    const all = JSON.parse(
+      (await execFileAsync(ferry, ['status', '--all', '--json', '--on', 'a', '--on', 'b'], { env })).stdout,
+    ) as Record<string, { state: string; action: string }[]>;
+    const actions = [...(all.a ?? []), ...(all.b ?? [])].map((r) => r.action);
+    expect(actions).toContain('recovered: restored from the kept images after the commit');
+    expect(actions.filter((x) => x.startsWith('recovered: the process runs on the source')).length).toBeGreaterThan(0);
+  });
+});
