@@ -22,6 +22,7 @@ import {
 } from '../src/criu/index.js';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { log } from '../src/log.js';
+import { pauseAt } from '../src/testpoints.js';
 import {
   WireConnection,
   WireServer,
@@ -411,6 +412,7 @@ export class Agent {
           });
           this.journal.update(m.id, { state: 'held' });
           this.#strikeAt('source.after-hold', connection, p.destinationUrl ?? undefined);
+          await pauseAt('source.after-hold');
           m.leaseTimer = setTimeout(() => {
             log.warn('no commit within the hold time: resuming the source', { migration: m.id });
             void this.#settleSource(m, false);
@@ -452,10 +454,12 @@ export class Agent {
       if (go) {
         this.journal.update(m.id, { state: 'committing' });
         this.#strikeAt('source.before-commit-answer');
+        await pauseAt('source.before-commit-answer');
         m.hold?.release(true);
         await m.dump;
         this.journal.update(m.id, { state: 'committed' });
         this.#strikeAt('source.after-commit', m.controller);
+        await pauseAt('source.after-commit');
         if (m.workload !== undefined) this.workloads.forget(m.workload);
         log.info('committed: source process ended', { migration: m.id, pid: m.pid });
         return 'committed';
@@ -470,9 +474,10 @@ export class Agent {
     return m.settling;
   }
 
-  #imageChunk(c: BodyOf<'imageChunk'>): Body {
+  async #imageChunk(c: BodyOf<'imageChunk'>): Promise<Body> {
     const m = this.#destination(c.migrationId ?? '');
     this.#strikeAt('destination.during-images');
+    if (Number(c.offset ?? 0) === 0) await pauseAt('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return { ack: {} };
   }
@@ -510,7 +515,7 @@ export class Agent {
         imagesDir: dir,
         signal: m.restoreCancel.signal,
         timeoutMs: 0,
-        onNotify: (event) => {
+        onNotify: async (event) => {
           if (event.script !== 'post-restore') return true;
           m.restoredPid = event.pid;
           const decision = new Promise<boolean>((resolve) => {
@@ -518,6 +523,7 @@ export class Agent {
           });
           this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
           this.#strikeAt('destination.after-restore-held', connection, m.sourceUrl);
+          await pauseAt('destination.after-restore-held');
           this.#leaseDestination(m);
           restored(event.pid ?? 0);
           return decision;
@@ -569,6 +575,7 @@ export class Agent {
       if (go) {
         this.journal.update(m.id, { state: 'resuming' });
         this.#strikeAt('destination.before-resume-answer');
+        await pauseAt('destination.before-resume-answer');
         m.hold?.release(true);
         await m.restore;
         const pid = m.restoredPid ?? 0;

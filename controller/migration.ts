@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import pRetry from 'p-retry';
 import { FerryError, InvalidInputError, type FerryErrorOptions } from '../src/errors.js';
+import { pauseAt } from '../src/testpoints.js';
 import { PAGE_SIZE, formatBytes } from '../src/units.js';
 import {
   PeerGoneError,
@@ -181,6 +182,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         hint: 'migrate between machines with the same CPU features',
       });
     }
+    await pauseAt('controller.after-preflight');
     const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts, destinationFacts);
     emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
     const preflightMs = elapsed();
@@ -285,6 +287,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     );
     const heldAt = performance.now();
     crashAt('controller.after-held');
+    await pauseAt('controller.after-held');
     emit('switchover', sourceName, `source frozen and held; ${held.imageFiles} image files streamed`, {
       bytes: Number(held.imageBytes ?? 0),
     });
@@ -294,6 +297,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     });
     emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);
     crashAt('controller.after-restored');
+    await pauseAt('controller.after-restored');
     const switchoverMs = elapsed() - preflightMs - precopyMs;
 
     // 4. Commit: from here the source never resumes.
@@ -310,6 +314,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     }
     emit('commit', sourceName, 'committed: the source copy has ended');
     crashAt('controller.after-commit');
+    await pauseAt('controller.after-commit');
     let resumedPid: number;
     let resumer = destination;
     try {

@@ -1,5 +1,14 @@
-import { execFile } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -26,34 +35,38 @@ let a: LabHost;
 let b: LabHost;
 
 type Who = 'controller' | 'source agent' | 'destination agent';
+
+/** Where a migration can be caught: each party's steps around the switchover, in order. */
+const POINTS = [
+  'controller.after-preflight',
+  'destination.during-images',
+  'source.after-hold',
+  'controller.after-held',
+  'destination.after-restore-held',
+  'controller.after-restored',
+  'source.before-commit-answer',
+  'source.after-commit',
+  'controller.after-commit',
+  'destination.before-resume-answer',
+] as const;
+
+/** What can happen to the parties while one of them is paused at a point. */
+const KINDS = [
+  'kill controller',
+  'kill source agent',
+  'kill destination agent',
+  'cut source↔destination',
+  'cut controller↔agents',
+] as const;
+type Kind = (typeof KINDS)[number];
+
+/** Faults that only one party can inflict on itself (FERRY_TEST_FAULT, agent/faults.ts). */
 interface Cell {
   who: Who;
   point: string;
-  /** crash, cut-controller (this party ↔ controller), cut-peer (source ↔ destination), fill-images, kill-criu-worker. */
   action: string;
-  /** Where the one copy runs once everything is settled. */
   endsOn: 'a' | 'b';
 }
-
-const crashes: Cell[] = [
-  ['controller', 'controller.after-held', 'a'],
-  ['controller', 'controller.after-restored', 'a'],
-  ['controller', 'controller.after-commit', 'b'],
-  ['source agent', 'source.after-hold', 'a'],
-  ['source agent', 'source.before-commit-answer', 'a'],
-  ['source agent', 'source.after-commit', 'b'],
-  ['destination agent', 'destination.during-images', 'a'],
-  ['destination agent', 'destination.after-restore-held', 'a'],
-  ['destination agent', 'destination.before-resume-answer', 'b'],
-].map(([who, point, endsOn]) => ({ who, point, action: 'crash', endsOn }) as Cell);
-
-const cuts: Cell[] = [
-  { who: 'source agent', point: 'source.after-hold', action: 'cut-controller', endsOn: 'a' },
-  { who: 'source agent', point: 'source.after-commit', action: 'cut-controller', endsOn: 'b' },
-  { who: 'destination agent', point: 'destination.after-restore-held', action: 'cut-controller', endsOn: 'a' },
-  { who: 'source agent', point: 'source.before-stream', action: 'cut-peer', endsOn: 'a' },
-  { who: 'destination agent', point: 'destination.after-restore-held', action: 'cut-peer', endsOn: 'b' },
-];
 
 const resources: Cell[] = [
   { who: 'destination agent', point: 'destination.page-server', action: 'fill-images', endsOn: 'a' },
@@ -65,7 +78,7 @@ const resources: Cell[] = [
 async function vanishCriu(): Promise<void> {
   const wrapper = join(mkdtempSync(join(scratch, 'criu-')), 'criu');
   writeFileSync(wrapper, `#!/bin/sh\nexec ${join(projectRoot(), '.criu', 'bin', 'criu')} "$@"\n`, { mode: 0o755 });
-  const agent = await restartAgent(LAB, 'b', { FERRY_CRIU: wrapper });
+  const agent = (b = await restartAgent(LAB, 'b', { ...pauseEnv, FERRY_CRIU: wrapper }));
   rmSync(wrapper);
   const children = readFileSync(`/proc/${agent.pid}/task/${agent.pid}/children`, 'utf8').trim().split(/\s+/);
   for (const pid of children) {
@@ -75,9 +88,12 @@ async function vanishCriu(): Promise<void> {
 
 const results: string[] = [];
 
+const pauseDir = mkdtempSync(join(tmpdir(), 'ferry-pause-'));
+const pauseEnv = { FERRY_TEST_PAUSE_DIR: pauseDir };
+
 beforeAll(async () => {
   requireRoot();
-  const lab = await labUp({ name: LAB });
+  const lab = await labUp({ name: LAB, agentEnv: { a: pauseEnv, b: pauseEnv } });
   [a, b] = lab.hosts as [LabHost, LabHost];
 }, 60_000);
 
@@ -87,6 +103,7 @@ afterAll(async () => {
   );
   await labDown(LAB);
   rmSync(scratch, { recursive: true, force: true });
+  rmSync(pauseDir, { recursive: true, force: true });
 });
 
 /** Inits (PID 1 of their namespace) of the workload that writes into `dir`, and the network namespace each runs in. */
@@ -139,8 +156,8 @@ async function runCell(cell: Cell, index: number): Promise<void> {
   if (smallDisk) await execFileAsync('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'ferry-test', b.imagesDir]);
   const fault = { FERRY_TEST_FAULT: `${cell.point}=${cell.action}` };
   if (cell.action === 'criu-vanished') await vanishCriu();
-  else if (cell.who === 'source agent') await restartAgent(LAB, 'a', fault);
-  else if (cell.who === 'destination agent') await restartAgent(LAB, 'b', fault);
+  else if (cell.who === 'source agent') a = await restartAgent(LAB, 'a', { ...pauseEnv, ...fault });
+  else if (cell.who === 'destination agent') b = await restartAgent(LAB, 'b', { ...pauseEnv, ...fault });
   const env = { ...process.env, FERRY_LAB: LAB, ...(cell.who === 'controller' ? fault : {}) };
   let stderr = '';
   const migration = await execFileAsync(
@@ -172,8 +189,8 @@ async function runCell(cell: Cell, index: number): Promise<void> {
   for (const h of [a, b]) await execFileAsync('ip', ['-n', h.netns, 'route', 'flush', 'type', 'blackhole']);
   rmSync(join(b.imagesDir, 'ballast'), { force: true });
   if (smallDisk) await execFileAsync('umount', ['-l', b.imagesDir]);
-  if (cell.who === 'source agent') await restartAgent(LAB, 'a');
-  if (cell.who === 'destination agent') await restartAgent(LAB, 'b');
+  if (cell.who === 'source agent') a = await restartAgent(LAB, 'a', pauseEnv);
+  if (cell.who === 'destination agent') b = await restartAgent(LAB, 'b', pauseEnv);
 
   await waitFor(
     async () => {
@@ -207,20 +224,93 @@ async function runCell(cell: Cell, index: number): Promise<void> {
   if (copy !== undefined) process.kill(copy.pid, 'SIGKILL');
 }
 
-let index = 0;
-for (const [title, group] of [
-  ['a crash at each point of the switchover', crashes],
-  ['a network cut at points of the switchover', cuts],
-  ['resources failing during the switchover', resources],
-] as const) {
-  describe(`fault matrix: ${title}`, () => {
-    for (const cell of group) {
-      const i = index++;
-      it(`${cell.who}: ${cell.point}=${cell.action} → one copy runs on ${cell.endsOn}, nothing lost or repeated, nothing left`, () =>
-        runCell(cell, i));
-    }
-  });
+/** Where the one copy must run: the source's journal is the authority on whether the migration committed. */
+async function committedOnSource(since: number): Promise<boolean> {
+  const records = await migrationRecords(a.url, 'test', false);
+  return records.some((r) => r.role === 'source' && r.state === 'committed' && Number(r.updatedAtMs) >= since);
 }
+
+async function settled(dir: string, since: number): Promise<boolean> {
+  const copies = copiesOf(dir);
+  if (copies.length !== 1) return false;
+  if ((await openMigrations(a)).length > 0 || (await openMigrations(b)).length > 0) return false;
+  return copies[0]?.host === ((await committedOnSource(since)) ? 'b' : 'a');
+}
+
+/** Checks what must hold after any fault: one copy, its history intact, nothing left behind. Returns where it runs. */
+async function checkOutcome(dir: string, label: string, since: number): Promise<string | undefined> {
+  await waitFor(() => settled(dir, since), {
+    what: `${label} to settle with exactly one copy where the source's journal says (now: ${JSON.stringify(copiesOf(dir))})`,
+    timeoutMs: 60_000,
+    intervalMs: 250,
+  });
+  const [copy] = copiesOf(dir);
+  const before = journalOk(dir);
+  await waitFor(() => journalOk(dir).last > before.last + 5, { what: 'the surviving copy to keep counting' });
+  const after = journalOk(dir);
+  expect(after.ok, after.why).toBe(true);
+  expect(readdirSync(a.imagesDir).filter((n) => n.startsWith('m-'))).toEqual([]);
+  expect(readdirSync(b.imagesDir).filter((n) => n.startsWith('m-'))).toEqual([]);
+  expect(copiesOf(dir)).toHaveLength(1);
+  if (copy !== undefined) process.kill(copy.pid, 'SIGKILL');
+  return copy?.host;
+}
+
+/** Pauses a migration at `point`, lets `kind` strike any party, releases, heals, and checks the outcome. */
+async function runCrossCell(point: string, kind: Kind, index: number): Promise<void> {
+  const name = `x${index}`;
+  const since = Date.now();
+  const dir = mkdtempSync(join(scratch, `${name}-`));
+  await runWorkload(a.url, name, [stateful, dir, '1'], 'test');
+  await sleep(300);
+  writeFileSync(join(pauseDir, 'armed'), point);
+  const controller = spawn(ferry, ['migrate', name, '--from', 'a', '--to', 'b', '--hold', String(HOLD_MS)], {
+    env: { ...process.env, FERRY_LAB: LAB, ...pauseEnv },
+    stdio: 'ignore',
+  });
+  const exited = new Promise<number>((resolve) =>
+    controller.once('exit', (code, signal) => resolve(code ?? (signal ? 137 : -1))),
+  );
+  const marker = join(pauseDir, point);
+  await waitFor(() => existsSync(marker), { what: `the migration to reach ${point}`, timeoutMs: 30_000 });
+
+  const blackhole = (host: LabHost, address: string): Promise<unknown> =>
+    execFileAsync('ip', ['-n', host.netns, 'route', 'add', 'blackhole', `${address}/32`]);
+  const controllerAddress = `${a.address.split('.').slice(0, 3).join('.')}.254`;
+  if (kind === 'kill controller') controller.kill('SIGKILL');
+  if (kind === 'kill source agent') process.kill(a.pid, 'SIGKILL');
+  if (kind === 'kill destination agent') process.kill(b.pid, 'SIGKILL');
+  if (kind === 'cut source↔destination') await Promise.all([blackhole(a, b.address), blackhole(b, a.address)]);
+  if (kind === 'cut controller↔agents')
+    await Promise.all([blackhole(a, controllerAddress), blackhole(b, controllerAddress)]);
+  rmSync(marker, { force: true });
+
+  const code = await exited;
+  for (const h of [a, b]) await execFileAsync('ip', ['-n', h.netns, 'route', 'flush', 'type', 'blackhole']);
+  if (kind === 'kill source agent') a = await restartAgent(LAB, 'a', pauseEnv);
+  if (kind === 'kill destination agent') b = await restartAgent(LAB, 'b', pauseEnv);
+  const host = await checkOutcome(dir, `${kind} at ${point}`, since);
+  results.push(`  ${kind.padEnd(24)} at ${point.padEnd(34)} exit ${code}, one copy on ${host}`);
+}
+
+let index = 0;
+describe('fault matrix: every failure at every point of the switchover', () => {
+  for (const point of POINTS) {
+    for (const kind of KINDS) {
+      const i = index++;
+      it(`${kind} at ${point}: exactly one copy runs, nothing lost or repeated, nothing left`, () =>
+        runCrossCell(point, kind, i));
+    }
+  }
+});
+
+describe('fault matrix: resources failing during the switchover', () => {
+  for (const cell of resources) {
+    const i = index++;
+    it(`${cell.who}: ${cell.point}=${cell.action} → one copy runs on ${cell.endsOn}, nothing lost or repeated, nothing left`, () =>
+      runCell(cell, i));
+  }
+});
 
 describe('after the matrix', () => {
   it('ferry status shows nothing in flight, recover has nothing left to settle, and the journals say what recovery did', async () => {
