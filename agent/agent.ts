@@ -91,8 +91,6 @@ interface SourceMigration {
   leaseTimer?: NodeJS.Timeout;
   /** Set once the hold is being released, whichever way: the decision is taken once. */
   settling?: Promise<'committed' | 'aborted'>;
-  /** The controller's connection of the final dump (for test faults that cut it). */
-  controller?: WireConnection;
 }
 
 interface DestinationMigration {
@@ -387,12 +385,10 @@ export class Agent {
           if (event.script === 'pre-dump') {
             frozenAt = performance.now();
             progress('freezing and dumping');
-            m.controller = connection;
           }
-          if (event.script === 'query-ext-files') this.#strikeAt('source.frozen', connection);
+          if (event.script === 'query-ext-files') this.#strikeAt('source.frozen');
           if (event.script !== 'post-dump') return true;
           progress('dump written; streaming images to the destination');
-          this.#strikeAt('source.before-stream', connection, p.destinationUrl ?? undefined);
           const streamStarted = performance.now();
           const names = imagesToStream(dir);
           const peer = await WireConnection.connect(
@@ -411,7 +407,6 @@ export class Agent {
             m.hold = { release: resolve };
           });
           this.journal.update(m.id, { state: 'held' });
-          this.#strikeAt('source.after-hold', connection, p.destinationUrl ?? undefined);
           await pauseAt('source.after-hold');
           m.leaseTimer = setTimeout(() => {
             log.warn('no commit within the hold time: resuming the source', { migration: m.id });
@@ -453,12 +448,10 @@ export class Agent {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
       if (go) {
         this.journal.update(m.id, { state: 'committing' });
-        this.#strikeAt('source.before-commit-answer');
         await pauseAt('source.before-commit-answer');
         m.hold?.release(true);
         await m.dump;
         this.journal.update(m.id, { state: 'committed' });
-        this.#strikeAt('source.after-commit', m.controller);
         await pauseAt('source.after-commit');
         if (m.workload !== undefined) this.workloads.forget(m.workload);
         log.info('committed: source process ended', { migration: m.id, pid: m.pid });
@@ -476,7 +469,6 @@ export class Agent {
 
   async #imageChunk(c: BodyOf<'imageChunk'>): Promise<Body> {
     const m = this.#destination(c.migrationId ?? '');
-    this.#strikeAt('destination.during-images');
     if (Number(c.offset ?? 0) === 0) await pauseAt('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return { ack: {} };
@@ -522,7 +514,6 @@ export class Agent {
             m.hold = { release: resolve };
           });
           this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
-          this.#strikeAt('destination.after-restore-held', connection, m.sourceUrl);
           await pauseAt('destination.after-restore-held');
           this.#leaseDestination(m);
           restored(event.pid ?? 0);
@@ -574,7 +565,6 @@ export class Agent {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
       if (go) {
         this.journal.update(m.id, { state: 'resuming' });
-        this.#strikeAt('destination.before-resume-answer');
         await pauseAt('destination.before-resume-answer');
         m.hold?.release(true);
         await m.restore;
@@ -741,20 +731,14 @@ export class Agent {
   }
 
   /**
-   * A test fault point (FERRY_TEST_FAULT="point=action", agent/faults.ts);
-   * inert without the variable. Cuts add a blackhole route in this host's
-   * network namespace, which the test removes to heal the network.
+   * A test fault that only this agent can inflict on itself
+   * (FERRY_TEST_FAULT="point=action", agent/faults.ts); inert without the
+   * variable. Crashes and network cuts are done from outside, at the pause
+   * points of src/testpoints.ts.
    */
-  #strikeAt(point: string, controller?: WireConnection, peerUrl?: string): void {
+  #strikeAt(point: string): void {
     const action = faultAt(point);
-    if (action === undefined) return;
-    const blackhole = (address: string | undefined): void => {
-      if (address !== undefined && address !== '') execFileSync('ip', ['route', 'add', 'blackhole', `${address}/32`]);
-    };
-    if (action === 'crash') process.kill(process.pid, 'SIGKILL');
-    else if (action === 'cut-controller') blackhole(controller?.remoteAddress);
-    else if (action === 'cut-peer') blackhole(peerUrl === undefined ? undefined : new URL(peerUrl).hostname);
-    else if (action === 'fill-images') {
+    if (action === 'fill-images') {
       // Leave 16 KiB free where the page server will write. Only on a small
       // file system (the test mounts one): filling a RAM-backed tmpfs of the
       // machine's size would starve the machine instead.

@@ -9,11 +9,10 @@ import { log } from '../src/log.js';
  * Points and actions:
  *   destination.images-done=corrupt      flip a byte of a received image before its checksum is checked
  *   destination.before-restore=break-images  delete pstree.img so that CRIU's restore fails
- *   POINT=crash                          the agent kills itself (SIGKILL) at POINT:
- *     source.after-hold, source.before-commit-answer, source.after-commit,
- *     destination.during-images, destination.after-restore-held, destination.before-resume-answer
- * The controller has its own crash points (controller/migration.ts):
- *   controller.after-held, controller.after-restored, controller.after-commit
+ *   destination.page-server=fill-images  fill the (small) images file system before the page server starts
+ *   source.frozen=kill-criu-worker       kill the CRIU worker while it dumps
+ * Crashes and network cuts at any point are done by tests from outside,
+ * while a party waits at a pause point (src/testpoints.ts).
  */
 const faults = new Map(
   (process.env.FERRY_TEST_FAULT ?? '')

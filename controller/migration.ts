@@ -286,7 +286,6 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       { timeoutMs: 0, signal: options.signal },
     );
     const heldAt = performance.now();
-    crashAt('controller.after-held');
     await pauseAt('controller.after-held');
     emit('switchover', sourceName, `source frozen and held; ${held.imageFiles} image files streamed`, {
       bytes: Number(held.imageBytes ?? 0),
@@ -296,7 +295,6 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       signal: options.signal,
     });
     emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);
-    crashAt('controller.after-restored');
     await pauseAt('controller.after-restored');
     const switchoverMs = elapsed() - preflightMs - precopyMs;
 
@@ -313,7 +311,6 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       });
     }
     emit('commit', sourceName, 'committed: the source copy has ended');
-    crashAt('controller.after-commit');
     await pauseAt('controller.after-commit');
     let resumedPid: number;
     let resumer = destination;
@@ -452,12 +449,4 @@ function roundReport(round: string, stats: DumpStatsMessage | null | undefined, 
     bytes: pagesWritten * PAGE_SIZE,
     durationMs,
   };
-}
-
-/**
- * A test fault point where the controller dies as if killed
- * (FERRY_TEST_FAULT="point=crash"); inert without the variable.
- */
-function crashAt(point: string): void {
-  if ((process.env.FERRY_TEST_FAULT ?? '').split(',').includes(`${point}=crash`)) process.kill(process.pid, 'SIGKILL');
 }

@@ -21,8 +21,6 @@ export type RequestHandler = (envelope: EnvelopeMessage, connection: WireConnect
 export interface WireConnectionOptions {
   /** Name of the peer, for messages ("agent a", "controller"). */
   peer: string;
-  /** The peer's IP address, when this side accepted the connection. */
-  remoteAddress?: string | undefined;
   onRequest?: RequestHandler | undefined;
   onProgress?: ((progress: ProgressMessage) => void) | undefined;
   /** Ping interval; a peer that has not answered for deadAfterMs is gone. */
@@ -57,10 +55,6 @@ export class WireConnection {
   #lastPong = Date.now();
   /** Set by the handshake: the peer's Hello (on a server) or Welcome (on a client). */
   peerName = '';
-
-  get remoteAddress(): string | undefined {
-    return this.#options.remoteAddress;
-  }
 
   constructor(ws: WebSocket, options: WireConnectionOptions) {
     this.#ws = ws;

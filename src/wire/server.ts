@@ -44,7 +44,6 @@ export class WireServer {
         peer: `peer ${address}`,
         heartbeatMs: options.heartbeatMs,
         deadAfterMs: options.deadAfterMs,
-        remoteAddress: address.replace(/^::ffff:/, ''),
         onProgress: (p) => options.onProgress?.(p, connection),
         onRequest: async (envelope, conn) => {
           if (!greeted) {
