@@ -1,6 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
@@ -81,8 +81,8 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
   }
   const dir = labDir(name);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const octet = ((createHash('sha256').update(name).digest()[0] ?? 0) % 200) + 20;
-  const subnet = `10.199.${octet}`;
+  releaseSubnet(name); // a claim a crashed run of this lab left behind
+  const subnet = claimSubnet(name);
   const bridge = `${name}-br`;
   const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [] };
   try {
@@ -142,6 +142,7 @@ export async function labDown(name = DEFAULT_LAB): Promise<boolean> {
   for (const h of lab?.hosts ?? []) rmSync(h.imagesDir, { recursive: true, force: true });
   rmSync(join('/dev/shm', `ferry-lab-${name}`), { recursive: true, force: true });
   rmSync(dir, { recursive: true, force: true });
+  releaseSubnet(name);
   return lab !== undefined || netnses.length > 0;
 }
 
@@ -171,6 +172,38 @@ function isZombie(pid: number): boolean {
     return stat.charAt(stat.lastIndexOf(')') + 2) === 'Z';
   } catch {
     return true;
+  }
+}
+
+const SUBNETS = join(existsSync('/run') ? '/run' : '/tmp', 'ferry', 'subnets');
+
+/**
+ * A /24 for the lab that no other lab on this machine uses: labs run side by
+ * side (tests do), and two bridges with one subnet would confuse routing.
+ * Claimed by an atomic mkdir, released by labDown.
+ */
+function claimSubnet(name: string): string {
+  mkdirSync(SUBNETS, { recursive: true });
+  const start = createHash('sha256').update(name).digest()[0] ?? 0;
+  for (let i = 0; i < 200; i++) {
+    const subnet = `10.199.${((start + i) % 200) + 20}`;
+    try {
+      mkdirSync(join(SUBNETS, subnet));
+    } catch {
+      continue; // another lab has it
+    }
+    writeFileSync(join(SUBNETS, subnet, 'lab'), name);
+    return subnet;
+  }
+  throw new LabError('no free subnet for a lab (200 labs up?)', { hint: `remove stale claims in ${SUBNETS}` });
+}
+
+function releaseSubnet(name: string): void {
+  if (!existsSync(SUBNETS)) return;
+  for (const subnet of readdirSync(SUBNETS)) {
+    const owner = join(SUBNETS, subnet, 'lab');
+    if (existsSync(owner) && readFileSync(owner, 'utf8') === name)
+      rmSync(join(SUBNETS, subnet), { recursive: true, force: true });
   }
 }
 
@@ -242,7 +275,7 @@ async function answers(h: LabHost): Promise<void> {
 }
 
 async function waitForAgent(h: LabHost): Promise<void> {
-  const deadline = Date.now() + 20_000;
+  const deadline = Date.now() + 30_000;
   for (;;) {
     try {
       await answers(h);
