@@ -21,7 +21,9 @@ import {
   type DumpStats,
 } from '../src/criu/index.js';
 import { FerryError, InvalidInputError } from '../src/errors.js';
+import { deferred } from '../src/deferred.js';
 import { log } from '../src/log.js';
+import { startTime } from '../src/proc.js';
 import { pauseAt } from '../src/testpoints.js';
 import {
   WireConnection,
@@ -34,7 +36,7 @@ import {
   type WorkloadSpec,
 } from '../src/wire/index.js';
 import { faultAt } from './faults.js';
-import { isFinal, Journal, sameProcess, startTime, tracerOf, type JournalEntry } from './journal.js';
+import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
 import { Workloads } from './workloads.js';
@@ -356,12 +358,7 @@ export class Agent {
       workload: m.workload === undefined ? undefined : { name: m.workload },
     });
     let frozenAt = 0;
-    let held: (value: BodyOf<'dumpHeld'>) => void = () => undefined;
-    let failedBeforeHold: (error: unknown) => void = () => undefined;
-    const reachedHold = new Promise<BodyOf<'dumpHeld'>>((resolve, reject) => {
-      held = resolve;
-      failedBeforeHold = reject;
-    });
+    const reachedHold = deferred<BodyOf<'dumpHeld'>>();
     const progress = (message: string, extra: { bytes?: number } = {}): void =>
       connection.progress({
         migrationId: m.id,
@@ -391,11 +388,7 @@ export class Agent {
           progress('dump written; streaming images to the destination');
           const streamStarted = performance.now();
           const names = imagesToStream(dir);
-          const peer = await WireConnection.connect(
-            p.destinationUrl ?? '',
-            { role: 'agent', name: this.options.name, softwareVersion: this.options.softwareVersion },
-            { peer: `destination ${p.destinationUrl}` },
-          );
+          const peer = await this.#connectPeer(p.destinationUrl ?? '', 'destination');
           let sent;
           try {
             sent = await streamImages(peer, { migrationId: m.id, round }, dir, names);
@@ -403,9 +396,8 @@ export class Agent {
             peer.close();
           }
           progress(`streamed ${sent.files} image files`, { bytes: sent.bytes });
-          const decision = new Promise<boolean>((resolve) => {
-            m.hold = { release: resolve };
-          });
+          const decision = deferred<boolean>();
+          m.hold = { release: decision.resolve };
           this.journal.update(m.id, { state: 'held' });
           await pauseAt('source.after-hold');
           m.leaseTimer = setTimeout(() => {
@@ -414,22 +406,22 @@ export class Agent {
           }, p.holdMs || 60_000);
           // Without a controller there will be no commit: resume now rather than at lease end.
           connection.onClose(() => void this.#settleSource(m, false));
-          held({
+          reachedHold.resolve({
             imageFiles: sent.files,
             imageBytes: sent.bytes,
             frozenMs: Math.round(performance.now() - frozenAt),
             streamMs: Math.round(performance.now() - streamStarted),
           });
-          return decision;
+          return decision.promise;
         },
       })
       .catch((error: unknown) => {
-        failedBeforeHold(error);
+        reachedHold.reject(error);
         throw error;
       });
     m.dump.catch(() => undefined);
     try {
-      return { dumpHeld: await reachedHold };
+      return { dumpHeld: await reachedHold.promise };
     } catch (error) {
       // CRIU has already resumed the process (a failed dump thaws it).
       this.journal.update(m.id, { state: 'aborted', action: 'the dump failed; the process resumed' });
@@ -495,12 +487,7 @@ export class Agent {
     if (faultAt('destination.before-restore') === 'break-images') rmSync(join(dir, 'pstree.img'), { force: true });
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.options.name });
-    let restored: (pid: number) => void = () => undefined;
-    let failed: (error: unknown) => void = () => undefined;
-    const reachedHold = new Promise<number>((resolve, reject) => {
-      restored = resolve;
-      failed = reject;
-    });
+    const reachedHold = deferred<number>();
     m.restoreCancel = new AbortController();
     m.restore = this.criu
       .restore({
@@ -510,23 +497,22 @@ export class Agent {
         onNotify: async (event) => {
           if (event.script !== 'post-restore') return true;
           m.restoredPid = event.pid;
-          const decision = new Promise<boolean>((resolve) => {
-            m.hold = { release: resolve };
-          });
+          const decision = deferred<boolean>();
+          m.hold = { release: decision.resolve };
           this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
           await pauseAt('destination.after-restore-held');
           this.#leaseDestination(m);
-          restored(event.pid ?? 0);
-          return decision;
+          reachedHold.resolve(event.pid ?? 0);
+          return decision.promise;
         },
       })
       .catch((error: unknown) => {
-        failed(error);
+        reachedHold.reject(error);
         throw error;
       });
     m.restore.catch(() => undefined);
     try {
-      const pid = await reachedHold;
+      const pid = await reachedHold.promise;
       return {
         restored: {
           pid,
@@ -710,13 +696,18 @@ export class Agent {
     return this.journal.write({ ...entry, state: 'discarded', action: `recovered: the source says ${outcome}` });
   }
 
+  /** A connection to the other agent of a migration, introduced as an agent. */
+  #connectPeer(url: string, role: 'source' | 'destination', timeoutMs?: number): Promise<WireConnection> {
+    return WireConnection.connect(
+      url,
+      { role: 'agent', name: this.options.name, softwareVersion: this.options.softwareVersion },
+      { peer: `${role} ${url}`, timeoutMs },
+    );
+  }
+
   async #askSource(id: string, url: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown' | 'unreachable'> {
     try {
-      const source = await WireConnection.connect(
-        url,
-        { role: 'agent', name: this.options.name, softwareVersion: this.options.softwareVersion },
-        { peer: `source ${url}`, timeoutMs: 3_000 },
-      );
+      const source = await this.#connectPeer(url, 'source', 3_000);
       try {
         const state = (await source.request({ outcomeQuery: { migrationId: id } }, 'outcome', { timeoutMs: 30_000 }))
           .state;

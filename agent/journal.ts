@@ -10,6 +10,7 @@ import {
   writeSync,
 } from 'node:fs';
 import { join } from 'node:path';
+import { startTime } from '../src/proc.js';
 import type { WorkloadSpec } from '../src/wire/index.js';
 
 /**
@@ -93,18 +94,6 @@ export class Journal {
       .filter((name) => name.endsWith('.json'))
       .map((name) => JSON.parse(readFileSync(join(this.#dir, name), 'utf8')) as JournalEntry)
       .sort((x, y) => x.updatedAtMs - y.updatedAtMs);
-  }
-}
-
-/** A process's start time in clock ticks since boot, or undefined when it does not exist (or is a zombie). */
-export function startTime(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    if (fields[0] === 'Z' || fields[0] === 'X') return undefined;
-    return Number(fields[19]);
-  } catch {
-    return undefined;
   }
 }
 

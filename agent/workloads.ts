@@ -3,6 +3,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, w
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { FerryError, InvalidInputError } from '../src/errors.js';
+import { isAlive } from '../src/proc.js';
 import type { WorkloadInfo, WorkloadSpec } from '../src/wire/index.js';
 
 export interface WorkloadRecord {
@@ -155,16 +156,6 @@ function runsCommand(pid: number, argv: readonly string[]): boolean {
       base(cmdline[0]) === base(argv[0]) &&
       cmdline.slice(1).every((arg, i) => arg === argv[i + 1])
     );
-  } catch {
-    return false;
-  }
-}
-
-export function isAlive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.charAt(stat.lastIndexOf(')') + 2);
-    return state !== 'Z' && state !== 'X';
   } catch {
     return false;
   }

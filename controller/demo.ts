@@ -1,8 +1,9 @@
-import { existsSync, readFileSync, readlinkSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { InvalidInputError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
+import { inNetns } from '../src/proc.js';
 import { labDown, labUp } from './lab.js';
 import { migrate, type MigrationReport } from './migration.js';
 import { progress } from './output.js';
@@ -56,7 +57,7 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
     progress(renderReport(report));
 
     const pid = report.to.pid;
-    const inB = sameNetns(pid, b.netns);
+    const inB = inNetns(pid, b.netns);
     progress(`\nits output now, from PID ${pid}${inB ? ` in host b's network namespace` : ''}:`);
     await follow(logFile, shown, 3, 'b', options.signal);
     progress(
@@ -95,12 +96,4 @@ async function follow(file: string, from: number, count: number, host: string, s
     await sleep(100, undefined, { signal });
   }
   return offset;
-}
-
-function sameNetns(pid: number, netns: string): boolean {
-  try {
-    return statSync(`/run/netns/${netns}`).ino === Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
-  } catch {
-    return false;
-  }
 }

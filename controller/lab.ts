@@ -6,6 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
+import { isAlive } from '../src/proc.js';
 import { WireConnection } from '../src/wire/index.js';
 
 const execFileAsync = promisify(execFile);
@@ -159,20 +160,11 @@ export async function restartAgent(name: string, host: string, env: Record<strin
   } catch {
     // already gone
   }
-  for (let i = 0; i < 200 && existsSync(`/proc/${h.pid}`) && !isZombie(h.pid); i++) await sleep(25);
+  for (let i = 0; i < 200 && isAlive(h.pid); i++) await sleep(25);
   h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, env);
   writeFileSync(join(lab.dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
   await waitForAgent(h);
   return h;
-}
-
-function isZombie(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.charAt(stat.lastIndexOf(')') + 2) === 'Z';
-  } catch {
-    return true;
-  }
 }
 
 const SUBNETS = join(existsSync('/run') ? '/run' : '/tmp', 'ferry', 'subnets');

@@ -183,7 +183,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       });
     }
     await pauseAt('controller.after-preflight');
-    const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts, destinationFacts);
+    const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts);
     emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
     const preflightMs = elapsed();
 
@@ -415,11 +415,8 @@ function refuseIfUnfit(source: Facts, destination: Facts, destinationName: strin
   }
 }
 
-function chooseStrategy(
-  requested: 'auto' | Strategy,
-  source: Facts,
-  destination: Facts,
-): { strategy: Strategy; reason: string } {
+/** Pre-copy needs dirty-memory tracking where the process runs now: the source decides. */
+function chooseStrategy(requested: 'auto' | Strategy, source: Facts): { strategy: Strategy; reason: string } {
   const tracks = source.memTrack === true;
   if (requested === 'stop-and-copy') return { strategy: 'stop-and-copy', reason: 'requested with --strategy' };
   if (requested === 'precopy' && !tracks) {
@@ -432,7 +429,6 @@ function chooseStrategy(
       strategy: 'precopy',
       reason: 'the source kernel tracks dirty memory: memory is copied while the process runs',
     };
-  void destination;
   return {
     strategy: 'stop-and-copy',
     reason:

@@ -6,7 +6,7 @@
  * Options (environment): BENCH_MEMORY_MB (1024), BENCH_HOT_MB (64), BENCH_RUNS (3).
  */
 import { execFile, spawn } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
@@ -121,7 +121,7 @@ async function ferry(a: LabHost, b: LabHost, run: number): Promise<Sample> {
 
 function pageBytes(dir: string): number {
   let total = 0;
-  for (const name of readdirSync(dir)) if (/^pages-\d+\.img$/.test(name)) total += readFileSync(join(dir, name)).length;
+  for (const name of readdirSync(dir)) if (/^pages-\d+\.img$/.test(name)) total += statSync(join(dir, name)).size;
   return total;
 }
 

@@ -7,13 +7,14 @@
  *   baseline     the same workload, stop-and-copy, for the downtime comparison
  *   racing       256 MiB rewritten as fast as it can: rounds must stop (not converging)
  */
-import { existsSync, mkdtempSync, readFileSync, readlinkSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { labDown, labUp } from '../controller/lab.js';
 import { migrate, type MigrationReport, type Strategy } from '../controller/migration.js';
 import { runWorkload } from '../controller/workloads.js';
 import { projectRoot } from '../src/paths.js';
+import { inNetns } from '../src/proc.js';
 
 interface Scenario {
   name: string;
@@ -74,13 +75,12 @@ async function main(): Promise<void> {
       const frozen = count(state);
       await sleep(1000);
       const countAfter = count(state);
-      const netnsInode = Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
       outcomes.push({
         scenario,
         report,
         countBefore,
         countAfter,
-        runsOnDestination: countAfter > frozen && netnsInode === statSync(`/run/netns/${b.netns}`).ino,
+        runsOnDestination: countAfter > frozen && inNetns(pid, b.netns),
         sourceGone: !existsSync(`/proc/${w.pid}`),
       });
       process.kill(pid, 'SIGKILL');

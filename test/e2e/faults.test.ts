@@ -1,14 +1,5 @@
 import { execFile, spawn } from 'node:child_process';
-import {
-  existsSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  readlinkSync,
-  rmSync,
-  statSync,
-  writeFileSync,
-} from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -16,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { labDown, labUp, restartAgent, type LabHost } from '../../controller/lab.js';
 import { migrationRecords, runWorkload } from '../../controller/workloads.js';
 import { projectRoot } from '../../src/paths.js';
+import { inNetns } from '../../src/proc.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 
@@ -125,8 +117,7 @@ function copiesOf(dir: string): { pid: number; host: string | undefined }[] {
 }
 
 function hostOf(pid: number): string | undefined {
-  const inode = Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
-  return [a, b].find((h) => statSync(`/run/netns/${h.netns}`).ino === inode)?.host;
+  return [a, b].find((h) => inNetns(pid, h.netns))?.host;
 }
 
 function journalOk(dir: string): { ok: boolean; last: number; why: string } {

@@ -1,5 +1,5 @@
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -8,6 +8,7 @@ import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js'
 import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration.js';
 import { runWorkload } from '../../controller/workloads.js';
 import { projectRoot } from '../../src/paths.js';
+import { inNetns } from '../../src/proc.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning, processState } from '../helpers/workload.js';
@@ -57,10 +58,6 @@ function diagnose(pid: number, stateFile: string): string {
     }
   })();
   return `PID ${pid}, state ${processState(pid)}, wchan ${read(`/proc/${pid}/wchan`)}, fds ${fds.join(' ')}, state file ${JSON.stringify(read(stateFile))}`;
-}
-
-function netnsInode(pid: number): number {
-  return Number(/\[(\d+)\]/.exec(readlinkSync(`/proc/${pid}/ns/net`))?.[1]);
 }
 
 /** PIDs in a lab host's network namespace other than its agent and CRIU service. */
@@ -116,7 +113,7 @@ describe('ferry migrate between two lab hosts', () => {
     expect(newPid).toBeGreaterThan(0);
 
     // It runs in B's network namespace; the old process is gone and A runs no workload.
-    expect(netnsInode(newPid)).toBe(statSync(`/run/netns/${b.netns}`).ino);
+    expect(inNetns(newPid, b.netns)).toBe(true);
     await waitFor(() => !isRunning(oldPid), { what: 'the source process to end' });
     expect(await workloadPidsIn(a)).toEqual([]);
 
