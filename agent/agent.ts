@@ -19,16 +19,20 @@ import {
   resolveCriuBinary,
   type CriuClient,
   type DumpStats,
+  type PageTls,
 } from '../src/criu/index.js';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { deferred } from '../src/deferred.js';
 import { log } from '../src/log.js';
 import { startTime } from '../src/proc.js';
 import { pauseAt } from '../src/testpoints.js';
+import type { Identity } from '../src/tls/index.js';
 import {
+  bodyName,
   WireConnection,
   WireServer,
   type Body,
+  type BodyName,
   type BodyOf,
   type DumpStatsMessage,
   type EnvelopeMessage,
@@ -53,10 +57,28 @@ export interface AgentOptions {
   advertise?: string | undefined;
   criu?: string | undefined;
   softwareVersion: string;
+  /**
+   * Mutual TLS with this identity for every connection, and CRIU's TLS for
+   * pages; undefined only under an explicit --insecure.
+   */
+  tls?: Identity | undefined;
 }
+
+/**
+ * What another agent may ask: the image stream of a migration and the
+ * outcome a destination asks its source about. Everything else (dump,
+ * restore, commit, run...) needs a controller's certificate, so one node's
+ * stolen agent key cannot freeze or kill processes on the others.
+ */
+const AGENT_REQUESTS: readonly BodyName[] = ['imageChunk', 'imagesDone', 'outcomeQuery'];
 
 class MigrationStateError extends FerryError {
   readonly code = 'MIGRATION_STATE';
+}
+
+/** A request the peer's certificate does not entitle it to. */
+class NotAllowedError extends FerryError {
+  readonly code = 'NOT_ALLOWED';
 }
 
 /** A step that failed here, with the logs CRIU wrote for it kept for reading. */
@@ -154,9 +176,25 @@ export class Agent {
         port: options.port,
         name: options.name,
         softwareVersion: options.softwareVersion,
-        onConnection: (_, peer) => log.info('connected', peer),
+        tls: options.tls,
+        onConnection: (_, peer) =>
+          log.info('connected', {
+            role: peer.role,
+            name: peer.name,
+            address: peer.address,
+            ...(peer.certificate === undefined
+              ? { tls: false }
+              : { certificate: peer.certificate.name, fingerprint: peer.certificate.fingerprint }),
+          }),
+        onRefused: (refusal) => log.warn('refused a connection', refusal),
         onRequest: (envelope, connection) => {
           if (agent === undefined) throw new MigrationStateError('the agent is still starting');
+          const asked = bodyName(envelope);
+          if (connection.certificate?.role === 'agent' && (asked === undefined || !AGENT_REQUESTS.includes(asked))) {
+            throw new NotAllowedError(
+              `${connection.certificate.name} holds an agent certificate, which may not ask for ${asked ?? 'that'}`,
+            );
+          }
           return agent.#handle(envelope, connection);
         },
       });
@@ -172,7 +210,13 @@ export class Agent {
   }
 
   get url(): string {
-    return `ws://${urlHost(this.options.host)}:${this.server.port}`;
+    return `${this.options.tls === undefined ? 'ws' : 'wss'}://${urlHost(this.options.host)}:${this.server.port}`;
+  }
+
+  /** CRIU's TLS files for page transfer: the same identity the agent speaks with. */
+  get #pageTls(): PageTls | undefined {
+    const tls = this.options.tls;
+    return tls === undefined ? undefined : { cacert: tls.files.ca, cert: tls.files.cert, key: tls.files.key };
   }
 
   get advertise(): string {
@@ -312,6 +356,7 @@ export class Agent {
       imagesDir: dir,
       address: this.advertise,
       parentImg: p.parent ? `../${p.parent}` : undefined,
+      tls: this.#pageTls,
     });
     return { pageServerStarted: { address: this.advertise, port } };
   }
@@ -327,7 +372,7 @@ export class Agent {
       pid: m.pid,
       imagesDir: dir,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0 },
+      pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
     });
     const stats = await readDumpStats(dir);
     return { roundDone: { stats: statsMessage(stats), durationMs: Math.round(performance.now() - started) } };
@@ -374,7 +419,7 @@ export class Agent {
         pid: m.pid,
         imagesDir: dir,
         parentImg: p.parent ? `../${p.parent}` : undefined,
-        pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0 },
+        pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
         // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
         trackMem: p.parent ? true : undefined,
         timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
@@ -701,7 +746,7 @@ export class Agent {
     return WireConnection.connect(
       url,
       { role: 'agent', name: this.options.name, softwareVersion: this.options.softwareVersion },
-      { peer: `${role} ${url}`, timeoutMs },
+      { peer: `${role} ${url}`, timeoutMs, tls: this.options.tls },
     );
   }
 

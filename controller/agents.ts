@@ -1,29 +1,65 @@
 import { InvalidInputError } from '../src/errors.js';
-import { DEFAULT_LAB, readLab } from './lab.js';
+import { loadIdentity, type Identity } from '../src/tls/index.js';
+import { controllerIdentity, findNode, readInventory } from './config.js';
+import { DEFAULT_LAB, readLab, type LabHost } from './lab.js';
+
+/** Where an agent answers and the identity the controller shows it (undefined: plaintext, --insecure). */
+export interface AgentEndpoint {
+  url: string;
+  tls: Identity | undefined;
+}
+
+export interface ResolveOptions {
+  /** Allow plaintext ws:// agents. */
+  insecure?: boolean | undefined;
+  /** The lab whose host names (a, b, ...) are understood; default FERRY_LAB or "ferry". */
+  lab?: string | undefined;
+}
+
+/** The endpoint of a lab's host, with the lab's own throwaway controller identity. */
+export function hostEndpoint(host: LabHost): AgentEndpoint {
+  return { url: host.url, tls: host.controllerTls === undefined ? undefined : loadIdentity(host.controllerTls) };
+}
 
 /**
- * Turns an AGENT argument into a URL: a ws:// or wss:// URL as it is, or
- * the name of a host of the lab that is up ("a", "b"; the lab named by
- * FERRY_LAB, default "ferry").
+ * Turns an AGENT argument into an endpoint: a wss:// URL (the controller's
+ * identity from `ferry init`), a ws:// URL (only with --insecure), the name
+ * of a node in the inventory, or a host of the lab that is up.
  */
-export function resolveAgent(agent: string, labName = process.env.FERRY_LAB ?? DEFAULT_LAB): string {
+export function resolveAgent(agent: string, options: ResolveOptions = {}): AgentEndpoint {
+  const labName = options.lab ?? process.env.FERRY_LAB ?? DEFAULT_LAB;
   if (/^wss?:\/\//.test(agent)) {
     let url: URL;
     try {
       url = new URL(agent);
     } catch {
-      throw new InvalidInputError(`${agent} is not a valid URL`, { hint: 'write it as ws://HOST:PORT' });
+      throw new InvalidInputError(`${agent} is not a valid URL`, { hint: 'write it as wss://HOST:PORT' });
     }
-    if (url.port === '') throw new InvalidInputError(`${agent} has no port`, { hint: 'write it as ws://HOST:PORT' });
-    return agent.replace(/\/$/, '');
+    if (url.port === '') throw new InvalidInputError(`${agent} has no port`, { hint: 'write it as wss://HOST:PORT' });
+    if (url.pathname !== '/' || url.search !== '' || url.username !== '') {
+      throw new InvalidInputError(`${agent} has more than a host and a port`, { hint: 'write it as wss://HOST:PORT' });
+    }
+    const plain = url.protocol === 'ws:';
+    if (plain && options.insecure !== true) {
+      throw new InvalidInputError(`${agent} is a plaintext agent URL`, {
+        hint: 'use wss:// (agents speak mutual TLS), or pass --insecure to talk to an agent started with --insecure',
+      });
+    }
+    return { url: `${url.protocol}//${url.host}`, tls: plain ? undefined : controllerIdentity() };
   }
+  const node = findNode(agent);
+  if (node !== undefined) return { url: node.url, tls: controllerIdentity() };
   const lab = readLab(labName);
   const host = lab?.hosts.find((h) => h.host === agent);
-  if (host !== undefined) return host.url;
+  if (host !== undefined) return hostEndpoint(host);
+  const known = [
+    ...readInventory().nodes.map((n) => n.name),
+    ...(lab?.hosts.map((h) => `${h.host} (lab ${labName})`) ?? []),
+  ];
   throw new InvalidInputError(`unknown agent ${JSON.stringify(agent)}`, {
     hint:
-      lab === undefined
-        ? 'give a URL (ws://HOST:PORT), or run `ferry lab up` and use its host names a and b'
-        : `give a URL (ws://HOST:PORT) or a host of lab ${labName}: ${lab.hosts.map((h) => h.host).join(', ')}`,
+      known.length === 0
+        ? 'give a URL (wss://HOST:PORT), install a node (`ferry install`), or run `ferry lab up` and use its hosts a and b'
+        : `give a URL (wss://HOST:PORT) or one of: ${known.join(', ')}`,
   });
 }

@@ -1,6 +1,7 @@
 import pRetry, { AbortError as RetryAbort } from 'p-retry';
 import { InvalidInputError } from '../src/errors.js';
 import { PeerGoneError, RemoteError, WireConnection, type ProgressMessage } from '../src/wire/index.js';
+import type { AgentEndpoint } from './agents.js';
 
 /** An agent that cannot be reached: nothing was touched. */
 export class AgentUnreachableError extends InvalidInputError {
@@ -9,17 +10,19 @@ export class AgentUnreachableError extends InvalidInputError {
 
 /** Connects to an agent as the controller. Connecting changes nothing anywhere, so it is retried. */
 export async function connectAgent(
-  url: string,
+  endpoint: AgentEndpoint,
   softwareVersion: string,
   options: { onProgress?: (p: ProgressMessage) => void; signal?: AbortSignal | undefined } = {},
 ): Promise<WireConnection> {
+  const { url } = endpoint;
+  const name = endpoint.tls?.name ?? 'controller';
   try {
     return await pRetry(
       () =>
         WireConnection.connect(
           url,
-          { role: 'controller', name: 'controller', softwareVersion },
-          { peer: url, onProgress: options.onProgress, signal: options.signal },
+          { role: 'controller', name, softwareVersion },
+          { peer: url, onProgress: options.onProgress, signal: options.signal, tls: endpoint.tls },
         ).catch((error: unknown) => {
           if (!(error instanceof PeerGoneError)) throw new RetryAbort(error as Error);
           throw error;
@@ -30,7 +33,9 @@ export async function connectAgent(
     if (error instanceof RemoteError) throw error;
     const why = error instanceof PeerGoneError ? error.reason : (error as Error).message;
     throw new AgentUnreachableError(`cannot reach the agent at ${url}: ${why}`, {
-      hint: 'check the URL and that `ferry agent` runs there (`ferry lab up` starts two local ones)',
+      hint: /certificate|SSL|TLS|alert/i.test(why)
+        ? 'the agent and this controller must hold certificates of the same cluster CA (`ferry init`, `ferry install`); the agent logs the refusal'
+        : 'check the URL and that `ferry agent` runs there (`ferry lab up` starts two local ones)',
       cause: error,
     });
   }

@@ -9,6 +9,7 @@ import { migrate, type MigrationReport } from './migration.js';
 import { progress } from './output.js';
 import { renderEvent, renderReport } from './report.js';
 import { runWorkload } from './workloads.js';
+import { hostEndpoint } from './agents.js';
 
 export interface DemoOptions {
   /** Leave the lab and the workload running. */
@@ -36,7 +37,7 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
     const stateFile = join(a.dataDir, 'counter.state');
     // 64 MiB of memory, 4 MiB of it rewritten every tick; a line every second.
     const started = await runWorkload(
-      a.url,
+      hostEndpoint(a),
       'counter',
       [workload, stateFile, '100', '64', '4', '10'],
       options.softwareVersion,
@@ -48,8 +49,8 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
     progress('\nmigrating it to b while it runs:');
     const report = await migrate({
       workload: 'counter',
-      from: a.url,
-      to: b.url,
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
       softwareVersion: options.softwareVersion,
       onEvent: (e) => progress(renderEvent(e)),
       signal: options.signal,

@@ -7,6 +7,7 @@ import { promisify } from 'node:util';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
 import { isAlive } from '../src/proc.js';
+import { createAuthority, issueIdentity, loadIdentity } from '../src/tls/index.js';
 import { WireConnection } from '../src/wire/index.js';
 
 const execFileAsync = promisify(execFile);
@@ -26,6 +27,10 @@ export interface LabHost {
   dataDir: string;
   imagesDir: string;
   logFile: string;
+  /** The agent's identity directory; absent when the lab runs --insecure. */
+  tlsDir?: string | undefined;
+  /** The identity a controller shows this host's agent (the lab's own); absent when --insecure. */
+  controllerTls?: string | undefined;
 }
 
 export interface Lab {
@@ -34,6 +39,8 @@ export interface Lab {
   bridge: string;
   subnet: string;
   hosts: LabHost[];
+  /** The lab's throwaway controller identity (its own CA); absent when the lab runs --insecure. */
+  controllerTls?: string | undefined;
 }
 
 export class LabError extends FerryError {
@@ -45,6 +52,8 @@ export interface LabUpOptions {
   hosts?: number | undefined;
   /** Extra environment for a host's agent (tests use it), by host letter. */
   agentEnv?: Record<string, Record<string, string>> | undefined;
+  /** Plaintext agents without authentication (prints a warning); default: mutual TLS with a throwaway CA. */
+  insecure?: boolean | undefined;
 }
 
 function labDir(name: string): string {
@@ -86,7 +95,14 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
   const subnet = claimSubnet(name);
   const bridge = `${name}-br`;
   const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [] };
+  const tlsRoot = join(dir, 'tls');
   try {
+    // A throwaway cluster CA: the lab runs exactly as an installed cluster does, mutual TLS included.
+    const authority = options.insecure === true ? undefined : await createAuthority(join(tlsRoot, 'ca'), `lab ${name}`);
+    if (authority !== undefined) {
+      lab.controllerTls = join(tlsRoot, 'controller');
+      await issueIdentity(authority, { role: 'controller', name: `lab-${name}` }, lab.controllerTls);
+    }
     await ip('link', 'add', bridge, 'type', 'bridge');
     await ip('addr', 'add', `${subnet}.254/24`, 'dev', bridge);
     await ip('link', 'set', bridge, 'up');
@@ -106,11 +122,27 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
       mkdirSync(dataDir, { recursive: true, mode: 0o700 });
       mkdirSync(imagesDir, { recursive: true, mode: 0o700 });
       const logFile = join(dataDir, 'agent.log');
-      const pid = startAgent(netns, host, address, dataDir, imagesDir, logFile, options.agentEnv?.[host] ?? {});
-      lab.hosts.push({ host, netns, address, url: `ws://${address}:${AGENT_PORT}`, pid, dataDir, imagesDir, logFile });
+      const tlsDir = authority === undefined ? undefined : join(tlsRoot, host);
+      if (authority !== undefined && tlsDir !== undefined) {
+        await issueIdentity(authority, { role: 'agent', name: host, hosts: [address] }, tlsDir);
+      }
+      const pid = startAgent(netns, host, address, dataDir, imagesDir, logFile, tlsDir, options.agentEnv?.[host] ?? {});
+      const url = `${tlsDir === undefined ? 'ws' : 'wss'}://${address}:${AGENT_PORT}`;
+      lab.hosts.push({
+        host,
+        netns,
+        address,
+        url,
+        pid,
+        dataDir,
+        imagesDir,
+        logFile,
+        tlsDir,
+        controllerTls: lab.controllerTls,
+      });
       writeFileSync(join(dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
     }
-    for (const h of lab.hosts) await waitForAgent(h);
+    for (const h of lab.hosts) await waitForAgent(lab, h);
     return lab;
   } catch (error) {
     await labDown(name).catch(() => undefined);
@@ -161,9 +193,9 @@ export async function restartAgent(name: string, host: string, env: Record<strin
     // already gone
   }
   for (let i = 0; i < 200 && isAlive(h.pid); i++) await sleep(25);
-  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, env);
+  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env);
   writeFileSync(join(lab.dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
-  await waitForAgent(h);
+  await waitForAgent(lab, h);
   return h;
 }
 
@@ -223,6 +255,7 @@ function startAgent(
   dataDir: string,
   imagesDir: string,
   logFile: string,
+  tlsDir: string | undefined,
   env: Record<string, string>,
 ): number {
   const main = join(projectRoot(), 'dist', 'controller', 'main.js');
@@ -247,6 +280,7 @@ function startAgent(
       dataDir,
       '--images-dir',
       imagesDir,
+      ...(tlsDir === undefined ? ['--insecure'] : ['--tls-dir', tlsDir]),
     ],
     { detached: true, stdio: ['ignore', out, out], env: { ...process.env, FERRY_LOG: 'info', ...env } },
   );
@@ -257,20 +291,20 @@ function startAgent(
 }
 
 /** Resolves when the host's agent completes a handshake; throws why not. */
-async function answers(h: LabHost): Promise<void> {
+async function answers(lab: Lab, h: LabHost): Promise<void> {
   const c = await WireConnection.connect(
     h.url,
     { role: 'controller', name: 'lab', softwareVersion: '' },
-    { timeoutMs: 1_000 },
+    { timeoutMs: 1_000, tls: lab.controllerTls === undefined ? undefined : loadIdentity(lab.controllerTls) },
   );
   c.close();
 }
 
-async function waitForAgent(h: LabHost): Promise<void> {
+async function waitForAgent(lab: Lab, h: LabHost): Promise<void> {
   const deadline = Date.now() + 30_000;
   for (;;) {
     try {
-      await answers(h);
+      await answers(lab, h);
       return;
     } catch (error) {
       if (Date.now() > deadline) {
@@ -292,7 +326,7 @@ async function waitForAgent(h: LabHost): Promise<void> {
 async function allAnswer(lab: Lab): Promise<boolean> {
   for (const h of lab.hosts) {
     try {
-      await answers(h);
+      await answers(lab, h);
     } catch {
       return false;
     }

@@ -6,10 +6,13 @@ import { join } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { Agent } from '../agent/index.js';
 import { InvalidInputError } from '../src/errors.js';
+import { loadIdentity, type Identity } from '../src/tls/index.js';
 import { log } from '../src/log.js';
 import { projectRoot } from '../src/paths.js';
 import { WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
-import { resolveAgent } from './agents.js';
+import { resolveAgent, type ResolveOptions } from './agents.js';
+import { configDir } from './config.js';
+import { certificate, initCluster } from './init.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
 import { DEFAULT_LAB, labDown, labExec, labUp, LAB_NAME } from './lab.js';
@@ -53,6 +56,9 @@ function labName(value: string): string {
   return value;
 }
 
+const insecureOption = () =>
+  new Option('--insecure', 'allow plaintext ws:// agents (started with --insecure): no encryption, no authentication');
+
 function json(value: unknown): void {
   process.stdout.write(JSON.stringify(value, null, 2) + '\n');
 }
@@ -71,7 +77,9 @@ export function buildProgram(): Command {
     .addHelpText(
       'after',
       `
-AGENT is a URL (ws://HOST:PORT) or the name of a lab host (a, b) of the lab that is up.
+AGENT is a URL (wss://HOST:PORT), a node name from the inventory (ferry install), or the
+name of a lab host (a, b) of the lab that is up. Agents speak mutual TLS: the controller shows
+the certificate \`ferry init\` made (in --config, default ~/.config/ferry).
 
 Exit codes: 0 done, 1 failed (a source process keeps running), 2 bad input (nothing changed),
 3 outcome unknown.
@@ -82,6 +90,57 @@ Start with:
   ferry run --on a --name web -- CMD...
   ferry migrate web --from a --to b`,
     );
+
+  program
+    .addOption(
+      new Option('--config <DIR>', 'the cluster configuration: CA, controller identity, inventory')
+        .env('FERRY_CONFIG')
+        .default(configDir(), 'FERRY_CONFIG or ~/.config/ferry'),
+    )
+    .hook('preAction', () => {
+      process.env.FERRY_CONFIG = program.opts<{ config: string }>().config;
+    });
+
+  program
+    .command('init')
+    .description('Create the cluster certificate authority and this controller’s certificate (idempotent)')
+    .option('--name <NAME>', 'the cluster’s name, shown in its CA certificate', 'ferry')
+    .option('--json', 'print what was created as JSON')
+    .addHelpText(
+      'after',
+      `
+Writes, under --config: ca/ (the cluster CA; its key signs every agent's certificate, mode 0600)
+and controller/ (this controller's certificate). A second run keeps both, reissuing the
+controller's certificate only if it expired. Then: ferry install ssh://USER@HOST ...`,
+    )
+    .action(async (opts: { name: string; json?: boolean }) => {
+      const result = await initCluster(configDir(), opts.name);
+      if (opts.json === true) json(result);
+      else process.stdout.write(result.lines.join('\n') + '\n');
+    });
+
+  program
+    .command('certificate')
+    .description('Issue an agent certificate from the cluster CA, for an agent installed by hand')
+    .argument('<NODE>', 'the node’s name (its certificate’s common name)')
+    .requiredOption('--out <DIR>', 'where to write ca.pem, cert.pem and key.pem (give it to `ferry agent --tls-dir`)')
+    .option(
+      '--host <HOST>',
+      'an IP address or DNS name the agent is reached at (repeat)',
+      (v: string, p: string[] = []) => [...p, v],
+    )
+    .addHelpText(
+      'after',
+      `
+The certificate must name the address the agent listens on: peers and CRIU's page-server
+client check it. \`ferry install\` does all this for you over SSH.`,
+    )
+    .action(async (node: string, opts: { out: string; host?: string[] }) => {
+      const identity = await certificate(configDir(), node, opts.host ?? [], opts.out);
+      process.stdout.write(
+        `issued ${identity.name} (agent, valid until ${identity.notAfter.toISOString().slice(0, 10)}) in ${identity.dir}\n`,
+      );
+    });
 
   program
     .command('migrate')
@@ -102,6 +161,7 @@ Start with:
       60_000,
     )
     .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
+    .addOption(insecureOption())
     .addHelpText(
       'after',
       `
@@ -121,14 +181,15 @@ point leaves the process running on the source as it was (exit code 1).`,
           maxRounds: number;
           hold: number;
           json?: boolean;
+          insecure?: boolean;
         },
       ) => {
         const isPid = /^\d+$/.test(target);
         if (!isPid && !WORKLOAD_NAME.test(target)) {
           throw new InvalidInputError(`${JSON.stringify(target)} is neither a PID nor a workload name`);
         }
-        const from = resolveAgent(opts.from);
-        const to = resolveAgent(opts.to);
+        const from = resolveAgent(opts.from, opts);
+        const to = resolveAgent(opts.to, opts);
         const report = await migrate({
           pid: isPid ? Number(target) : undefined,
           workload: isPid ? undefined : target,
@@ -152,6 +213,7 @@ point leaves the process running on the source as it was (exit code 1).`,
     .requiredOption('--on <AGENT>', 'the agent to run it on')
     .option('--name <NAME>', 'a name to migrate it by (default: the command name)')
     .option('--json', 'print the workload as JSON')
+    .addOption(insecureOption())
     .argument('<CMD...>', 'the command, after --')
     .addHelpText(
       'after',
@@ -161,13 +223,13 @@ detached, in its own session, with its output in a log file on the agent.
 
 Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'`,
     )
-    .action(async (cmd: string[], opts: { on: string; name?: string; json?: boolean }) => {
+    .action(async (cmd: string[], opts: { on: string; name?: string; json?: boolean } & ResolveOptions) => {
       const name = opts.name ?? (cmd[0] ?? '').split('/').at(-1) ?? '';
       if (!WORKLOAD_NAME.test(name))
         throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, {
           hint: 'use letters, digits, . _ -',
         });
-      const w = await runWorkload(resolveAgent(opts.on), name, cmd, version);
+      const w = await runWorkload(resolveAgent(opts.on, opts), name, cmd, version);
       if (opts.json === true) json(w);
       else process.stdout.write(`started ${w.name} on ${w.agent} as PID ${w.pid}; output: ${w.logFile}\n`);
     });
@@ -177,8 +239,9 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
     .description('List the workloads of an agent')
     .requiredOption('--on <AGENT>', 'the agent to ask')
     .option('--json', 'print one JSON document')
-    .action(async (opts: { on: string; json?: boolean }) => {
-      const workloads = await listWorkloads(resolveAgent(opts.on), version);
+    .addOption(insecureOption())
+    .action(async (opts: { on: string; json?: boolean } & ResolveOptions) => {
+      const workloads = await listWorkloads(resolveAgent(opts.on, opts), version);
       if (opts.json === true) {
         json(workloads);
         return;
@@ -213,9 +276,10 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
     .requiredOption('--on <AGENT>', 'an agent to ask (repeat for several)', collect)
     .option('--all', 'also the finished ones')
     .option('--json', 'print one JSON document')
-    .action(async (opts: { on: string[]; all?: boolean; json?: boolean }) => {
+    .addOption(insecureOption())
+    .action(async (opts: { on: string[]; all?: boolean; json?: boolean } & ResolveOptions) => {
       const result: Record<string, MigrationRecord[]> = {};
-      for (const agent of opts.on) result[agent] = await migrationRecords(resolveAgent(agent), version, false);
+      for (const agent of opts.on) result[agent] = await migrationRecords(resolveAgent(agent, opts), version, false);
       if (opts.json === true) json(result);
       else for (const [agent, records] of Object.entries(result)) printRecords(agent, records, opts.all !== true);
     });
@@ -225,6 +289,7 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
     .description('Settle migrations left half-done on agents (a crash, a cut network), and say what was done')
     .requiredOption('--on <AGENT>', 'an agent to settle (repeat for several)', collect)
     .option('--json', 'print one JSON document')
+    .addOption(insecureOption())
     .addHelpText(
       'after',
       `
@@ -232,9 +297,9 @@ Agents also settle on their own when they start and when a hold times out. The s
 decides: before its commit the process resumes there and the destination discards its copy;
 after it, the destination runs the copy (restored again from its kept images if needed).`,
     )
-    .action(async (opts: { on: string[]; json?: boolean }) => {
+    .action(async (opts: { on: string[]; json?: boolean } & ResolveOptions) => {
       const result: Record<string, MigrationRecord[]> = {};
-      for (const agent of opts.on) result[agent] = await migrationRecords(resolveAgent(agent), version, true);
+      for (const agent of opts.on) result[agent] = await migrationRecords(resolveAgent(agent, opts), version, true);
       if (opts.json === true) json(result);
       else for (const [agent, records] of Object.entries(result)) printRecords(agent, records, false);
     });
@@ -247,6 +312,15 @@ after it, the destination runs the copy (restored again from its kept images if 
     .option('--data-dir <DIR>', 'workload records and logs', '/var/lib/ferry')
     .option('--images-dir <DIR>', 'images, one directory per migration (default: tmpfs, /dev/shm/ferry/NAME)')
     .option('--advertise <IP>', 'address peers and page servers use (default: the listen address)')
+    .option(
+      '--tls-dir <DIR>',
+      'this agent’s identity: ca.pem, cert.pem, key.pem (from ferry install or ferry certificate)',
+      '/etc/ferry/tls',
+    )
+    .option(
+      '--insecure',
+      'serve plaintext without authentication: anyone who reaches the port can freeze, read or kill any process here',
+    )
     .addOption(criuOption())
     .action(
       async (opts: {
@@ -256,8 +330,23 @@ after it, the destination runs the copy (restored again from its kept images if 
         imagesDir?: string;
         advertise?: string;
         criu?: string;
+        tlsDir: string;
+        insecure?: boolean;
       }) => {
         const advertise = opts.advertise ?? opts.listen.host;
+        let tls: Identity | undefined;
+        if (opts.insecure === true) {
+          process.stderr.write(
+            `ferry agent: WARNING: --insecure: plaintext, no authentication. Anyone who can reach ${opts.listen.host}:${opts.listen.port} can freeze, read or kill any process on this node, and page transfers are not encrypted.\n`,
+          );
+        } else {
+          tls = loadIdentity(opts.tlsDir);
+          if (tls.role !== 'agent') {
+            throw new InvalidInputError(`${opts.tlsDir} holds a ${tls.role} certificate, not an agent's`, {
+              hint: 'issue one with `ferry certificate NODE --host IP --out DIR`',
+            });
+          }
+        }
         if (isIP(advertise) === 0 || advertise === '0.0.0.0' || advertise === '::') {
           throw new InvalidInputError(`the agent needs an address peers can reach, not ${advertise}`, {
             hint: 'pass --advertise IP',
@@ -272,6 +361,7 @@ after it, the destination runs the copy (restored again from its kept images if 
           advertise,
           criu: opts.criu,
           softwareVersion: version,
+          tls,
         });
         await new Promise<void>((resolve) => {
           process.once('SIGTERM', resolve);
@@ -290,8 +380,9 @@ after it, the destination runs the copy (restored again from its kept images if 
     .description('Create the lab hosts a and b and start an agent on each (idempotent)')
     .option('--name <NAME>', 'lab name (prefixes its namespaces)', labName, DEFAULT_LAB)
     .option('--json', 'print the lab as JSON')
-    .action(async (opts: { name: string; json?: boolean }) => {
-      const up = await labUp({ name: opts.name });
+    .option('--insecure', 'plaintext agents without TLS (default: mutual TLS with a throwaway lab CA)')
+    .action(async (opts: { name: string; json?: boolean; insecure?: boolean }) => {
+      const up = await labUp({ name: opts.name, insecure: opts.insecure });
       if (opts.json === true) json(up);
       else
         for (const h of up.hosts) process.stdout.write(`${h.host}  ${h.url}  (netns ${h.netns}, log ${h.logFile})\n`);

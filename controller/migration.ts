@@ -10,6 +10,7 @@ import {
   type Facts,
   type ProgressMessage,
 } from '../src/wire/index.js';
+import type { AgentEndpoint } from './agents.js';
 import { AgentUnreachableError, connectAgent, localized } from './connect.js';
 
 export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'rollback' | 'done';
@@ -31,8 +32,8 @@ export interface MigrateOptions {
   /** The process: a PID on the source, or a workload name. */
   pid?: number | undefined;
   workload?: string | undefined;
-  from: string;
-  to: string;
+  from: AgentEndpoint;
+  to: AgentEndpoint;
   strategy?: 'auto' | Strategy | undefined;
   maxRounds?: number | undefined;
   /** How long either agent holds its side of the switchover waiting for the next step. */
@@ -117,7 +118,7 @@ const HOLD_MS = 60_000;
  * the destination).
  */
 export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
-  if (options.from === options.to) {
+  if (options.from.url === options.to.url) {
     throw new InvalidInputError('--from and --to name the same agent', {
       hint: 'a migration needs two different agents',
     });
@@ -132,14 +133,15 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   let phase: Phase = 'preflight';
   const migrationId = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
 
-  emit('preflight', 'controller', `connecting to ${options.from} and ${options.to}`);
+  emit('preflight', 'controller', `connecting to ${options.from.url} and ${options.to.url}`);
   const onProgress = (p: ProgressMessage): void =>
     emit((p.phase as Phase | undefined) ?? phase, p.source ?? 'agent', p.message ?? '', {
       round: p.round || undefined,
       bytes: p.bytes ?? undefined,
       pages: p.pages ?? undefined,
     });
-  const connect = (url: string) => connectAgent(url, options.softwareVersion, { onProgress, signal: options.signal });
+  const connect = (endpoint: AgentEndpoint) =>
+    connectAgent(endpoint, options.softwareVersion, { onProgress, signal: options.signal });
   const connected = await Promise.allSettled([connect(options.from), connect(options.to)]);
   const failed = connected.find((r) => r.status === 'rejected');
   if (failed !== undefined) {
@@ -150,8 +152,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     WireConnection,
     WireConnection,
   ];
-  const sourceName = source.peerName || options.from;
-  const destinationName = destination.peerName || options.to;
+  const sourceName = source.peerName || options.from.url;
+  const destinationName = destination.peerName || options.to.url;
   let committed = false;
   let prepared = false;
   try {
@@ -192,7 +194,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       {
         prepareDestination: {
           migrationId,
-          sourceUrl: options.from,
+          sourceUrl: options.from.url,
           holdMs,
           workload: proc.workload
             ? {
@@ -278,7 +280,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           pid,
           pageServerAddress: ps.address,
           pageServerPort: ps.port,
-          destinationUrl: options.to,
+          destinationUrl: options.to.url,
           holdMs,
         },
       },
@@ -355,8 +357,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     };
     return {
       migrationId,
-      from: { agent: sourceName, url: options.from, pid },
-      to: { agent: destinationName, url: options.to, pid: resumedPid },
+      from: { agent: sourceName, url: options.from.url, pid },
+      to: { agent: destinationName, url: options.to.url, pid: resumedPid },
       workload: proc.workload || undefined,
       strategy,
       strategyReason: reason,

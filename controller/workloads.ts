@@ -1,13 +1,14 @@
 import type { MigrationRecord, WorkloadInfo } from '../src/wire/index.js';
+import type { AgentEndpoint } from './agents.js';
 import { connectAgent, localized } from './connect.js';
 
 export async function runWorkload(
-  url: string,
+  endpoint: AgentEndpoint,
   name: string,
   argv: readonly string[],
   softwareVersion: string,
 ): Promise<WorkloadInfo> {
-  const agent = await connectAgent(url, softwareVersion);
+  const agent = await connectAgent(endpoint, softwareVersion);
   try {
     return await agent.request({ runWorkload: { name, argv: [...argv] } }, 'workload', { timeoutMs: 30_000 });
   } catch (error) {
@@ -17,8 +18,8 @@ export async function runWorkload(
   }
 }
 
-export async function listWorkloads(url: string, softwareVersion: string): Promise<WorkloadInfo[]> {
-  const agent = await connectAgent(url, softwareVersion);
+export async function listWorkloads(endpoint: AgentEndpoint, softwareVersion: string): Promise<WorkloadInfo[]> {
+  const agent = await connectAgent(endpoint, softwareVersion);
   try {
     return (await agent.request({ listWorkloads: {} }, 'workloadList')).workloads ?? [];
   } finally {
@@ -28,11 +29,11 @@ export async function listWorkloads(url: string, softwareVersion: string): Promi
 
 /** Migrations an agent's journal knows (status), or the ones it settled now (recover). */
 export async function migrationRecords(
-  url: string,
+  endpoint: AgentEndpoint,
   softwareVersion: string,
   settle: boolean,
 ): Promise<MigrationRecord[]> {
-  const agent = await connectAgent(url, softwareVersion);
+  const agent = await connectAgent(endpoint, softwareVersion);
   try {
     const body = settle ? { recover: {} } : { statusQuery: {} };
     return (await agent.request(body, 'migrationList', { timeoutMs: 120_000 })).migrations ?? [];

@@ -16,6 +16,7 @@ import { runWorkload } from '../controller/workloads.js';
 import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';
+import { hostEndpoint } from '../controller/agents.js';
 
 const execFileAsync = promisify(execFile);
 const memoryMb = Number(process.env.BENCH_MEMORY_MB ?? 1024);
@@ -41,7 +42,7 @@ function inHost(host: LabHost, args: string[]): string[] {
 async function startWorkload(a: LabHost, name: string): Promise<{ pid: number; dir: string }> {
   const dir = mkdtempSync(join(a.dataDir, `${name}-`));
   const w = await runWorkload(
-    a.url,
+    hostEndpoint(a),
     name,
     [counter, join(dir, 'state'), '20', String(memoryMb), String(hotMb)],
     'bench',
@@ -107,7 +108,12 @@ async function bareCriu(a: LabHost, b: LabHost, run: number): Promise<Sample> {
 
 async function ferry(a: LabHost, b: LabHost, run: number): Promise<Sample> {
   await startWorkload(a, `ferry${run}`);
-  const report = await migrate({ workload: `ferry${run}`, from: a.url, to: b.url, softwareVersion: 'bench' });
+  const report = await migrate({
+    workload: `ferry${run}`,
+    from: hostEndpoint(a),
+    to: hostEndpoint(b),
+    softwareVersion: 'bench',
+  });
   process.kill(report.to.pid, 'SIGKILL');
   return {
     downtimeMs: report.downtimeMs,

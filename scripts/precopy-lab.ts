@@ -15,6 +15,7 @@ import { migrate, type MigrationReport, type Strategy } from '../controller/migr
 import { runWorkload } from '../controller/workloads.js';
 import { projectRoot } from '../src/paths.js';
 import { inNetns } from '../src/proc.js';
+import { hostEndpoint } from '../controller/agents.js';
 
 interface Scenario {
   name: string;
@@ -55,7 +56,7 @@ async function main(): Promise<void> {
       const dir = mkdtempSync('/tmp/kl-');
       const state = join(dir, 'state');
       const w = await runWorkload(
-        a.url,
+        hostEndpoint(a),
         scenario.name,
         [counter, state, String(scenario.tickMs), String(scenario.memoryMb), String(scenario.hotMb)],
         'kernel-lab',
@@ -65,8 +66,8 @@ async function main(): Promise<void> {
       const countBefore = count(state);
       const report = await migrate({
         workload: scenario.name,
-        from: a.url,
-        to: b.url,
+        from: hostEndpoint(a),
+        to: hostEndpoint(b),
         strategy: scenario.strategy,
         softwareVersion: 'kernel-lab',
         onEvent: (e) => process.stderr.write(`[${scenario.name}] ${e.phase} ${e.from}: ${e.message}\n`),

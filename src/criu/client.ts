@@ -91,10 +91,19 @@ export interface ImageOptions extends CallOptions {
   logLevel?: number | undefined;
 }
 
+/** PEM files for CRIU's TLS (GnuTLS): the CA both ends trust, this end's certificate and key. */
+export interface PageTls {
+  cacert: string;
+  cert: string;
+  key: string;
+}
+
 export interface PageServerTarget {
   /** Numeric IP literal: CRIU does not resolve host names. */
   address: string;
   port: number;
+  /** Encrypt the pages; the page server's certificate must name `address` (CRIU checks it). */
+  tls?: PageTls | undefined;
 }
 
 export interface ProcessTreeOptions {
@@ -136,6 +145,8 @@ export interface PageServerOptions extends ImageOptions {
   /** Omit to let CRIU pick a free port (reported back). */
   port?: number | undefined;
   parentImg?: string | undefined;
+  /** Accept only a client with a certificate of this CA, and encrypt. */
+  tls?: PageTls | undefined;
 }
 
 export interface CriuVersion {
@@ -334,6 +345,13 @@ export class CriuClient {
     if (options.port !== undefined) ps.port = options.port;
     const opts: RpcOptions = { ps };
     if (options.parentImg !== undefined) opts.parentImg = options.parentImg;
+    if (options.tls !== undefined) {
+      // CRIU's page server checks the CLIENT's certificate against its own
+      // listening address (opts.addr serves both ends in tls.c), which no
+      // client certificate names; the CA signature is what authenticates
+      // the source, so the name check is off on this end only.
+      Object.assign(opts, tlsOpts(options.tls), { tlsNoCnVerify: true });
+    }
     const resp = await this.#withImages(RequestType.PAGE_SERVER, options, opts, undefined, true);
     const port = resp.ps?.port;
     if (port === undefined || port === null || port <= 0) {
@@ -581,6 +599,13 @@ function processOpts(o: ProcessTreeOptions): RpcOptions {
 function pageServerOpts(o: PreDumpOptions): RpcOptions {
   const opts: RpcOptions = {};
   if (o.parentImg !== undefined) opts.parentImg = o.parentImg;
-  if (o.pageServer !== undefined) opts.ps = { address: o.pageServer.address, port: o.pageServer.port };
+  if (o.pageServer !== undefined) {
+    opts.ps = { address: o.pageServer.address, port: o.pageServer.port };
+    if (o.pageServer.tls !== undefined) Object.assign(opts, tlsOpts(o.pageServer.tls));
+  }
   return opts;
+}
+
+function tlsOpts(tls: PageTls): RpcOptions {
+  return { tls: true, tlsCacert: tls.cacert, tlsCert: tls.cert, tlsKey: tls.key };
 }

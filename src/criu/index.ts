@@ -19,6 +19,7 @@ export type {
   PageServerOptions,
   PageServerResult,
   PageServerTarget,
+  PageTls,
   PreDumpOptions,
   ProcessTreeOptions,
   RestoreOptions,

@@ -1,4 +1,7 @@
+import type { IncomingMessage } from 'node:http';
+import type { TLSSocket } from 'node:tls';
 import WebSocket from 'ws';
+import { clientOptions, peerOf, type Identity, type Peer } from '../tls/index.js';
 import { abortReason, FerryError, TimeoutError } from '../errors.js';
 import { PeerGoneError, RemoteError, WireProtocolError } from './errors.js';
 import {
@@ -55,6 +58,8 @@ export class WireConnection {
   #lastPong = Date.now();
   /** Set by the handshake: the peer's Hello (on a server) or Welcome (on a client). */
   peerName = '';
+  /** Who the peer's certificate says it is; undefined on a plaintext (--insecure) connection. */
+  certificate: Peer | undefined;
 
   constructor(ws: WebSocket, options: WireConnectionOptions) {
     this.#ws = ws;
@@ -81,15 +86,41 @@ export class WireConnection {
     this.#heartbeat.unref();
   }
 
-  /** Connects to an agent and introduces itself; resolves after the agent's Welcome. */
+  /**
+   * Connects to an agent and introduces itself; resolves after the agent's
+   * Welcome. With an identity the URL must be wss:// and the agent must
+   * show a certificate of the same cluster naming an agent; without one,
+   * ws:// only (plaintext is never chosen silently).
+   */
   static async connect(
     url: string,
     hello: { role: 'controller' | 'agent'; name: string; softwareVersion: string },
-    options: Omit<WireConnectionOptions, 'peer'> & { peer?: string; signal?: AbortSignal; timeoutMs?: number } = {},
+    options: Omit<WireConnectionOptions, 'peer'> & {
+      peer?: string;
+      signal?: AbortSignal;
+      timeoutMs?: number;
+      tls?: Identity | undefined;
+    } = {},
   ): Promise<WireConnection> {
     const peer = options.peer ?? url;
     const timeoutMs = options.timeoutMs ?? 5_000;
-    const ws = new WebSocket(url, { maxPayload: MAX_FRAME_BYTES, handshakeTimeout: timeoutMs });
+    const secure = url.startsWith('wss://');
+    if (secure !== (options.tls !== undefined)) {
+      throw new WireProtocolError(
+        secure
+          ? `${url} needs a TLS identity to connect with`
+          : `${url} is plaintext but this side insists on TLS: use a wss:// URL, or --insecure for a plaintext agent`,
+      );
+    }
+    const ws = new WebSocket(url, {
+      maxPayload: MAX_FRAME_BYTES,
+      handshakeTimeout: timeoutMs,
+      ...(options.tls === undefined ? {} : clientOptions(options.tls)),
+    });
+    let certificate: Peer | undefined;
+    ws.once('upgrade', (response: IncomingMessage) => {
+      if (secure) certificate = peerOf(response.socket as TLSSocket);
+    });
     await new Promise<void>((resolve, reject) => {
       const onAbort = (): void => {
         ws.terminate();
@@ -105,7 +136,12 @@ export class WireConnection {
         reject(new PeerGoneError(peer, `cannot connect: ${error.message}`, { cause: error }));
       });
     });
+    if (secure && certificate?.role !== 'agent') {
+      ws.terminate();
+      throw new PeerGoneError(peer, `its certificate does not name a Ferry agent (${certificate?.role ?? 'no role'})`);
+    }
     const connection = new WireConnection(ws, { ...options, peer });
+    connection.certificate = certificate;
     try {
       const welcome = await connection.request(
         {

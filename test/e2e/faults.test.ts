@@ -10,6 +10,7 @@ import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
+import { hostEndpoint } from '../../controller/agents.js';
 
 /**
  * The fault matrix: a migration of a stateful workload, a crash at a named
@@ -129,7 +130,7 @@ function journalOk(dir: string): { ok: boolean; last: number; why: string } {
 }
 
 async function openMigrations(host: LabHost): Promise<string[]> {
-  const records = await migrationRecords(host.url, 'test', false);
+  const records = await migrationRecords(hostEndpoint(host), 'test', false);
   return records
     .filter((r) => !['committed', 'aborted', 'resumed', 'discarded'].includes(r.state ?? ''))
     .map((r) => `${r.migrationId} ${r.state}`);
@@ -140,7 +141,7 @@ async function runCell(cell: Cell, index: number): Promise<void> {
   const name = `w${index}`;
   const since = Date.now();
   const dir = mkdtempSync(join(scratch, `${name}-`));
-  await runWorkload(a.url, name, [stateful, dir, '1'], 'test');
+  await runWorkload(hostEndpoint(a), name, [stateful, dir, '1'], 'test');
   await sleep(300);
 
   // A full disk is a small one: the destination's images go to a 48 MiB tmpfs for this cell.
@@ -193,7 +194,7 @@ async function runCell(cell: Cell, index: number): Promise<void> {
 
 /** Where the one copy must run: the source's journal is the authority on whether the migration committed. */
 async function committedOnSource(since: number): Promise<boolean> {
-  const records = await migrationRecords(a.url, 'test', false);
+  const records = await migrationRecords(hostEndpoint(a), 'test', false);
   return records.some((r) => r.role === 'source' && r.state === 'committed' && Number(r.updatedAtMs) >= since);
 }
 
@@ -228,7 +229,7 @@ async function runCrossCell(point: string, kind: Kind, index: number): Promise<v
   const name = `x${index}`;
   const since = Date.now();
   const dir = mkdtempSync(join(scratch, `${name}-`));
-  await runWorkload(a.url, name, [stateful, dir, '1'], 'test');
+  await runWorkload(hostEndpoint(a), name, [stateful, dir, '1'], 'test');
   await sleep(300);
   writeFileSync(join(pauseDir, 'armed'), point);
   const controller = spawn(ferry, ['migrate', name, '--from', 'a', '--to', 'b', '--hold', String(HOLD_MS)], {

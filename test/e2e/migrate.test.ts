@@ -9,14 +9,15 @@ import { migrate, type MigrationEvent, type MigrationReport } from '../../contro
 import { runWorkload } from '../../controller/workloads.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
+import { runFerry, type CliResult } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning, processState } from '../helpers/workload.js';
+import { hostEndpoint } from '../../controller/agents.js';
 
 const execFileAsync = promisify(execFile);
 const LAB = `fm${process.pid % 100_000}`;
 const examples = join(projectRoot(), 'dist', 'examples');
-const ferry = join(projectRoot(), 'bin', 'ferry');
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-e2e-'));
 let lab: Lab;
 let a: LabHost;
@@ -77,23 +78,12 @@ async function workloadPidsIn(host: LabHost): Promise<number[]> {
     });
 }
 
-async function ferryCli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFileAsync(ferry, args, {
-      timeout: 120_000,
-      env: { ...process.env, FERRY_LAB: LAB },
-    });
-    return { code: 0, stdout, stderr };
-  } catch (error) {
-    const e = error as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
-  }
-}
+const ferryCli = (...args: string[]): Promise<CliResult> => runFerry(args, { FERRY_LAB: LAB });
 
 describe('ferry migrate between two lab hosts', () => {
   it('moves a process with memory, a file offset, a pipe to a child and threads; nothing is left on A', async () => {
     const dir = workDir('stateful');
-    const started = await runWorkload(a.url, 'stateful', [join(examples, 'stateful'), dir, '3'], 'test');
+    const started = await runWorkload(hostEndpoint(a), 'stateful', [join(examples, 'stateful'), dir, '3'], 'test');
     const oldPid = started.pid ?? 0;
     await waitFor(() => existsSync(join(dir, 'thread-2')) && existsSync(join(dir, 'child')), {
       what: 'the workload to start',
@@ -103,8 +93,8 @@ describe('ferry migrate between two lab hosts', () => {
     const events: MigrationEvent[] = [];
     const report = await migrate({
       workload: 'stateful',
-      from: a.url,
-      to: b.url,
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
       softwareVersion: 'test',
       onEvent: (e) => events.push(e),
     });
@@ -148,13 +138,18 @@ describe('ferry migrate between two lab hosts', () => {
 
   it('reports progress during the migration, at least one event per phase, in order', async () => {
     const dir = workDir('progress');
-    await runWorkload(a.url, 'progress', [join(examples, 'counter'), join(dir, 'state'), '20', '32', '1'], 'test');
+    await runWorkload(
+      hostEndpoint(a),
+      'progress',
+      [join(examples, 'counter'), join(dir, 'state'), '20', '32', '1'],
+      'test',
+    );
     const events: (MigrationEvent & { pending: boolean })[] = [];
     let pending = true;
     const report = await migrate({
       workload: 'progress',
-      from: a.url,
-      to: b.url,
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
       softwareVersion: 'test',
       onEvent: (e) => events.push({ ...e, pending }),
     });
@@ -176,10 +171,20 @@ describe('ferry migrate between two lab hosts', () => {
 
   it('moves 256 MB, and the report’s pages and bytes match what CRIU wrote', async () => {
     const dir = workDir('big');
-    await runWorkload(a.url, 'big', [join(examples, 'counter'), join(dir, 'state'), '50', '256', '4'], 'test');
+    await runWorkload(
+      hostEndpoint(a),
+      'big',
+      [join(examples, 'counter'), join(dir, 'state'), '50', '256', '4'],
+      'test',
+    );
     await sleep(500);
     const frozenBefore = readNumber(join(dir, 'state'), 1);
-    const report: MigrationReport = await migrate({ workload: 'big', from: a.url, to: b.url, softwareVersion: 'test' });
+    const report: MigrationReport = await migrate({
+      workload: 'big',
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
+      softwareVersion: 'test',
+    });
     const pages = report.final.pagesWritten + report.rounds.reduce((sum, r) => sum + r.pagesWritten, 0);
     expect(pages).toBeGreaterThanOrEqual((256 * 1024 * 1024) / 4096);
     // CRIU's statistics (pages written) against the size of the page images the destination received.
@@ -198,7 +203,7 @@ describe('ferry migrate between two lab hosts', () => {
 describe('ferry migrate on the command line', () => {
   it('prints exactly one JSON document with --json, progress only on stderr', async () => {
     const dir = workDir('json');
-    await runWorkload(a.url, 'jsonout', [join(examples, 'counter'), join(dir, 'state')], 'test');
+    await runWorkload(hostEndpoint(a), 'jsonout', [join(examples, 'counter'), join(dir, 'state')], 'test');
     const { code, stdout, stderr } = await ferryCli('migrate', 'jsonout', '--from', 'a', '--to', 'b', '--json');
     expect(code, stderr).toBe(0);
     const report = JSON.parse(stdout) as MigrationReport;
@@ -210,7 +215,7 @@ describe('ferry migrate on the command line', () => {
 
   it('refuses bad input with exit code 2 and touches nothing', async () => {
     const dir = workDir('untouched');
-    const w = await runWorkload(a.url, 'untouched', [join(examples, 'counter'), join(dir, 'state')], 'test');
+    const w = await runWorkload(hostEndpoint(a), 'untouched', [join(examples, 'counter'), join(dir, 'state')], 'test');
     const pid = w.pid ?? 0;
     const imagesBefore = readdirSync(b.imagesDir);
 

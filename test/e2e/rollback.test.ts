@@ -10,6 +10,7 @@ import { runWorkload } from '../../controller/workloads.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning } from '../helpers/workload.js';
+import { hostEndpoint } from '../../controller/agents.js';
 
 const execFileAsync = promisify(execFile);
 const LAB = `fr${process.pid % 100_000}`;
@@ -66,7 +67,7 @@ describe('a migration that fails on the destination', () => {
       const dir = mkdtempSync(join(scratch, 'w-'));
       const name = `victim-${host().host}`;
       const w = await runWorkload(
-        a.url,
+        hostEndpoint(a),
         name,
         [join(examples, 'counter'), join(dir, 'state'), '20', '16', '1'],
         'test',
@@ -101,7 +102,7 @@ describe('a migration that fails on the source', () => {
     // CRIU 4.1 cannot dump inet sockets on this kernel (docs/criu.md); if that
     // changes, this needs another undumpable resource.
     const w = await runWorkload(
-      a.url,
+      hostEndpoint(a),
       'listener',
       [
         'python3',
