@@ -3,6 +3,9 @@
  * work (dump to a page server on the other host, copy the other images,
  * restore), both between the same two lab hosts, in the same run.
  *
+ * Then the cost of encrypting pages: the same dump to a page server, plain
+ * and with CRIU's TLS (the agents' certificates), alternating on one process.
+ *
  * Options (environment): BENCH_MEMORY_MB (1024), BENCH_HOT_MB (64), BENCH_RUNS (3).
  */
 import { execFile, spawn } from 'node:child_process';
@@ -125,6 +128,97 @@ async function ferry(a: LabHost, b: LabHost, run: number): Promise<Sample> {
   };
 }
 
+/** CRIU's TLS options for a lab host's identity. */
+function tlsArgs(host: LabHost): string[] {
+  const dir = host.tlsDir ?? '';
+  return [
+    '--tls',
+    '--tls-cacert',
+    join(dir, 'ca.pem'),
+    '--tls-cert',
+    join(dir, 'cert.pem'),
+    '--tls-key',
+    join(dir, 'key.pem'),
+  ];
+}
+
+/** One dump of a running process to a page server on b, leaving it running: page transfer only. */
+async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Sample> {
+  const source = mkdtempSync(join(a.imagesDir, 'xfer-'));
+  const destination = mkdtempSync(join(b.imagesDir, 'xfer-'));
+  const pageServer = spawn(
+    'nsenter',
+    inHost(b, [
+      'page-server',
+      '-D',
+      destination,
+      '--address',
+      b.address,
+      '--port',
+      String(port),
+      '-o',
+      'page-server.log',
+      // The page server checks a client certificate against its own address (see src/criu/client.ts).
+      ...(tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
+    ]),
+    { stdio: 'ignore' },
+  );
+  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
+  await sleep(100);
+  const started = performance.now();
+  await execFileAsync(
+    'nsenter',
+    inHost(a, [
+      'dump',
+      '-t',
+      String(pid),
+      '-D',
+      source,
+      '--leave-running',
+      '--page-server',
+      '--address',
+      b.address,
+      '--port',
+      String(port),
+      '-o',
+      'dump.log',
+      ...(tls ? tlsArgs(a) : []),
+    ]),
+  );
+  const done = performance.now();
+  await pageServerDone;
+  const handshake = readFileSync(join(source, 'dump.log'), 'utf8').includes('TLS handshake completed');
+  if (tls !== handshake) throw new Error(`the ${tls ? 'TLS' : 'plain'} dump ${handshake ? 'did' : 'did not'} use TLS`);
+  const bytes = pageBytes(destination);
+  rmSync(source, { recursive: true, force: true });
+  rmSync(destination, { recursive: true, force: true });
+  return { downtimeMs: done - started, totalMs: done - started, bytes, detail: '' };
+}
+
+async function tlsCost(a: LabHost, b: LabHost): Promise<void> {
+  const { pid } = await startWorkload(a, 'tlscost');
+  const samples: Record<'plain' | 'tls', Sample[]> = { plain: [], tls: [] };
+  for (let run = 0; run < runs; run++) {
+    for (const mode of ['plain', 'tls'] as const) {
+      const sample = await pageTransfer(a, b, pid, mode === 'tls', 27_100 + run * 2 + (mode === 'tls' ? 1 : 0));
+      samples[mode].push(sample);
+      process.stderr.write(
+        `  run ${run + 1} page transfer ${mode}: ${ms(sample.totalMs)} for ${formatBytes(sample.bytes)} (${rate(sample)})\n`,
+      );
+    }
+  }
+  await killNamespaceOf(a, 'counter');
+  const plain = median(samples.plain.map((s) => s.bytes / s.totalMs));
+  const tls = median(samples.tls.map((s) => s.bytes / s.totalMs));
+  process.stdout.write(`\npage transfer of a ${memoryMb} MiB process (dump to a page server, median of ${runs})\n`);
+  process.stdout.write(`  plain  ${formatBytes(plain * 1000)}/s\n`);
+  process.stdout.write(`  TLS    ${formatBytes(tls * 1000)}/s  (${((1 - tls / plain) * 100).toFixed(0)} % slower)\n`);
+}
+
+function rate(sample: Sample): string {
+  return `${formatBytes((sample.bytes / sample.totalMs) * 1000)}/s`;
+}
+
 function pageBytes(dir: string): number {
   let total = 0;
   for (const name of readdirSync(dir)) if (/^pages-\d+\.img$/.test(name)) total += statSync(join(dir, name)).size;
@@ -192,6 +286,12 @@ async function main(): Promise<void> {
     process.stdout.write(
       `${r.name.padEnd(22)}${ms(r.downtime).padStart(10)}${ms(r.total).padStart(10)}${formatBytes(r.bytes).padStart(12)}${`${((r.downtime / base - 1) * 100).toFixed(0)} %`.padStart(10)}\n`,
     );
+  }
+  const again = await labUp({ name: LAB });
+  try {
+    await tlsCost(again.hosts[0] as LabHost, again.hosts[1] as LabHost);
+  } finally {
+    await labDown(LAB);
   }
 }
 

@@ -223,9 +223,10 @@ describe('ferry migrate on the command line', () => {
       [['migrate', '4000000', '--from', 'a', '--to', 'b'], /no process with PID 4000000 on a/],
       [['migrate', 'nosuchworkload', '--from', 'a', '--to', 'b'], /no workload named nosuchworkload on a/],
       [
-        ['migrate', 'untouched', '--from', 'a', '--to', 'ws://127.0.0.1:1'],
+        ['migrate', 'untouched', '--from', 'a', '--to', 'ws://127.0.0.1:1', '--insecure'],
         /cannot reach the agent at ws:\/\/127\.0\.0\.1:1/,
       ],
+      [['migrate', 'untouched', '--from', 'a', '--to', 'ws://127.0.0.1:1'], /plaintext agent URL.*--insecure/s],
       [['migrate', 'untouched', '--from', 'a', '--to', 'a'], /--from and --to name the same agent/],
       [['migrate', 'untouched', '--from', 'a', '--to', 'nowhere'], /unknown agent "nowhere"/],
       [['migrate', '../etc', '--from', 'a', '--to', 'b'], /neither a PID nor a workload name/],
