@@ -182,6 +182,7 @@ async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, p
       String(port),
       '-o',
       'dump.log',
+      '-v4', // the handshake line is info level
       ...(tls ? tlsArgs(a) : []),
     ]),
   );
