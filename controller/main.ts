@@ -40,6 +40,17 @@ function wholeNumber(value: string): number {
   return Number(value);
 }
 
+function roundCount(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 100)
+    throw new InvalidArgumentError('expected a whole number from 1 to 100');
+  return Number(value);
+}
+
+function positiveNumber(value: string): number {
+  if (!/^\d+(\.\d+)?$/.test(value) || Number(value) <= 0) throw new InvalidArgumentError('expected a number above 0');
+  return Number(value);
+}
+
 function hostPort(value: string): { host: string; port: number } {
   const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(value);
   const host = match?.[1] ?? match?.[2];
@@ -153,7 +164,16 @@ client check it. \`ferry install\` does all this for you over SSH.`,
         .choices(['auto', 'precopy', 'stop-and-copy'])
         .default('auto'),
     )
-    .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', wholeNumber, 8)
+    .option(
+      '--max-downtime <ms>',
+      'the downtime budget: pre-copy rounds go on until the predicted downtime fits',
+      positiveNumber,
+      300,
+    )
+    .option('--strict-downtime', 'abort (the process keeps running on the source) rather than go over the budget')
+    .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', roundCount, 8)
+    .option('--max-traffic <X>', 'stop pre-copy once it sent X times the resident memory', positiveNumber, 3)
+    .option('--precopy-timeout <ms>', 'stop pre-copy rounds after this long (default: no limit)', positiveNumber)
     .option(
       '--hold <ms>',
       'how long each agent holds its side of the switchover waiting for the next step before settling it alone',
@@ -169,7 +189,14 @@ Steps: preflight (both agents, CPU, space, PID), pre-copy rounds while the proce
 (only where the kernel tracks dirty memory), then the switchover: the process is frozen on
 the source, the rest of its state goes to the destination, the copy there is restored but held,
 and only then is the source copy ended and the destination's started. Any failure before that
-point leaves the process running on the source as it was (exit code 1).`,
+point leaves the process running on the source as it was (exit code 1).
+
+Pre-copy stops, in this order, when: the predicted downtime fits --max-downtime; a round wrote
+64 pages or fewer; the rounds stop converging (a round wrote more than 1.1x, or over 0.9x, of
+the one before); --max-rounds; --max-traffic; --precopy-timeout. The prediction is
+switchover cost + restore of the resident memory + the pages expected dirty at the switchover
+over the measured bandwidth; progress shows it after every round and the report compares it with
+the downtime measured. Over budget, Ferry goes ahead and says so, unless --strict-downtime.`,
     )
     .action(
       async (
@@ -178,7 +205,11 @@ point leaves the process running on the source as it was (exit code 1).`,
           from: string;
           to: string;
           strategy: 'auto' | 'precopy' | 'stop-and-copy';
+          maxDowntime: number;
+          strictDowntime?: boolean;
           maxRounds: number;
+          maxTraffic: number;
+          precopyTimeout?: number;
           hold: number;
           json?: boolean;
           insecure?: boolean;
@@ -196,7 +227,13 @@ point leaves the process running on the source as it was (exit code 1).`,
           from,
           to,
           strategy: opts.strategy,
-          maxRounds: opts.maxRounds,
+          limits: {
+            maxDowntimeMs: opts.maxDowntime,
+            maxRounds: opts.maxRounds,
+            maxTrafficFactor: opts.maxTraffic,
+            deadlineMs: opts.precopyTimeout,
+          },
+          strictDowntime: opts.strictDowntime,
           holdMs: opts.hold,
           softwareVersion: version,
           onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),

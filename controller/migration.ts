@@ -12,6 +12,18 @@ import {
 } from '../src/wire/index.js';
 import type { AgentEndpoint } from './agents.js';
 import { AgentUnreachableError, connectAgent, localized } from './connect.js';
+import {
+  DEFAULT_COST,
+  DEFAULT_LIMITS,
+  decide,
+  estimate,
+  explain,
+  floorMs,
+  type PolicyLimits,
+  type RoundSample,
+  type StopRule,
+  type SwitchoverCost,
+} from './convergence.js';
 
 export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'rollback' | 'done';
 export type Strategy = 'precopy' | 'stop-and-copy';
@@ -35,7 +47,11 @@ export interface MigrateOptions {
   from: AgentEndpoint;
   to: AgentEndpoint;
   strategy?: 'auto' | Strategy | undefined;
-  maxRounds?: number | undefined;
+  /** The convergence policy's limits; unset ones take DEFAULT_LIMITS (300 ms budget, 8 rounds...). */
+  limits?: Partial<PolicyLimits> | undefined;
+  /** Abort, leaving the source running, rather than go over the downtime budget. */
+  strictDowntime?: boolean | undefined;
+  cost?: SwitchoverCost | undefined;
   /** How long either agent holds its side of the switchover waiting for the next step. */
   holdMs?: number | undefined;
   softwareVersion: string;
@@ -61,6 +77,15 @@ export interface MigrationReport {
   rounds: RoundReport[];
   /** Why the pre-copy rounds stopped (precopy only). */
   roundsStopReason: string | undefined;
+  /** The downtime budget, what was predicted before the switchover and which rule ended the rounds. */
+  policy: {
+    budgetMs: number;
+    strict: boolean;
+    rule: StopRule | undefined;
+    predictedDowntimeMs: number;
+    prediction: string;
+    meetsBudget: boolean;
+  };
   final: RoundReport & {
     /** CRIU's frozen time on the source: from the freeze to the kill, so it includes the held switchover. */
     frozenMs: number;
@@ -110,6 +135,11 @@ export class PreflightRefusedError extends InvalidInputError {
 }
 
 const HOLD_MS = 60_000;
+
+/** --strict-downtime refused to go over the budget: the process still runs on the source. */
+export class DowntimeBudgetError extends FerryError {
+  readonly code = 'DOWNTIME_BUDGET';
+}
 
 /**
  * The migration state machine: preflight → pre-copy rounds → switchover →
@@ -210,14 +240,29 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     );
     prepared = true;
 
-    // 2. Pre-copy rounds: memory copied while the process runs.
+    // 2. Pre-copy rounds: memory copied while the process runs, for as long as the policy says it pays.
+    const limits: PolicyLimits = { ...DEFAULT_LIMITS, ...definedOnly(options.limits ?? {}) };
+    const strict = options.strictDowntime === true;
+    const cost = options.cost ?? DEFAULT_COST;
+    const residentBytes = Number(proc.residentBytes ?? 0);
     const rounds: RoundReport[] = [];
+    const samples: RoundSample[] = [];
     let roundsStopReason: string | undefined;
+    let rule: StopRule | undefined;
+    let prediction = estimate([], { residentBytes, cost });
     let parent = '';
+    const floor = floorMs({ residentBytes, cost });
+    if (strict && floor > limits.maxDowntimeMs) {
+      throw new DowntimeBudgetError(
+        `no strategy can keep the downtime within ${limits.maxDowntimeMs} ms: switching over and restoring ` +
+          `${formatBytes(residentBytes)} alone takes about ${Math.round(floor)} ms`,
+        { hint: `raise --max-downtime above ${Math.ceil(floor / 100) * 100}, or drop --strict-downtime` },
+      );
+    }
     if (strategy === 'precopy') {
       phase = 'precopy';
-      const maxRounds = options.maxRounds ?? 8;
-      for (let k = 1; k <= maxRounds; k++) {
+      const started = performance.now();
+      for (let k = 1; ; k++) {
         const round = String(k);
         const ps = await destination.request({ pageServerStart: { migrationId, round, parent } }, 'pageServerStarted');
         emit('precopy', 'controller', `round ${k}: copying memory while the process runs`, { round });
@@ -237,30 +282,52 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         );
         const report = roundReport(round, done.stats, done.durationMs ?? 0);
         rounds.push(report);
+        samples.push({
+          pagesWritten: report.pagesWritten,
+          pagesSkipped: report.pagesSkipped,
+          durationMs: report.durationMs,
+          memwriteMs: (done.stats?.memwriteTimeUs ?? 0) / 1000,
+        });
+        parent = round;
+        const decision = decide(samples, {
+          residentBytes,
+          elapsedMs: performance.now() - started,
+          limits,
+          cost,
+        });
+        prediction = decision.estimate;
         const rate = report.durationMs > 0 ? `, ${formatBytes((report.bytes / report.durationMs) * 1000)}/s` : '';
         emit(
           'precopy',
           sourceName,
-          `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged, ${report.durationMs} ms${rate}`,
-          {
-            round,
-            pages: report.pagesWritten,
-            bytes: report.bytes,
-          },
+          `round ${k}: ${report.pagesWritten} pages written, ${report.pagesSkipped} unchanged, ${report.durationMs} ms${rate}; ` +
+            `downtime now would be ${explain(decision.estimate)}`,
+          { round, pages: report.pagesWritten, bytes: report.bytes },
         );
-        parent = round;
-        const previous = rounds.at(-2);
-        if (report.pagesWritten <= 64) roundsStopReason = `round ${k} wrote ${report.pagesWritten} pages (64 or fewer)`;
-        else if (previous !== undefined && report.pagesWritten > previous.pagesWritten * 1.1)
-          roundsStopReason = `not converging: round ${k} wrote more than round ${k - 1}`;
-        else if (previous !== undefined && report.pagesWritten > previous.pagesWritten * 0.9)
-          roundsStopReason =
-            `not converging: round ${k} wrote ${Math.round((report.pagesWritten / previous.pagesWritten) * 100)} % ` +
-            `of round ${k - 1}'s pages (the dirty set no longer shrinks)`;
-        else if (k === maxRounds) roundsStopReason = `reached ${maxRounds} rounds`;
-        if (roundsStopReason !== undefined) break;
+        if (decision.stop) {
+          rule = decision.rule;
+          roundsStopReason = decision.reason;
+          break;
+        }
       }
-      emit('precopy', 'controller', `rounds stop: ${roundsStopReason}`);
+      emit('precopy', 'controller', `rounds stop (${rule}): ${roundsStopReason}`);
+    }
+    const meetsBudget = prediction.predictedDowntimeMs <= limits.maxDowntimeMs;
+    if (!meetsBudget) {
+      const over = `predicted downtime ${explain(prediction)}, over the ${limits.maxDowntimeMs} ms budget`;
+      if (strict) {
+        throw new DowntimeBudgetError(`${over}; --strict-downtime stops here`, {
+          hint:
+            strategy === 'precopy'
+              ? 'raise --max-downtime, or allow more rounds (--max-rounds, --max-traffic) if the dirty set was still shrinking'
+              : 'raise --max-downtime; pre-copy needs a source kernel that tracks dirty memory',
+        });
+      }
+      emit(
+        strategy === 'precopy' ? 'precopy' : 'preflight',
+        'controller',
+        `${over}; going ahead (--strict-downtime would stop here)`,
+      );
     }
     const precopyMs = elapsed() - preflightMs;
 
@@ -364,6 +431,14 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       strategyReason: reason,
       rounds,
       roundsStopReason,
+      policy: {
+        budgetMs: limits.maxDowntimeMs,
+        strict,
+        rule,
+        predictedDowntimeMs: Math.round(prediction.predictedDowntimeMs),
+        prediction: explain(prediction),
+        meetsBudget,
+      },
       final,
       bytesSent: rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes,
       pageImageBytes: Number(restored.pageImageBytes ?? 0),
@@ -436,6 +511,11 @@ function chooseStrategy(requested: 'auto' | Strategy, source: Facts): { strategy
     reason:
       'the source kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY), so the process stops for the whole copy',
   };
+}
+
+/** Drops keys set to undefined, so they do not override the defaults they leave unset. */
+function definedOnly<T extends object>(value: T): Partial<T> {
+  return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined)) as Partial<T>;
 }
 
 function roundReport(round: string, stats: DumpStatsMessage | null | undefined, durationMs: number): RoundReport {

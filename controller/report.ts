@@ -23,7 +23,7 @@ export function renderReport(r: MigrationReport): string {
         `${formatBytes(round.bytes)} in ${formatDuration(round.durationMs)}`,
     );
   }
-  if (r.roundsStopReason !== undefined) lines.push(`  rounds       stopped: ${r.roundsStopReason}`);
+  if (r.roundsStopReason !== undefined) lines.push(`  rounds       stopped (${r.policy.rule}): ${r.roundsStopReason}`);
   lines.push(
     `  final dump   ${r.final.pagesWritten} pages written, ${r.final.pagesSkipped} unchanged (${formatBytes(r.final.bytes)}); ` +
       `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
@@ -33,6 +33,7 @@ export function renderReport(r: MigrationReport): string {
       `switchover ${formatDuration(r.phasesMs.switchover)}, ` +
       `commit ${formatDuration(r.phasesMs.commit)}`,
     `  downtime     ${formatDuration(r.downtimeMs)} (frozen on ${r.from.agent} until running on ${r.to.agent})`,
+    `  predicted    ${r.policy.prediction}; budget ${formatDuration(r.policy.budgetMs)}: ${r.policy.meetsBudget ? 'predicted to fit' : 'not met'}`,
   );
   return lines.join('\n');
 }

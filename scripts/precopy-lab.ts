@@ -6,6 +6,8 @@
  *   converging   256 MiB, 16 MiB rewritten continuously: pre-copy
  *   baseline     the same workload, stop-and-copy, for the downtime comparison
  *   racing       256 MiB rewritten as fast as it can: rounds must stop (not converging)
+ *   strict       64 MiB rewritten as fast as it can, --strict-downtime: Ferry must
+ *                abort over the budget and leave the process running on a
  */
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,11 +25,16 @@ interface Scenario {
   memoryMb: number;
   hotMb: number;
   tickMs: number;
+  strictDowntime?: boolean;
 }
 
 interface Outcome {
   scenario: Scenario;
-  report: MigrationReport;
+  /** Null when the migration failed (see failure). */
+  report: MigrationReport | null;
+  failure?: { code: string; message: string };
+  /** After a failure: the process still counts on the source. */
+  runsOnSource?: boolean;
   countBefore: number;
   countAfter: number;
   /** The restored process runs, in the destination host's network namespace. */
@@ -39,6 +46,7 @@ const scenarios: Scenario[] = [
   { name: 'converging', strategy: 'precopy', memoryMb: 256, hotMb: 16, tickMs: 20 },
   { name: 'baseline', strategy: 'stop-and-copy', memoryMb: 256, hotMb: 16, tickMs: 20 },
   { name: 'racing', strategy: 'precopy', memoryMb: 256, hotMb: 256, tickMs: 0 },
+  { name: 'strict', strategy: 'precopy', memoryMb: 64, hotMb: 64, tickMs: 0, strictDowntime: true },
 ];
 
 function count(stateFile: string): number {
@@ -64,14 +72,33 @@ async function main(): Promise<void> {
       // Let it fault in all of its memory first.
       await sleep(3000);
       const countBefore = count(state);
-      const report = await migrate({
-        workload: scenario.name,
-        from: hostEndpoint(a),
-        to: hostEndpoint(b),
-        strategy: scenario.strategy,
-        softwareVersion: 'kernel-lab',
-        onEvent: (e) => process.stderr.write(`[${scenario.name}] ${e.phase} ${e.from}: ${e.message}\n`),
-      });
+      let report: MigrationReport;
+      try {
+        report = await migrate({
+          workload: scenario.name,
+          from: hostEndpoint(a),
+          to: hostEndpoint(b),
+          strategy: scenario.strategy,
+          strictDowntime: scenario.strictDowntime,
+          softwareVersion: 'kernel-lab',
+          onEvent: (e) => process.stderr.write(`[${scenario.name}] ${e.phase} ${e.from}: ${e.message}\n`),
+        });
+      } catch (error) {
+        const failed = count(state);
+        await sleep(1000);
+        outcomes.push({
+          scenario,
+          report: null,
+          failure: { code: (error as { code?: string }).code ?? '', message: (error as Error).message },
+          countBefore,
+          countAfter: count(state),
+          runsOnSource: count(state) > failed && existsSync(`/proc/${w.pid}`),
+          runsOnDestination: false,
+          sourceGone: !existsSync(`/proc/${w.pid}`),
+        });
+        if (existsSync(`/proc/${w.pid}`)) process.kill(w.pid ?? 0, 'SIGKILL');
+        continue;
+      }
       const pid = report.to.pid;
       const frozen = count(state);
       await sleep(1000);

@@ -250,4 +250,41 @@ describe('ferry migrate on the command line', () => {
     expect(readdirSync(b.imagesDir)).toEqual(imagesBefore);
     process.kill(pid, 'SIGKILL');
   });
+
+  it('with --strict-downtime, refuses a switchover predicted over the budget and the process runs on; with room, migrates', async () => {
+    const dir = workDir('strict');
+    const w = await runWorkload(
+      hostEndpoint(a),
+      'strict',
+      [join(examples, 'counter'), join(dir, 'state'), '20', '64'],
+      'test',
+    );
+    const refused = await ferryCli('migrate', 'strict', '--from', 'a', '--to', 'b', '--strict-downtime', '--json');
+    expect(refused.code, refused.stderr).toBe(1);
+    const { error } = JSON.parse(refused.stdout) as { error: { code: string; message: string } };
+    expect(error.code).toBe('DOWNTIME_BUDGET');
+    expect(error.message).toMatch(/predicted downtime .* over the 300 ms budget; --strict-downtime stops here/);
+    expect(error.message).toMatch(/still runs on a, unchanged/);
+    expect(isRunning(w.pid ?? 0)).toBe(true);
+    const count = readNumber(join(dir, 'state'), 1);
+    await waitFor(() => readNumber(join(dir, 'state'), 1) > count, { what: 'the workload to keep counting on A' });
+
+    const roomy = await ferryCli(
+      'migrate',
+      'strict',
+      '--from',
+      'a',
+      '--to',
+      'b',
+      '--strict-downtime',
+      '--max-downtime',
+      '30000',
+      '--json',
+    );
+    expect(roomy.code, roomy.stderr).toBe(0);
+    const report = JSON.parse(roomy.stdout) as MigrationReport;
+    expect(report.policy).toMatchObject({ budgetMs: 30_000, strict: true, meetsBudget: true });
+    expect(report.downtimeMs).toBeLessThan(30_000);
+    process.kill(report.to.pid, 'SIGKILL');
+  });
 });

@@ -7,7 +7,9 @@ import { requireRoot } from '../helpers/root.js';
 
 interface Outcome {
   scenario: { name: string; strategy: string; memoryMb: number; hotMb: number };
-  report: MigrationReport;
+  report: MigrationReport | null;
+  failure?: { code: string; message: string };
+  runsOnSource?: boolean;
   countBefore: number;
   countAfter: number;
   runsOnDestination: boolean;
@@ -41,17 +43,23 @@ beforeAll(async () => {
   outcomes = JSON.parse(line.slice('KERNEL-LAB-RESULT '.length)) as Outcome[];
   for (const o of outcomes) {
     const r = o.report;
+    if (r === null) {
+      console.log(`${o.scenario.name}: failed (${o.failure?.code}): ${o.failure?.message}`);
+      continue;
+    }
     console.log(
       `${o.scenario.name} (${r.strategy}): rounds ${r.rounds.map((x) => `${x.pagesWritten} pages/${x.durationMs} ms`).join(', ') || 'none'}; ` +
-        `final ${r.final.pagesWritten} pages; downtime ${r.downtimeMs} ms; total ${r.totalMs} ms; ${r.roundsStopReason ?? ''}`,
+        `final ${r.final.pagesWritten} pages; downtime ${r.downtimeMs} ms, predicted ${r.policy.prediction}; total ${r.totalMs} ms; ` +
+        `${r.policy.rule ?? ''}: ${r.roundsStopReason ?? ''}`,
     );
   }
 }, 900_000);
 
-function outcome(name: string): Outcome {
+function outcome(name: string): Outcome & { report: MigrationReport } {
   const o = outcomes.find((x) => x.scenario.name === name);
   if (o === undefined) throw new Error(`no outcome for ${name}`);
-  return o;
+  if (o.report === null) throw new Error(`${name} failed: ${o.failure?.message}`);
+  return o as Outcome & { report: MigrationReport };
 }
 
 describe('pre-copy in the kernel lab (Linux 6.1 with dirty-memory tracking)', () => {
@@ -77,7 +85,9 @@ describe('pre-copy in the kernel lab (Linux 6.1 with dirty-memory tracking)', ()
   it('stops the rounds of a process that dirties memory faster than it is copied, and still completes', () => {
     const { report, runsOnDestination, sourceGone } = outcome('racing');
     expect(report.strategy).toBe('precopy');
-    expect(report.roundsStopReason).toMatch(/^not converging/);
+    expect(report.policy.rule).toBe('not-converging');
+    expect(report.roundsStopReason).toMatch(/no longer shrinks|faster than it is copied/);
+    expect(report.policy.meetsBudget).toBe(false);
     expect(report.rounds.length).toBeLessThan(8);
     expect(runsOnDestination).toBe(true);
     expect(sourceGone).toBe(true);
@@ -90,5 +100,22 @@ describe('pre-copy in the kernel lab (Linux 6.1 with dirty-memory tracking)', ()
     expect(stopAndCopy.report.final.pagesWritten).toBeGreaterThanOrEqual((256 * 1024 * 1024) / 4096);
     expect(stopAndCopy.runsOnDestination).toBe(true);
     console.log(`downtime: pre-copy ${precopy.downtimeMs} ms, stop-and-copy ${stopAndCopy.report.downtimeMs} ms`);
+  });
+
+  it('predicts the downtime before the switchover, and says whether it fits the budget', () => {
+    const { report } = outcome('converging');
+    expect(report.policy.budgetMs).toBe(300);
+    expect(report.policy.rule).toBeDefined();
+    expect(report.policy.predictedDowntimeMs).toBeGreaterThan(0);
+    expect(report.policy.prediction).toMatch(/switchover .* restore .* dirty pages at/);
+  });
+
+  it('with --strict-downtime, aborts a migration that cannot meet the budget and leaves the process running', () => {
+    const strict = outcomes.find((x) => x.scenario.name === 'strict');
+    expect(strict?.report).toBeNull();
+    expect(strict?.failure?.code).toBe('DOWNTIME_BUDGET');
+    expect(strict?.failure?.message).toMatch(/over the 300 ms budget.*--strict-downtime/);
+    expect(strict?.runsOnSource).toBe(true);
+    expect(strict?.sourceGone).toBe(false);
   });
 });
