@@ -10,6 +10,7 @@ import {
 } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -62,6 +63,11 @@ export interface AgentOptions {
    * pages; undefined only under an explicit --insecure.
    */
   tls?: Identity | undefined;
+  /**
+   * The memory workloads may use here, when it is not the machine's: agents
+   * sharing one kernel (lab hosts, containers) each report their own share.
+   */
+  capacityBytes?: number | undefined;
 }
 
 /**
@@ -237,8 +243,16 @@ export class Agent {
     if (e.factsQuery) return { facts: await this.#facts(e.factsQuery) };
     if (e.cpuCheck) return this.#cpuCheck(e.cpuCheck.cpuinfo ?? new Uint8Array());
     if (e.listWorkloads) return { workloadList: { workloads: this.workloads.list() } };
+    if (e.nodeQuery) return { nodeFacts: this.#nodeFacts() };
+    if (e.setDraining) {
+      this.#setDraining(e.setDraining.draining === true);
+      return { nodeFacts: this.#nodeFacts() };
+    }
     if (e.runWorkload) {
-      const w = await this.workloads.run(e.runWorkload.name ?? '', e.runWorkload.argv ?? []);
+      const w = await this.workloads.run(e.runWorkload.name ?? '', e.runWorkload.argv ?? [], {
+        labels: e.runWorkload.labels ?? {},
+        pinned: e.runWorkload.pinned === true,
+      });
       log.info('workload started', { name: w.name, pid: w.pid });
       return { workload: { ...w, state: 'running', agent: this.options.name } };
     }
@@ -256,6 +270,37 @@ export class Agent {
     if (e.recover) return { migrationList: { migrations: (await this.recover()).map(record) } };
     if (e.statusQuery) return { migrationList: { migrations: this.journal.list().map(record) } };
     throw new MigrationStateError('this request is not answered by an agent');
+  }
+
+  get draining(): boolean {
+    return existsSync(join(this.options.dataDir, 'draining'));
+  }
+
+  /** Kept on disk: a node being drained stays drained across agent restarts until undrained. */
+  #setDraining(draining: boolean): void {
+    const file = join(this.options.dataDir, 'draining');
+    if (draining) writeFileSync(file, `${new Date().toISOString()}\n`);
+    else rmSync(file, { force: true });
+    log.info(draining ? 'draining: this node takes no workloads' : 'undrained: this node takes workloads again');
+  }
+
+  /** Memory, load and workloads, read now: cheap enough that a cache would only make it stale. */
+  #nodeFacts(): BodyOf<'nodeFacts'> {
+    const meminfo = readFileSync('/proc/meminfo', 'utf8');
+    const kib = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(meminfo)?.[1] ?? 0) * 1024;
+    const workloads = this.workloads.list().map((w) => ({ ...w, agent: this.options.name }));
+    const capacity = this.options.capacityBytes;
+    const used = workloads.reduce((sum, w) => sum + Number(w.residentBytes ?? 0), 0);
+    return {
+      name: this.options.name,
+      memTotalBytes: capacity ?? kib('MemTotal'),
+      memAvailableBytes: capacity === undefined ? kib('MemAvailable') : Math.max(0, capacity - used),
+      load1: Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]) || 0,
+      cpus: availableParallelism(),
+      draining: this.draining,
+      workloads,
+      sampledAtMs: Date.now(),
+    };
   }
 
   async #facts(q: BodyOf<'factsQuery'>): Promise<BodyOf<'facts'>> {
@@ -284,6 +329,8 @@ export class Agent {
       workloadArgv: record?.argv ?? [],
       workloadLogFile: record?.logFile ?? '',
       workloadStartedAtMs: record?.startedAtMs ?? 0,
+      workloadLabels: record?.labels ?? {},
+      workloadPinned: record?.pinned === true,
     };
     return {
       agentName: this.options.name,
@@ -322,6 +369,13 @@ export class Agent {
   #prepare(p: BodyOf<'prepareDestination'>): Body {
     const id = p.migrationId ?? '';
     if (this.#migrations.has(id)) throw new MigrationStateError(`migration ${id} is already known here`);
+    if (this.draining) {
+      throw unchanged(
+        new InvalidInputError(`${this.options.name} is draining and takes no workloads`, {
+          hint: `pick another destination, or \`ferry undrain ${this.options.name}\` first`,
+        }),
+      );
+    }
     const dir = join(this.imagesRoot, id);
     mkdirSync(dir, { mode: 0o700 });
     this.#migrations.set(id, {

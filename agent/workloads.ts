@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { isAlive } from '../src/proc.js';
+import { processFacts } from './process.js';
 import type { WorkloadInfo, WorkloadSpec } from '../src/wire/index.js';
 
 export interface WorkloadRecord {
@@ -13,6 +14,9 @@ export interface WorkloadRecord {
   argv: string[];
   logFile: string;
   startedAtMs: number;
+  labels?: Record<string, string>;
+  /** Never moved by rebalancing (an explicit `ferry migrate` still may). */
+  pinned?: boolean;
 }
 
 export class WorkloadError extends FerryError {
@@ -37,7 +41,11 @@ export class Workloads {
     mkdirSync(this.#logDir, { recursive: true });
   }
 
-  async run(name: string, argv: readonly string[]): Promise<WorkloadRecord> {
+  async run(
+    name: string,
+    argv: readonly string[],
+    placement: { labels?: Record<string, string>; pinned?: boolean } = {},
+  ): Promise<WorkloadRecord> {
     const existing = this.#load().find((w) => w.name === name);
     if (existing !== undefined && isAlive(existing.pid)) {
       throw new InvalidInputError(`a workload named ${name} already runs here (PID ${existing.pid})`, {
@@ -67,7 +75,15 @@ export class Workloads {
         hint: 'check the command; its output is in ' + logFile,
       });
     }
-    const record: WorkloadRecord = { name, pid, argv: [...argv], logFile, startedAtMs: Date.now() };
+    const record: WorkloadRecord = {
+      name,
+      pid,
+      argv: [...argv],
+      logFile,
+      startedAtMs: Date.now(),
+      labels: { ...placement.labels },
+      pinned: placement.pinned === true,
+    };
     this.#save([...this.#load().filter((w) => w.name !== name), record]);
     return record;
   }
@@ -81,6 +97,9 @@ export class Workloads {
       startedAtMs: w.startedAtMs,
       state: isAlive(w.pid) ? 'running' : 'exited',
       agent: this.agentName,
+      labels: w.labels ?? {},
+      pinned: w.pinned === true,
+      residentBytes: isAlive(w.pid) ? Number(processFacts(w.pid).residentBytes ?? 0) : 0,
     }));
   }
 
@@ -100,6 +119,8 @@ export class Workloads {
       argv: spec.argv ?? [],
       logFile: spec.logFile ?? '',
       startedAtMs: Number(spec.startedAtMs ?? Date.now()),
+      labels: { ...spec.labels },
+      pinned: spec.pinned === true,
     };
     this.#save([...this.#load().filter((w) => w.name !== record.name), record]);
   }

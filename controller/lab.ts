@@ -41,6 +41,7 @@ export interface Lab {
   hosts: LabHost[];
   /** The lab's throwaway controller identity (its own CA); absent when the lab runs --insecure. */
   controllerTls?: string | undefined;
+  capacityBytes?: number | undefined;
 }
 
 export class LabError extends FerryError {
@@ -54,6 +55,8 @@ export interface LabUpOptions {
   agentEnv?: Record<string, Record<string, string>> | undefined;
   /** Plaintext agents without authentication (prints a warning); default: mutual TLS with a throwaway CA. */
   insecure?: boolean | undefined;
+  /** Memory each host offers workloads (`ferry agent --capacity`): lab hosts share one machine's. */
+  capacityBytes?: number | undefined;
 }
 
 function labDir(name: string): string {
@@ -94,7 +97,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
   releaseSubnet(name); // a claim a crashed run of this lab left behind
   const subnet = claimSubnet(name);
   const bridge = `${name}-br`;
-  const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [] };
+  const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [], capacityBytes: options.capacityBytes };
   const tlsRoot = join(dir, 'tls');
   try {
     // A throwaway cluster CA: the lab runs exactly as an installed cluster does, mutual TLS included.
@@ -126,7 +129,17 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
       if (authority !== undefined && tlsDir !== undefined) {
         await issueIdentity(authority, { role: 'agent', name: host, hosts: [address] }, tlsDir);
       }
-      const pid = startAgent(netns, host, address, dataDir, imagesDir, logFile, tlsDir, options.agentEnv?.[host] ?? {});
+      const pid = startAgent(
+        netns,
+        host,
+        address,
+        dataDir,
+        imagesDir,
+        logFile,
+        tlsDir,
+        options.agentEnv?.[host] ?? {},
+        options.capacityBytes,
+      );
       const url = `${tlsDir === undefined ? 'ws' : 'wss'}://${address}:${AGENT_PORT}`;
       lab.hosts.push({
         host,
@@ -193,7 +206,7 @@ export async function restartAgent(name: string, host: string, env: Record<strin
     // already gone
   }
   for (let i = 0; i < 200 && isAlive(h.pid); i++) await sleep(25);
-  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env);
+  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env, lab.capacityBytes);
   writeFileSync(join(lab.dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
   await waitForAgent(lab, h);
   return h;
@@ -257,6 +270,7 @@ function startAgent(
   logFile: string,
   tlsDir: string | undefined,
   env: Record<string, string>,
+  capacityBytes?: number,
 ): number {
   const main = join(projectRoot(), 'dist', 'controller', 'main.js');
   if (!existsSync(main)) throw new LabError(`${main} is missing`, { hint: 'run `npm run build`' });
@@ -281,6 +295,7 @@ function startAgent(
       '--images-dir',
       imagesDir,
       ...(tlsDir === undefined ? ['--insecure'] : ['--tls-dir', tlsDir]),
+      ...(capacityBytes === undefined ? [] : ['--capacity', String(capacityBytes)]),
     ],
     { detached: true, stdio: ['ignore', out, out], env: { ...process.env, FERRY_LOG: 'info', ...env } },
   );

@@ -8,10 +8,12 @@ import { Agent } from '../agent/index.js';
 import { InvalidInputError } from '../src/errors.js';
 import { loadIdentity, type Identity } from '../src/tls/index.js';
 import { log } from '../src/log.js';
+import { parseBytes } from '../src/units.js';
 import { projectRoot } from '../src/paths.js';
-import { WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
+import { LABEL_KEY, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
 import { configDir } from './config.js';
+import { registerFleetCommands } from './fleet.js';
 import { certificate, initCluster } from './init.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
@@ -38,6 +40,19 @@ function interruptSignal(): AbortSignal {
 function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
   return Number(value);
+}
+
+function byteSize(value: string): number {
+  const bytes = parseBytes(value);
+  if (bytes === undefined || bytes <= 0) throw new InvalidArgumentError('expected a size: 512M, 2G, 1.5GiB or bytes');
+  return bytes;
+}
+
+function label(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const [key = '', ...rest] = value.split('=');
+  if (!LABEL_KEY.test(key) || rest.length === 0)
+    throw new InvalidArgumentError('expected KEY=VALUE (keys: lower-case letters, digits, . _ / -)');
+  return { ...previous, [key]: rest.join('=') };
 }
 
 function roundCount(value: string): number {
@@ -249,6 +264,8 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
     .description('Start a command as a migratable workload on an agent')
     .requiredOption('--on <AGENT>', 'the agent to run it on')
     .option('--name <NAME>', 'a name to migrate it by (default: the command name)')
+    .option('--label <KEY=VALUE>', 'a label rebalancing can select on (--exclude); repeat', label)
+    .option('--pin', 'never moved by rebalancing or drain (ferry migrate still can)')
     .option('--json', 'print the workload as JSON')
     .addOption(insecureOption())
     .argument('<CMD...>', 'the command, after --')
@@ -260,16 +277,30 @@ detached, in its own session, with its output in a log file on the agent.
 
 Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'`,
     )
-    .action(async (cmd: string[], opts: { on: string; name?: string; json?: boolean } & ResolveOptions) => {
-      const name = opts.name ?? (cmd[0] ?? '').split('/').at(-1) ?? '';
-      if (!WORKLOAD_NAME.test(name))
-        throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, {
-          hint: 'use letters, digits, . _ -',
+    .action(
+      async (
+        cmd: string[],
+        opts: {
+          on: string;
+          name?: string;
+          json?: boolean;
+          label?: Record<string, string>;
+          pin?: boolean;
+        } & ResolveOptions,
+      ) => {
+        const name = opts.name ?? (cmd[0] ?? '').split('/').at(-1) ?? '';
+        if (!WORKLOAD_NAME.test(name))
+          throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, {
+            hint: 'use letters, digits, . _ -',
+          });
+        const w = await runWorkload(resolveAgent(opts.on, opts), name, cmd, version, {
+          labels: opts.label,
+          pinned: opts.pin,
         });
-      const w = await runWorkload(resolveAgent(opts.on, opts), name, cmd, version);
-      if (opts.json === true) json(w);
-      else process.stdout.write(`started ${w.name} on ${w.agent} as PID ${w.pid}; output: ${w.logFile}\n`);
-    });
+        if (opts.json === true) json(w);
+        else process.stdout.write(`started ${w.name} on ${w.agent} as PID ${w.pid}; output: ${w.logFile}\n`);
+      },
+    );
 
   program
     .command('ps')
@@ -358,9 +389,11 @@ after it, the destination runs the copy (restored again from its kept images if 
       '--insecure',
       'serve plaintext without authentication: anyone who reaches the port can freeze, read or kill any process here',
     )
+    .option('--capacity <SIZE>', 'memory this node offers workloads, when not the whole machine (512M, 4G)', byteSize)
     .addOption(criuOption())
     .action(
       async (opts: {
+        capacity?: number;
         listen: { host: string; port: number };
         name: string;
         dataDir: string;
@@ -399,6 +432,7 @@ after it, the destination runs the copy (restored again from its kept images if 
           criu: opts.criu,
           softwareVersion: version,
           tls,
+          capacityBytes: opts.capacity,
         });
         await new Promise<void>((resolve) => {
           process.once('SIGTERM', resolve);
@@ -418,8 +452,15 @@ after it, the destination runs the copy (restored again from its kept images if 
     .option('--name <NAME>', 'lab name (prefixes its namespaces)', labName, DEFAULT_LAB)
     .option('--json', 'print the lab as JSON')
     .option('--insecure', 'plaintext agents without TLS (default: mutual TLS with a throwaway lab CA)')
-    .action(async (opts: { name: string; json?: boolean; insecure?: boolean }) => {
-      const up = await labUp({ name: opts.name, insecure: opts.insecure });
+    .option('--hosts <N>', 'how many hosts (2 to 8: a, b, c, ...)', wholeNumber, 2)
+    .option('--capacity <SIZE>', 'memory each host offers workloads (they share this machine’s)', byteSize)
+    .action(async (opts: { name: string; json?: boolean; insecure?: boolean; hosts: number; capacity?: number }) => {
+      const up = await labUp({
+        name: opts.name,
+        insecure: opts.insecure,
+        hosts: opts.hosts,
+        capacityBytes: opts.capacity,
+      });
       if (opts.json === true) json(up);
       else
         for (const h of up.hosts) process.stdout.write(`${h.host}  ${h.url}  (netns ${h.netns}, log ${h.logFile})\n`);
@@ -463,6 +504,8 @@ after it, the destination runs the copy (restored again from its kept images if 
       const report = await runDemo({ keep: opts.keep, softwareVersion: version, signal: interruptSignal() });
       if (opts.json === true) json(report);
     });
+
+  registerFleetCommands(program, version, interruptSignal);
 
   return program;
 }

@@ -232,6 +232,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
                 argv: proc.workloadArgv ?? [],
                 logFile: proc.workloadLogFile ?? '',
                 startedAtMs: proc.workloadStartedAtMs ?? 0,
+                labels: proc.workloadLabels ?? {},
+                pinned: proc.workloadPinned === true,
               }
             : null,
         },

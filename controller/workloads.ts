@@ -7,10 +7,15 @@ export async function runWorkload(
   name: string,
   argv: readonly string[],
   softwareVersion: string,
+  placement: { labels?: Record<string, string>; pinned?: boolean } = {},
 ): Promise<WorkloadInfo> {
   const agent = await connectAgent(endpoint, softwareVersion);
   try {
-    return await agent.request({ runWorkload: { name, argv: [...argv] } }, 'workload', { timeoutMs: 30_000 });
+    return await agent.request(
+      { runWorkload: { name, argv: [...argv], labels: { ...placement.labels }, pinned: placement.pinned === true } },
+      'workload',
+      { timeoutMs: 30_000 },
+    );
   } catch (error) {
     throw localized(error);
   } finally {

@@ -21,3 +21,11 @@ export function formatDuration(ms: number): string {
   const minutes = Math.floor(ms / 60_000);
   return `${minutes} min ${Math.round((ms - minutes * 60_000) / 1000)} s`;
 }
+
+/** "512M", "2G", "1.5GiB", "1048576" → bytes; undefined if it is not a size. */
+export function parseBytes(text: string): number | undefined {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$/i.exec(text.trim());
+  if (m === null) return undefined;
+  const power = ['', 'K', 'M', 'G', 'T'].indexOf((m[2] ?? '').toUpperCase());
+  return Math.round(Number(m[1]) * 1024 ** power);
+}

@@ -20,6 +20,7 @@ export {
   type Facts,
   type ImageFile,
   type MigrationRecord,
+  type NodeFacts,
   type ProcessFacts,
   type ProgressMessage,
   type WorkloadInfo,
@@ -27,4 +28,4 @@ export {
 } from './messages.js';
 export { WireServer } from './server.js';
 export type { WireServerOptions } from './server.js';
-export { IMAGE_NAME, MIGRATION_ID, ROUND_NAME, validateEnvelope, WORKLOAD_NAME } from './validate.js';
+export { IMAGE_NAME, LABEL_KEY, MIGRATION_ID, ROUND_NAME, validateEnvelope, WORKLOAD_NAME } from './validate.js';

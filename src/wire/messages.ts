@@ -27,6 +27,7 @@ export type WorkloadInfo = ferry.IWorkloadInfo;
 export type WorkloadSpec = ferry.IWorkloadSpec;
 export type ImageFile = ferry.IImageFile;
 export type MigrationRecord = ferry.IMigrationRecord;
+export type NodeFacts = ferry.INodeFacts;
 
 export const BODY_NAMES: readonly BodyName[] = [
   'hello',
@@ -62,6 +63,9 @@ export const BODY_NAMES: readonly BodyName[] = [
   'recover',
   'migrationList',
   'statusQuery',
+  'nodeQuery',
+  'nodeFacts',
+  'setDraining',
 ];
 
 /** The one body an envelope carries. */

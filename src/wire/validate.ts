@@ -14,6 +14,10 @@ const MAX_STRING = 4096;
 const MAX_ARGV = 256;
 const MAX_FILES = 10_000;
 const MAX_PID = 4_194_304;
+const MAX_LABELS = 32;
+/** A label key: what `ferry run --label` and `ferry rebalance --exclude` accept. */
+export const LABEL_KEY = /^[a-z0-9][a-z0-9._/-]{0,62}$/;
+const MAX_LABEL_VALUE = 256;
 
 /**
  * Checks an envelope that arrived, beyond what decoding checks: exactly one
@@ -40,6 +44,7 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       bytes(e.facts?.cpuinfo, 64 * 1024, 'cpuinfo');
       count(e.facts?.takenPids, 64, 'taken PIDs');
       count(e.facts?.process?.workloadArgv, MAX_ARGV, 'arguments');
+      labels(e.facts?.process?.workloadLabels);
       break;
     case 'cpuCheck':
       bytes(e.cpuCheck?.cpuinfo, 64 * 1024, 'cpuinfo');
@@ -98,18 +103,39 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       pattern(e.runWorkload?.name ?? '', WORKLOAD_NAME, 'workload name');
       count(e.runWorkload?.argv, MAX_ARGV, 'arguments');
       if ((e.runWorkload?.argv?.length ?? 0) === 0) fail('a workload needs a command');
+      labels(e.runWorkload?.labels);
       break;
     case 'workloadList':
       count(e.workloadList?.workloads, MAX_FILES, 'workloads');
+      for (const w of e.workloadList?.workloads ?? []) labels(w.labels);
+      break;
+    case 'nodeFacts':
+      count(e.nodeFacts?.workloads, MAX_FILES, 'workloads');
+      for (const w of e.nodeFacts?.workloads ?? []) labels(w.labels);
+      if (!Number.isFinite(e.nodeFacts?.load1 ?? 0) || (e.nodeFacts?.load1 ?? 0) < 0) fail('load out of range');
       break;
     default:
       void b;
   }
 }
 
-function workloadSpec(w: { name?: string | null; argv?: string[] | null }): void {
+function workloadSpec(w: {
+  name?: string | null;
+  argv?: string[] | null;
+  labels?: Record<string, string> | null;
+}): void {
   pattern(w.name ?? '', WORKLOAD_NAME, 'workload name');
   count(w.argv, MAX_ARGV, 'arguments');
+  labels(w.labels);
+}
+
+function labels(value: Record<string, string> | null | undefined): void {
+  const entries = Object.entries(value ?? {});
+  count(entries, MAX_LABELS, 'labels');
+  for (const [key, v] of entries) {
+    pattern(key, LABEL_KEY, 'label key');
+    if (v.length > MAX_LABEL_VALUE) fail(`label ${key}: value too long`);
+  }
 }
 
 function fail(message: string): never {
