@@ -272,6 +272,29 @@ export class Agent {
     throw new MigrationStateError('this request is not answered by an agent');
   }
 
+  /**
+   * The restore rate this node has shown, averaged over its restores (half
+   * weight to the latest): the controller's downtime prediction uses it in
+   * place of a constant, so a slow node (an emulated one reads memory ten
+   * times slower) is predicted as slow. Small restores say little; skipped.
+   */
+  #learnRestoreRate(bytes: number, ms: number): void {
+    if (bytes < 16 * 1024 * 1024 || ms <= 0) return;
+    const observed = bytes / ms;
+    const previous = this.#restoreRate();
+    const rate = previous === 0 ? observed : (previous + observed) / 2;
+    writeFileSync(join(this.options.dataDir, 'restore-rate'), `${rate}\n`);
+  }
+
+  #restoreRate(): number {
+    try {
+      const rate = Number(readFileSync(join(this.options.dataDir, 'restore-rate'), 'utf8'));
+      return Number.isFinite(rate) && rate > 0 ? rate : 0;
+    } catch {
+      return 0;
+    }
+  }
+
   get draining(): boolean {
     return existsSync(join(this.options.dataDir, 'draining'));
   }
@@ -343,6 +366,7 @@ export class Agent {
       process: pid > 0 ? { ...processFacts(pid), ...workload } : null,
       takenPids: pid > 0 ? takenPids([pid]) : [],
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
+      restoreBytesPerMs: this.#restoreRate(),
     };
   }
 
@@ -612,13 +636,10 @@ export class Agent {
     m.restore.catch(() => undefined);
     try {
       const pid = await reachedHold.promise;
-      return {
-        restored: {
-          pid,
-          restoreMs: Math.round(performance.now() - started),
-          pageImageBytes: pageImageBytes(m.dir),
-        },
-      };
+      const restoreMs = Math.round(performance.now() - started);
+      const bytes = pageImageBytes(m.dir);
+      this.#learnRestoreRate(bytes, restoreMs);
+      return { restored: { pid, restoreMs, pageImageBytes: bytes } };
     } catch (error) {
       // Before any commit: nothing to keep.
       this.journal.update(m.id, { state: 'discarded', action: 'the restore failed' });

@@ -14,7 +14,8 @@ import { PAGE_SIZE, formatBytes } from '../src/units.js';
  *   F  fixed switchover cost: freeze, streaming the other images, the
  *      protocol's round trips, commit and resume;
  *   R  the destination's restore, which reads every page of every round,
- *      so it grows with resident memory, not with P.
+ *      so it grows with resident memory, not with P; its rate is what the
+ *      destination's past restores showed (Facts.restoreBytesPerMs).
  * (QEMU's rule is the same idea without R: its destination already holds
  * the memory.)
  */

@@ -245,7 +245,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // 2. Pre-copy rounds: memory copied while the process runs, for as long as the policy says it pays.
     const limits: PolicyLimits = { ...DEFAULT_LIMITS, ...definedOnly(options.limits ?? {}) };
     const strict = options.strictDowntime === true;
-    const cost = options.cost ?? DEFAULT_COST;
+    const learned = destinationFacts.restoreBytesPerMs ?? 0;
+    const cost = options.cost ?? (learned > 0 ? { ...DEFAULT_COST, restoreBytesPerMs: learned } : DEFAULT_COST);
     const residentBytes = Number(proc.residentBytes ?? 0);
     const rounds: RoundReport[] = [];
     const samples: RoundSample[] = [];
