@@ -26,6 +26,7 @@ import { FerryError, InvalidInputError } from '../src/errors.js';
 import { deferred } from '../src/deferred.js';
 import { log } from '../src/log.js';
 import { startTime } from '../src/proc.js';
+import { PAGE_SIZE } from '../src/units.js';
 import { pauseAt } from '../src/testpoints.js';
 import type { Identity } from '../src/tls/index.js';
 import {
@@ -44,6 +45,7 @@ import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
+import { LearnedRates } from './rates.js';
 import { Workloads } from './workloads.js';
 
 export interface AgentOptions {
@@ -152,6 +154,7 @@ type Migration = SourceMigration | DestinationMigration;
 export class Agent {
   readonly #migrations = new Map<string, Migration>();
   readonly journal: Journal;
+  readonly rates: LearnedRates;
   #recoveryTimer: NodeJS.Timeout | undefined;
 
   private constructor(
@@ -163,6 +166,7 @@ export class Agent {
     readonly imagesRoot: string,
   ) {
     this.journal = new Journal(options.dataDir);
+    this.rates = new LearnedRates(options.dataDir);
   }
 
   static async start(options: AgentOptions): Promise<Agent> {
@@ -272,29 +276,6 @@ export class Agent {
     throw new MigrationStateError('this request is not answered by an agent');
   }
 
-  /**
-   * The restore rate this node has shown, averaged over its restores (half
-   * weight to the latest): the controller's downtime prediction uses it in
-   * place of a constant, so a slow node (an emulated one reads memory ten
-   * times slower) is predicted as slow. Small restores say little; skipped.
-   */
-  #learnRestoreRate(bytes: number, ms: number): void {
-    if (bytes < 16 * 1024 * 1024 || ms <= 0) return;
-    const observed = bytes / ms;
-    const previous = this.#restoreRate();
-    const rate = previous === 0 ? observed : (previous + observed) / 2;
-    writeFileSync(join(this.options.dataDir, 'restore-rate'), `${rate}\n`);
-  }
-
-  #restoreRate(): number {
-    try {
-      const rate = Number(readFileSync(join(this.options.dataDir, 'restore-rate'), 'utf8'));
-      return Number.isFinite(rate) && rate > 0 ? rate : 0;
-    } catch {
-      return 0;
-    }
-  }
-
   get draining(): boolean {
     return existsSync(join(this.options.dataDir, 'draining'));
   }
@@ -366,7 +347,8 @@ export class Agent {
       process: pid > 0 ? { ...processFacts(pid), ...workload } : null,
       takenPids: pid > 0 ? takenPids([pid]) : [],
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
-      restoreBytesPerMs: this.#restoreRate(),
+      restoreBytesPerMs: this.rates.get('restore'),
+      pageWriteBytesPerMs: this.rates.get('pageWrite'),
     };
   }
 
@@ -453,6 +435,7 @@ export class Agent {
       pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
     });
     const stats = await readDumpStats(dir);
+    this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
     return { roundDone: { stats: statsMessage(stats), durationMs: Math.round(performance.now() - started) } };
   }
 
@@ -638,7 +621,7 @@ export class Agent {
       const pid = await reachedHold.promise;
       const restoreMs = Math.round(performance.now() - started);
       const bytes = pageImageBytes(m.dir);
-      this.#learnRestoreRate(bytes, restoreMs);
+      this.rates.learn('restore', bytes, restoreMs);
       return { restored: { pid, restoreMs, pageImageBytes: bytes } };
     } catch (error) {
       // Before any commit: nothing to keep.
@@ -699,6 +682,7 @@ export class Agent {
       throw new MigrationStateError(`migration ${id} was already rolled back here: the process runs on the source`);
     }
     const stats = await readDumpStats(join(m.dir, m.finalRound ?? 'final'));
+    this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
     this.#forget(m);
     return { committed: { stats: statsMessage(stats) } };
   }

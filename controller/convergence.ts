@@ -62,6 +62,8 @@ export interface SwitchoverCost {
   restoreBytesPerMs: number;
   /** Page transfer rate to assume before any round measured one. */
   defaultBandwidthBytesPerMs: number;
+  /** Whether that rate is the source's own past (else a constant). */
+  bandwidthLearned?: boolean | undefined;
 }
 
 /**
@@ -78,8 +80,8 @@ export const DEFAULT_COST: SwitchoverCost = {
 
 export interface Estimate {
   bandwidthBytesPerMs: number;
-  /** Whether a round measured the bandwidth (else the default was assumed). */
-  measured: boolean;
+  /** Where the bandwidth comes from: this migration's rounds, the source's past dumps, or a constant. */
+  bandwidthFrom: 'rounds' | 'learned' | 'assumed';
   dirtyPagesPerMs: number | undefined;
   expectedPages: number;
   fixedMs: number;
@@ -144,7 +146,7 @@ export function estimate(
   const restoreMs = residentBytes / cost.restoreBytesPerMs;
   return {
     bandwidthBytesPerMs,
-    measured: measuredBandwidth !== undefined,
+    bandwidthFrom: measuredBandwidth !== undefined ? 'rounds' : cost.bandwidthLearned === true ? 'learned' : 'assumed',
     dirtyPagesPerMs,
     expectedPages,
     fixedMs: cost.fixedMs,
@@ -224,7 +226,8 @@ export function decide(rounds: readonly RoundSample[], context: PolicyContext): 
 
 /** One line on how a prediction is made up, for progress and the report. */
 export function explain(e: Estimate): string {
-  const rate = `${formatBytes(e.bandwidthBytesPerMs * 1000)}/s${e.measured ? '' : ' assumed'}`;
+  const from = { rounds: '', learned: ' (its past dumps)', assumed: ' assumed' }[e.bandwidthFrom];
+  const rate = `${formatBytes(e.bandwidthBytesPerMs * 1000)}/s${from}`;
   return (
     `${ms(e.predictedDowntimeMs)} = switchover ${ms(e.fixedMs)} + restore ${ms(e.restoreMs)} + ` +
     `${e.expectedPages} dirty pages at ${rate} ${ms(e.copyMs)}`

@@ -245,8 +245,15 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // 2. Pre-copy rounds: memory copied while the process runs, for as long as the policy says it pays.
     const limits: PolicyLimits = { ...DEFAULT_LIMITS, ...definedOnly(options.limits ?? {}) };
     const strict = options.strictDowntime === true;
-    const learned = destinationFacts.restoreBytesPerMs ?? 0;
-    const cost = options.cost ?? (learned > 0 ? { ...DEFAULT_COST, restoreBytesPerMs: learned } : DEFAULT_COST);
+    // What these two nodes have shown before, where they have: a restore rate on the destination,
+    // a page transfer rate on the source (used until a round measures this migration's own).
+    const restoreRate = destinationFacts.restoreBytesPerMs ?? 0;
+    const writeRate = sourceFacts.pageWriteBytesPerMs ?? 0;
+    const cost = options.cost ?? {
+      ...DEFAULT_COST,
+      ...(restoreRate > 0 ? { restoreBytesPerMs: restoreRate } : {}),
+      ...(writeRate > 0 ? { defaultBandwidthBytesPerMs: writeRate, bandwidthLearned: true } : {}),
+    };
     const residentBytes = Number(proc.residentBytes ?? 0);
     const rounds: RoundReport[] = [];
     const samples: RoundSample[] = [];

@@ -43,8 +43,8 @@ export function validateEnvelope(e: EnvelopeMessage): void {
     case 'facts':
       bytes(e.facts?.cpuinfo, 64 * 1024, 'cpuinfo');
       count(e.facts?.takenPids, 64, 'taken PIDs');
-      if (!Number.isFinite(e.facts?.restoreBytesPerMs ?? 0) || (e.facts?.restoreBytesPerMs ?? 0) < 0) {
-        fail('restore rate out of range');
+      for (const rate of [e.facts?.restoreBytesPerMs ?? 0, e.facts?.pageWriteBytesPerMs ?? 0]) {
+        if (!Number.isFinite(rate) || rate < 0) fail('rate out of range');
       }
       count(e.facts?.process?.workloadArgv, MAX_ARGV, 'arguments');
       labels(e.facts?.process?.workloadLabels);

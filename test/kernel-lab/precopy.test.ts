@@ -114,7 +114,10 @@ describe('pre-copy in the kernel lab (Linux 6.1 with dirty-memory tracking)', ()
     const strict = outcomes.find((x) => x.scenario.name === 'strict');
     expect(strict?.report).toBeNull();
     expect(strict?.failure?.code).toBe('DOWNTIME_BUDGET');
-    expect(strict?.failure?.message).toMatch(/over the 300 ms budget.*--strict-downtime/);
+    // Refused before the rounds (the restore alone is over budget) or after them (the rounds did not get there).
+    expect(strict?.failure?.message).toMatch(
+      /over the 300 ms budget; --strict-downtime stops here|no strategy can keep the downtime within 300 ms/,
+    );
     expect(strict?.runsOnSource).toBe(true);
     expect(strict?.sourceGone).toBe(false);
   });

@@ -44,17 +44,24 @@ function replay(all: RoundSample[], ctx: PolicyContext): { stoppedAfter: number;
 describe('the downtime estimate', () => {
   it('before any round, assumes the default bandwidth and the whole resident set', () => {
     const e = estimate([], context(64));
-    expect(e.measured).toBe(false);
+    expect(e.bandwidthFrom).toBe('assumed');
     expect(e.expectedPages).toBe((64 * MiB) / 4096);
     expect(e.copyMs).toBeCloseTo((64 * MiB) / DEFAULT_COST.defaultBandwidthBytesPerMs);
     expect(e.predictedDowntimeMs).toBeCloseTo(e.fixedMs + e.restoreMs + e.copyMs);
     expect(explain(e)).toMatch(/assumed/);
+    const learned = estimate(
+      [],
+      context(64, { cost: { ...DEFAULT_COST, defaultBandwidthBytesPerMs: 10_000, bandwidthLearned: true } }),
+    );
+    expect(learned.bandwidthFrom).toBe('learned');
+    expect(learned.copyMs).toBeCloseTo((64 * MiB) / 10_000);
+    expect(explain(learned)).toMatch(/its past dumps/);
   });
 
   it('takes the bandwidth from CRIU’s write time and the dirty rate from the round before', () => {
     // 256 MiB copied in 1 s of writing, then 4,000 pages dirtied during that second, written in 40 ms.
     const e = estimate(rounds([65_536, 1_200, 1_000], [4_000, 60, 40]), context(256));
-    expect(e.measured).toBe(true);
+    expect(e.bandwidthFrom).toBe('rounds');
     expect(e.bandwidthBytesPerMs).toBeCloseTo(((65_536 + 4_000) * 4096) / 1_040);
     expect(e.dirtyPagesPerMs).toBeCloseTo(4_000 / 1_200);
     expect(e.expectedPages).toBe(Math.ceil((4_000 / 1_200) * 60));
