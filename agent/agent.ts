@@ -1,17 +1,22 @@
 import {
+  chmodSync,
+  chownSync,
+  constants,
   copyFileSync,
   existsSync,
   mkdirSync,
   readdirSync,
   readFileSync,
+  renameSync,
   rmSync,
   statSync,
   writeFileSync,
 } from 'node:fs';
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   CriuOperationError,
@@ -79,6 +84,16 @@ export interface AgentOptions {
  * stolen agent key cannot freeze or kill processes on the others.
  */
 const AGENT_REQUESTS: readonly BodyName[] = ['imageChunk', 'imagesDone', 'outcomeQuery'];
+
+/** The workload's log file, as it travels with a migration's images. */
+const WORKLOAD_LOG = 'ferry-workload.log';
+const WORKLOAD_LOG_STAT = 'ferry-workload.stat';
+
+function sameContent(a: string, b: string): boolean {
+  if (statSync(a).size !== statSync(b).size) return false;
+  const digest = (file: string): string => createHash('sha256').update(readFileSync(file)).digest('hex');
+  return digest(a) === digest(b);
+}
 
 class MigrationStateError extends FerryError {
   readonly code = 'MIGRATION_STATE';
@@ -274,6 +289,40 @@ export class Agent {
     if (e.recover) return { migrationList: { migrations: (await this.recover()).map(record) } };
     if (e.statusQuery) return { migrationList: { migrations: this.journal.list().map(record) } };
     throw new MigrationStateError('this request is not answered by an agent');
+  }
+
+  /**
+   * Puts the workload's log where the process expects it. Only inside this
+   * agent's own workloads directory (a path from the wire is never trusted
+   * further), and a file already there with the same content is left alone:
+   * on a shared file system it is the very file the frozen source holds,
+   * and replacing it would cut the source's output off if it resumes.
+   */
+  #placeWorkloadLog(m: DestinationMigration, dir: string): void {
+    const copy = join(dir, WORKLOAD_LOG);
+    const wanted = m.workload?.logFile ?? '';
+    if (!existsSync(copy) || !existsSync(join(dir, WORKLOAD_LOG_STAT)) || wanted === '') return;
+    const home = resolve(this.options.dataDir, 'workloads');
+    const target = resolve(wanted);
+    if (dirname(target) !== home) {
+      log.warn('a workload log outside this agent’s workloads directory is not placed', {
+        migration: m.id,
+        path: wanted,
+      });
+      return;
+    }
+    mkdirSync(home, { recursive: true });
+    if (existsSync(target) && sameContent(target, copy)) return;
+    const temporary = `${target}.${m.id}.tmp`;
+    copyFileSync(copy, temporary, constants.COPYFILE_EXCL);
+    const stat = JSON.parse(readFileSync(join(dir, WORKLOAD_LOG_STAT), 'utf8')) as {
+      mode: number;
+      uid: number;
+      gid: number;
+    };
+    chmodSync(temporary, stat.mode & 0o777);
+    chownSync(temporary, stat.uid, stat.gid);
+    renameSync(temporary, target);
   }
 
   get draining(): boolean {
@@ -494,6 +543,16 @@ export class Agent {
           progress('dump written; streaming images to the destination');
           const streamStarted = performance.now();
           const names = imagesToStream(dir);
+          // The workload's log is a file it holds open, so CRIU needs it on the destination, at its size
+          // now (frozen): it travels with the images and the destination puts it in place.
+          const logFile = m.workload === undefined ? undefined : this.workloads.find(m.workload)?.logFile;
+          if (logFile !== undefined && logFile !== '' && existsSync(logFile)) {
+            // CRIU checks the file's size, mode and owner on restore: all three travel.
+            const { mode, uid, gid } = statSync(logFile);
+            copyFileSync(logFile, join(dir, WORKLOAD_LOG));
+            writeFileSync(join(dir, WORKLOAD_LOG_STAT), JSON.stringify({ mode: mode & 0o7777, uid, gid }));
+            names.push(WORKLOAD_LOG, WORKLOAD_LOG_STAT);
+          }
           const peer = await this.#connectPeer(p.destinationUrl ?? '', 'destination');
           let sent;
           try {
@@ -591,6 +650,7 @@ export class Agent {
     const m = this.#destination(r.migrationId ?? '');
     const dir = join(m.dir, r.round ?? '');
     if (faultAt('destination.before-restore') === 'break-images') rmSync(join(dir, 'pstree.img'), { force: true });
+    this.#placeWorkloadLog(m, dir);
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.options.name });
     const reachedHold = deferred<number>();

@@ -14,6 +14,7 @@ import { LABEL_KEY, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/inde
 import { resolveAgent, type ResolveOptions } from './agents.js';
 import { configDir } from './config.js';
 import { registerFleetCommands } from './fleet.js';
+import { registerInstallCommands } from './install-commands.js';
 import { certificate, initCluster } from './init.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
@@ -506,6 +507,7 @@ after it, the destination runs the copy (restored again from its kept images if 
     });
 
   registerFleetCommands(program, version, interruptSignal);
+  registerInstallCommands(program, version);
 
   return program;
 }
