@@ -391,10 +391,16 @@ after it, the destination runs the copy (restored again from its kept images if 
       'serve plaintext without authentication: anyone who reaches the port can freeze, read or kill any process here',
     )
     .option('--capacity <SIZE>', 'memory this node offers workloads, when not the whole machine (512M, 4G)', byteSize)
+    .option(
+      '--metrics <HOST:PORT>',
+      'serve Prometheus metrics at http://HOST:PORT/metrics (read-only counters; plain HTTP, so prefer a private address)',
+      hostPort,
+    )
     .addOption(criuOption())
     .action(
       async (opts: {
         capacity?: number;
+        metrics?: { host: string; port: number };
         listen: { host: string; port: number };
         name: string;
         dataDir: string;
@@ -434,6 +440,7 @@ after it, the destination runs the copy (restored again from its kept images if 
           softwareVersion: version,
           tls,
           capacityBytes: opts.capacity,
+          metrics: opts.metrics,
         });
         await new Promise<void>((resolve) => {
           process.once('SIGTERM', resolve);

@@ -400,7 +400,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           await pRetry(
             async () => {
               if (resumer.closed) resumer = await connect(options.to);
-              return resumer.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs });
+              const downtimeBeforeMs = Math.round((held.frozenMs ?? 0) + (performance.now() - heldAt));
+              return resumer.request({ resume: { migrationId, downtimeBeforeMs } }, 'resumed', { timeoutMs: holdMs });
             },
             {
               retries: 3,
