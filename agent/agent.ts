@@ -480,7 +480,7 @@ export class Agent {
       imagesDir: dir,
       address: this.advertise,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      tls: this.#pageTls,
+      tls: p.plainPages === true ? undefined : this.#pageTls,
     });
     return { pageServerStarted: { address: this.advertise, port } };
   }
@@ -496,7 +496,11 @@ export class Agent {
       pid: m.pid,
       imagesDir: dir,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
+      pageServer: {
+        address: p.pageServerAddress ?? '',
+        port: p.pageServerPort ?? 0,
+        tls: p.plainPages === true ? undefined : this.#pageTls,
+      },
     });
     const stats = await readDumpStats(dir);
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
@@ -547,7 +551,11 @@ export class Agent {
         pid: m.pid,
         imagesDir: dir,
         parentImg: p.parent ? `../${p.parent}` : undefined,
-        pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
+        pageServer: {
+          address: p.pageServerAddress ?? '',
+          port: p.pageServerPort ?? 0,
+          tls: p.plainPages === true ? undefined : this.#pageTls,
+        },
         // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
         trackMem: p.parent ? true : undefined,
         timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller

@@ -51,8 +51,13 @@ export function cells(sizes: readonly number[]): Cell[] {
   return out;
 }
 
+/**
+ * Ferry's downtime in parts: frozen until the source held the dump (dump and
+ * image streaming), the destination's restore, commit and resume; the rest
+ * is the protocol's round trips between those steps.
+ */
 export function sampleOf(cell: Cell, method: string, run: number, report: MigrationReport): Sample {
-  const dump = report.final.frozenMs > 0 ? report.phasesMs.switchover - report.final.restoreMs : 0;
+  const measured = report.final.heldMs + report.final.restoreMs + report.phasesMs.commit;
   return {
     method,
     memoryMb: cell.memoryMb,
@@ -64,10 +69,11 @@ export function sampleOf(cell: Cell, method: string, run: number, report: Migrat
     bytes: report.bytesSent,
     rounds: report.rounds.length,
     parts: {
-      'dump+stream': Math.round(dump),
+      'dump+stream': Math.round(report.final.heldMs),
       stream: report.final.streamMs,
       restore: report.final.restoreMs,
       'commit+resume': Math.round(report.phasesMs.commit),
+      'round trips': Math.round(report.downtimeMs - measured),
     },
     predictedMs: report.policy.predictedDowntimeMs,
   };
