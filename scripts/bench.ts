@@ -63,45 +63,19 @@ async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial:
   const { pid } = await startWorkload(a, `bare${serial}`, cell);
   const source = mkdtempSync(join(a.imagesDir, 'bare-'));
   const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
-  const port = 27_000 + (serial % 1000);
-  const pageServer = spawn(
-    'nsenter',
-    inHost(b, [
-      'page-server',
-      '-D',
-      destination,
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      ...tlsArgs(b),
-      '--tls-no-cn-verify',
-    ]),
-    { stdio: 'ignore' },
+  const dump = await dumpToPageServer(
+    a,
+    b,
+    pid,
+    { source, destination },
+    {
+      port: 27_000 + (serial % 1000),
+      tls: true,
+      leaveRunning: false,
+    },
   );
-  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
-  await sleep(100); // the CLI page server has no readiness signal; outside the measured time
-  const dumpStarted = performance.now();
-  await execFileAsync(
-    'nsenter',
-    inHost(a, [
-      'dump',
-      '-t',
-      String(pid),
-      '-D',
-      source,
-      '--page-server',
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'dump.log',
-      ...tlsArgs(a),
-    ]),
-  );
-  const dumped = performance.now();
-  await pageServerDone;
+  const dumpStarted = dump.started;
+  const dumped = dump.ended;
   for (const name of readdirSync(source)) {
     if (name.endsWith('.img')) cpSync(join(source, name), join(destination, name));
   }
@@ -142,6 +116,63 @@ async function ferry(a: LabHost, b: LabHost, cell: Cell, run: number, serial: nu
   return sampleOf(cell, FERRY, run, report);
 }
 
+/**
+ * A CLI page server on b and a CLI dump on a that sends it the pages: the
+ * bare CRIU path. Resolves when both have finished, with when the dump
+ * started and ended (performance.now()).
+ */
+async function dumpToPageServer(
+  a: LabHost,
+  b: LabHost,
+  pid: number,
+  dirs: { source: string; destination: string },
+  options: { port: number; tls: boolean; leaveRunning: boolean },
+): Promise<{ started: number; ended: number }> {
+  const pageServer = spawn(
+    'nsenter',
+    inHost(b, [
+      'page-server',
+      '-D',
+      dirs.destination,
+      '--address',
+      b.address,
+      '--port',
+      String(options.port),
+      '-o',
+      'page-server.log',
+      // The page server checks a client certificate against its own address (see src/criu/client.ts).
+      ...(options.tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
+    ]),
+    { stdio: 'ignore' },
+  );
+  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
+  await sleep(100); // the CLI page server has no readiness signal; outside the measured time
+  const started = performance.now();
+  await execFileAsync(
+    'nsenter',
+    inHost(a, [
+      'dump',
+      '-t',
+      String(pid),
+      '-D',
+      dirs.source,
+      ...(options.leaveRunning ? ['--leave-running'] : []),
+      '--page-server',
+      '--address',
+      b.address,
+      '--port',
+      String(options.port),
+      '-o',
+      'dump.log',
+      '-v4', // the TLS handshake line is info level
+      ...(options.tls ? tlsArgs(a) : []),
+    ]),
+  );
+  const ended = performance.now();
+  await pageServerDone;
+  return { started, ended };
+}
+
 /** CRIU's TLS options for a lab host's identity. */
 function tlsArgs(host: LabHost): string[] {
   const dir = host.tlsDir ?? '';
@@ -165,54 +196,14 @@ interface Transfer {
 async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Transfer> {
   const source = mkdtempSync(join(a.imagesDir, 'xfer-'));
   const destination = mkdtempSync(join(b.imagesDir, 'xfer-'));
-  const pageServer = spawn(
-    'nsenter',
-    inHost(b, [
-      'page-server',
-      '-D',
-      destination,
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'page-server.log',
-      // The page server checks a client certificate against its own address (see src/criu/client.ts).
-      ...(tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
-    ]),
-    { stdio: 'ignore' },
-  );
-  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
-  await sleep(100);
-  const started = performance.now();
-  await execFileAsync(
-    'nsenter',
-    inHost(a, [
-      'dump',
-      '-t',
-      String(pid),
-      '-D',
-      source,
-      '--leave-running',
-      '--page-server',
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'dump.log',
-      '-v4', // the handshake line is info level
-      ...(tls ? tlsArgs(a) : []),
-    ]),
-  );
-  const done = performance.now();
-  await pageServerDone;
+  const dump = await dumpToPageServer(a, b, pid, { source, destination }, { port, tls, leaveRunning: true });
+  const ms = dump.ended - dump.started;
   const handshake = readFileSync(join(source, 'dump.log'), 'utf8').includes('TLS handshake completed');
   if (tls !== handshake) throw new Error(`the ${tls ? 'TLS' : 'plain'} dump ${handshake ? 'did' : 'did not'} use TLS`);
   const bytes = pageBytes(destination);
   rmSync(source, { recursive: true, force: true });
   rmSync(destination, { recursive: true, force: true });
-  return { ms: done - started, bytes };
+  return { ms, bytes };
 }
 
 /** The same dump to a page server, plain and over CRIU's TLS, alternating on one 1 GiB process. */
