@@ -3,7 +3,7 @@ import { InvalidInputError } from '../src/errors.js';
 import { formatDuration } from '../src/units.js';
 import { findNode } from './config.js';
 import { AGENT_PORT, DEFAULT_PREFIX, install, uninstall, type NodeResult } from './install.js';
-import { defaultKnownHosts, KnownHosts, parseTarget, type SshTarget } from './ssh.js';
+import { defaultKnownHosts, KnownHosts, parseTarget, readIdentity, type SshTarget } from './ssh.js';
 
 function positiveInt(value: string): number {
   if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 65535)
@@ -31,7 +31,10 @@ function summary(results: readonly NodeResult[], verb: string): string {
 
 const sshOptions = (command: Command): Command =>
   command
-    .option('--identity <FILE>', 'SSH private key (default: the ssh agent, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
+    .option(
+      '--identity <FILE>',
+      'SSH private key (default: the ssh agent’s keys and ~/.ssh/id_ed25519, id_ecdsa or id_rsa)',
+    )
     .option('--known-hosts <FILE>', 'host keys to trust', defaultKnownHosts())
     .option(
       '--trust-new-hosts',
@@ -78,6 +81,7 @@ Example: ferry install ssh://root@10.0.0.5 web2=ssh://root@web2.example:2222`,
       async (targets: string[], opts: SshCliOptions & { prefix: string; agentPort: number; upgrade?: boolean }) => {
         const parsed = targets.map(parseTarget);
         duplicates(parsed);
+        if (opts.identity !== undefined) readIdentity(opts.identity);
         if (!opts.prefix.startsWith('/') || opts.prefix === '/')
           throw new InvalidInputError(`--prefix must be an absolute directory, not ${opts.prefix}`);
         const results = await install(parsed, {
@@ -130,6 +134,7 @@ Example: ferry uninstall web2 ssh://root@10.0.0.5`,
         return { target: parseTarget(`${node.name}=${node.ssh}`), prefix: opts.prefix ?? node.prefix };
       });
       duplicates(resolved.map((r) => r.target));
+      if (opts.identity !== undefined) readIdentity(opts.identity);
       const results: NodeResult[] = [];
       // Grouped by prefix: nodes installed in different directories are removed from each.
       for (const prefix of new Set(resolved.map((r) => r.prefix ?? DEFAULT_PREFIX))) {

@@ -261,6 +261,8 @@ describe('ferry install over SSH, to a real sshd', () => {
       [['install', 'a=ssh://root@h1', 'a=ssh://root@h2'], /named twice/],
       [['install', 'ssh://root@h1', '--prefix', 'relative'], /absolute/],
       [['uninstall', 'nosuchnode'], /neither an ssh:\/\/ URL nor a node/],
+      [['install', 'ssh://root@h1', '--identity', join(n1.dir, 'authorized_keys')], /is a public key/],
+      [['install', 'ssh://root@h1', '--parallel', '0'], /whole number/],
     ] as const) {
       const r = await ferry(...args);
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
