@@ -101,7 +101,7 @@ export class Sshd {
       const script =
         'mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd && mount -t tmpfs -o mode=755 tmpfs /opt && ' +
         'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && ' +
-        'mount --bind "$1" /etc/passwd && exec sleep infinity';
+        'mount --bind "$1" /etc/passwd && touch /run/node-ready && exec sleep infinity';
       const holder = spawn(
         'nsenter',
         [
@@ -122,7 +122,11 @@ export class Sshd {
       );
       holder.unref();
       this.#holder = holder.pid;
-      await waitFor(() => existsSync(`/proc/${holder.pid}/root/run/sshd`), { what: 'the node’s mount namespace' });
+      // The marker comes after the last mount: sshd must not start before its passwd entry is in place.
+      await waitFor(() => existsSync(`/proc/${holder.pid}/root/run/node-ready`), {
+        what: 'the node’s mount namespace',
+        timeoutMs: 30_000,
+      });
     }
     this.#child = spawn(
       'nsenter',
@@ -147,11 +151,18 @@ export class Sshd {
       log += d.toString();
       writeFileSync(join(this.dir, 'sshd.log'), log);
     });
-    await waitFor(() => this.#listening(), {
-      what: `sshd on ${this.host.address}:${this.port} (${existsSync(join(this.dir, 'sshd.log')) ? log.slice(-300) : 'no log'})`,
-      timeoutMs: 10_000,
-      intervalMs: 50,
-    });
+    const child = this.#child;
+    try {
+      // A loaded machine (the suite runs beside other work) can take a while; an sshd that exits fails at once.
+      await waitFor(async () => child.exitCode !== null || (await this.#listening()), {
+        what: `sshd on ${this.host.address}:${this.port}`,
+        timeoutMs: 30_000,
+        intervalMs: 50,
+      });
+    } catch (error) {
+      throw new Error(`${(error as Error).message}; its log: ${log.slice(-500) || '(empty)'}`);
+    }
+    if (child.exitCode !== null) throw new Error(`sshd exited (${child.exitCode}): ${log.slice(-500)}`);
   }
 
   #listening(): Promise<boolean> {
