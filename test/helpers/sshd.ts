@@ -8,6 +8,26 @@ import { projectRoot } from '../../src/paths.js';
 import { waitFor } from './wait.js';
 
 /**
+ * An ed25519 key pair from ssh2, made again while it is malformed: ssh2
+ * strips the leading zero bytes of the public key, so about 1 in 256 pairs
+ * has a 31-byte key that neither ssh2 nor OpenSSH reads (mscdex/ssh2#1390).
+ */
+export function ed25519KeyPair(options?: { passphrase: string; cipher: string; rounds: number }): {
+  private: string;
+  public: string;
+} {
+  for (;;) {
+    const pair =
+      options === undefined ? utils.generateKeyPairSync('ed25519') : utils.generateKeyPairSync('ed25519', options);
+    if (
+      !(utils.parseKey(pair.public) instanceof Error) &&
+      !(utils.parseKey(pair.private, options?.passphrase) instanceof Error)
+    )
+      return pair;
+  }
+}
+
+/**
  * A real OpenSSH server (Debian's, from scripts/install-sshd) in a lab
  * host's network namespace. It runs in a private mount namespace where a
  * tmpfs /run holds its privilege-separation directory, a bind-mounted
@@ -31,7 +51,7 @@ export class Sshd {
 
   static async start(host: LabHost, dir: string, port = 2222): Promise<Sshd> {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const client = utils.generateKeyPairSync('ed25519');
+    const client = ed25519KeyPair();
     writeFileSync(join(dir, 'client_key'), client.private, { mode: 0o600 });
     writeFileSync(join(dir, 'authorized_keys'), client.public + '\n', { mode: 0o600 });
     const passwd = readFileSync('/etc/passwd', 'utf8');
@@ -49,7 +69,7 @@ export class Sshd {
 
   /** A new host key: what a reinstalled or impersonated machine shows. Takes effect at the next start. */
   newHostKey(): void {
-    const key = utils.generateKeyPairSync('ed25519');
+    const key = ed25519KeyPair();
     writeFileSync(join(this.dir, 'host_key'), key.private, { mode: 0o600 });
     this.hostKey = key.public;
   }
