@@ -287,8 +287,11 @@ export class WireConnection {
       return;
     }
     if (envelope.failure) {
-      // A failure that answers nothing: the peer found us in violation and is closing.
+      // A failure that answers nothing: the peer found us in violation and is
+      // closing. Not waiting for it to: a peer that says so and stays would
+      // hold the socket open here for as long as it likes.
       this.#shutdown(new PeerGoneError(this.#label, `closed by the peer: ${envelope.failure.message ?? ''}`));
+      this.#ws.terminate();
       return;
     }
     if (envelope.progress) {

@@ -79,3 +79,14 @@ describe('a connection under a peer that asks more than it should', () => {
     expect(answered).toBeLessThan(200);
   });
 });
+
+describe('a peer that says it is closing', () => {
+  it('is cut off at once when it sends a failure that answers nothing, and does not hold the socket', async () => {
+    const url = await start(() => Promise.resolve({ ack: {} }));
+    const { ws, frames, closed } = await raw(url);
+    ws.send(Envelope.encode({ failure: { code: 'X', message: 'going away, or so it says' } }).finish());
+    ws.send(request(2));
+    expect(await closed).toBe(1006);
+    expect(frames.some((f) => f.replyTo === 2)).toBe(false);
+  });
+});
