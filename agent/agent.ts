@@ -50,6 +50,7 @@ import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
+import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
 import { Workloads } from './workloads.js';
 
@@ -75,6 +76,8 @@ export interface AgentOptions {
    * sharing one kernel (lab hosts, containers) each report their own share.
    */
   capacityBytes?: number | undefined;
+  /** Serve Prometheus metrics on this address (plain HTTP, read-only). */
+  metrics?: { host: string; port: number } | undefined;
 }
 
 /**
@@ -170,6 +173,8 @@ export class Agent {
   readonly #migrations = new Map<string, Migration>();
   readonly journal: Journal;
   readonly rates: LearnedRates;
+  readonly metrics = new AgentMetrics();
+  #metricsServer: MetricsServer | undefined;
   #recoveryTimer: NodeJS.Timeout | undefined;
 
   private constructor(
@@ -180,7 +185,9 @@ export class Agent {
     readonly server: WireServer,
     readonly imagesRoot: string,
   ) {
-    this.journal = new Journal(options.dataDir);
+    this.journal = new Journal(options.dataDir, (entry) =>
+      this.metrics.migrations.inc({ role: entry.role, outcome: entry.state }),
+    );
     this.rates = new LearnedRates(options.dataDir);
   }
 
@@ -189,12 +196,15 @@ export class Agent {
       options.imagesRoot ?? join(existsSync('/dev/shm') ? '/dev/shm' : options.dataDir, 'ferry', options.name);
     mkdirSync(imagesRoot, { recursive: true, mode: 0o700 });
     mkdirSync(options.dataDir, { recursive: true, mode: 0o700 });
+    let agent: Agent | undefined;
     const service = await CriuService.start({
       binary: resolveCriuBinary(options.criu),
-      onStateChange: (e) => log.info('criu service', { state: e.state, pid: e.pid, reason: e.reason }),
+      onStateChange: (e) => {
+        log.info('criu service', { state: e.state, pid: e.pid, reason: e.reason });
+        if (e.state === 'restarting') agent?.metrics.criuRestarts.inc();
+      },
     });
     const workloads = new Workloads(options.dataDir, options.name);
-    let agent: Agent | undefined;
     try {
       const server = await WireServer.listen({
         host: options.host,
@@ -224,6 +234,10 @@ export class Agent {
         },
       });
       agent = new Agent(options, service, service.client(), workloads, server, imagesRoot);
+      if (options.metrics !== undefined) {
+        agent.#metricsServer = await agent.metrics.serve(options.metrics.host, options.metrics.port);
+        log.info('metrics', { url: `http://${urlHost(options.metrics.host)}:${agent.#metricsServer.port}/metrics` });
+      }
       log.info('listening', { url: agent.url, criu: service.version?.text, images: imagesRoot });
       // Settle what a previous run of this agent left half-done.
       void agent.recover();
@@ -255,6 +269,7 @@ export class Agent {
       m.hold?.release(false);
     }
     await this.server.close();
+    await this.#metricsServer?.close();
     await this.service.stop();
   }
 
@@ -283,7 +298,7 @@ export class Agent {
     if (e.imagesDone) return this.#imagesDone(e.imagesDone);
     if (e.restore) return this.#restore(e.restore, connection);
     if (e.commit) return this.#commit(e.commit.migrationId ?? '');
-    if (e.resume) return this.#resume(e.resume.migrationId ?? '');
+    if (e.resume) return this.#resume(e.resume.migrationId ?? '', e.resume.downtimeBeforeMs ?? 0);
     if (e.abort) return this.#abort(e.abort.migrationId ?? '', e.abort.reason ?? '');
     if (e.outcomeQuery) return { outcome: { state: await this.#outcome(e.outcomeQuery.migrationId ?? '') } };
     if (e.recover) return { migrationList: { migrations: (await this.recover()).map(record) } };
@@ -465,7 +480,7 @@ export class Agent {
       imagesDir: dir,
       address: this.advertise,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      tls: this.#pageTls,
+      tls: p.plainPages === true ? undefined : this.#pageTls,
     });
     return { pageServerStarted: { address: this.advertise, port } };
   }
@@ -481,10 +496,17 @@ export class Agent {
       pid: m.pid,
       imagesDir: dir,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
+      pageServer: {
+        address: p.pageServerAddress ?? '',
+        port: p.pageServerPort ?? 0,
+        tls: p.plainPages === true ? undefined : this.#pageTls,
+      },
     });
     const stats = await readDumpStats(dir);
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
+    this.metrics.phaseSeconds.observe({ phase: 'predump' }, (performance.now() - started) / 1000);
+    this.metrics.pagesSent.inc(stats.pagesWritten);
+    this.metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
     return { roundDone: { stats: statsMessage(stats), durationMs: Math.round(performance.now() - started) } };
   }
 
@@ -529,7 +551,11 @@ export class Agent {
         pid: m.pid,
         imagesDir: dir,
         parentImg: p.parent ? `../${p.parent}` : undefined,
-        pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
+        pageServer: {
+          address: p.pageServerAddress ?? '',
+          port: p.pageServerPort ?? 0,
+          tls: p.plainPages === true ? undefined : this.#pageTls,
+        },
         // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
         trackMem: p.parent ? true : undefined,
         timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
@@ -561,6 +587,9 @@ export class Agent {
             peer.close();
           }
           progress(`streamed ${sent.files} image files`, { bytes: sent.bytes });
+          this.metrics.phaseSeconds.observe({ phase: 'dump' }, (streamStarted - frozenAt) / 1000);
+          this.metrics.phaseSeconds.observe({ phase: 'stream' }, (performance.now() - streamStarted) / 1000);
+          this.metrics.bytesSent.inc(sent.bytes);
           const decision = deferred<boolean>();
           m.hold = { release: decision.resolve };
           this.journal.update(m.id, { state: 'held' });
@@ -681,6 +710,7 @@ export class Agent {
       const pid = await reachedHold.promise;
       const restoreMs = Math.round(performance.now() - started);
       const bytes = pageImageBytes(m.dir);
+      this.metrics.phaseSeconds.observe({ phase: 'restore' }, restoreMs / 1000);
       this.rates.learn('restore', bytes, restoreMs);
       return { restored: { pid, restoreMs, pageImageBytes: bytes } };
     } catch (error) {
@@ -743,11 +773,14 @@ export class Agent {
     }
     const stats = await readDumpStats(join(m.dir, m.finalRound ?? 'final'));
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
+    this.metrics.pagesSent.inc(stats.pagesWritten);
+    this.metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
     this.#forget(m);
     return { committed: { stats: statsMessage(stats) } };
   }
 
-  async #resume(id: string): Promise<Body> {
+  async #resume(id: string, downtimeBeforeMs: number): Promise<Body> {
+    const started = performance.now();
     const m = this.#migrations.get(id);
     if (m?.role !== 'destination' || m.hold === undefined || m.restore === undefined) {
       const entry = this.journal.read(id);
@@ -756,6 +789,9 @@ export class Agent {
     }
     if ((await this.#settleDestination(m, true)) !== 'resumed') {
       throw new MigrationStateError(`migration ${id}'s copy was already discarded here`);
+    }
+    if (downtimeBeforeMs > 0) {
+      this.metrics.downtimeSeconds.observe((downtimeBeforeMs + performance.now() - started) / 1000);
     }
     return { resumed: { pid: m.restoredPid ?? 0 } };
   }

@@ -148,175 +148,193 @@ class Progress extends Transform {
   }
 }
 
-async function installOne(
+type Step = (task: string, state: TaskState, detail: string) => void;
+
+/**
+ * Runs one node's work with its task list; a failure ends that node's work
+ * only, recorded with its code and hint, so the other nodes go on.
+ */
+async function onNode(
   target: SshTarget,
-  b: { file: string; hash: string; bytes: number },
-  options: InstallOptions,
+  onStep: ((node: string, step: string) => void) | undefined,
+  verb: 'install' | 'uninstall',
+  work: (step: Step) => Promise<string | undefined>,
 ): Promise<NodeResult> {
   const started = performance.now();
   const tasks: NodeResult['tasks'] = [];
-  const step = (task: string, state: TaskState, detail: string): void => {
+  const step: Step = (task, state, detail) => {
     tasks.push({ task, state, detail });
-    options.onStep?.(
-      target.name,
-      `${{ done: '+', unchanged: '=', verified: '✓', failed: '!' }[state]} ${task}: ${detail}`,
-    );
+    onStep?.(target.name, `${{ done: '+', unchanged: '=', verified: '✓', failed: '!' }[state]} ${task}: ${detail}`);
   };
-  const p = layout(options.prefix);
-  let session: SshSession | undefined;
   try {
-    const address = await agentAddress(target);
-    session = await SshSession.open(target, options);
-    step(
-      'host key',
-      session.hostKey === 'known' ? 'unchanged' : 'done',
-      session.hostKey === 'known' ? 'matches known_hosts' : 'new host, added to known_hosts (--trust-new-hosts)',
-    );
-    const facts = (
-      await session.run(
-        `uname -m; test -d /run/systemd/system && echo systemd || echo no-systemd; cat ${sh(p.hash ?? '')} 2>/dev/null || echo none`,
-        'inspecting the node',
-      )
-    )
-      .trim()
-      .split('\n');
-    const [arch, init, installedHash] = facts;
-    if (arch !== 'x86_64') throw new InvalidInputError(`${target.name} is ${arch}; the bundle is for x86_64`);
-    const systemd = init === 'systemd';
-
-    // 1. The bundle: copied only when it differs (or --upgrade), swapped in whole.
-    let restart = false;
-    if (installedHash !== b.hash || options.upgrade) {
-      await session.run(
-        `rm -rf ${sh(`${p.app}.new`)} && mkdir -p ${sh(`${p.app}.new`)}`,
-        'preparing the bundle directory',
-      );
-      await session.run(
-        `tar -xzf - -C ${sh(`${p.app}.new`)} --strip-components=1`,
-        'unpacking the bundle',
-        createReadStream(b.file).pipe(new Progress(b.bytes, (t) => options.onStep?.(target.name, `  ${t}`))),
-      );
-      restart = true;
-      step('bundle', 'done', `${(b.bytes / 2 ** 20).toFixed(0)} MiB copied (${b.hash.slice(0, 12)})`);
-    } else {
-      step('bundle', 'unchanged', `already ${b.hash.slice(0, 12)}`);
-    }
-
-    // 2. The node's certificate: kept while it is this cluster's, names this address and is far from expiring.
-    const remoteCert = await session.exec(`cat ${sh(`${p.tls}/cert.pem`)} ${sh(`${p.tls}/ca.pem`)} 2>/dev/null`);
-    const authority = loadAuthority(authorityDir());
-    if (options.upgrade || !certificateFits(remoteCert.stdout, authority.certPem, address, target.name)) {
-      const local = mkdtempSync(join(tmpdir(), 'ferry-install-'));
-      try {
-        const identity = await issueIdentity(
-          authority,
-          { role: 'agent', name: target.name, hosts: [...new Set([address, target.host])] },
-          join(local, 'tls'),
-        );
-        // The key travels inside the SSH channel and is created 0600 (umask before the file exists).
-        for (const [file, content] of [
-          ['ca.pem', identity.ca],
-          ['cert.pem', identity.cert],
-          ['key.pem', identity.key],
-        ] as const) {
-          await session.run(
-            `umask 077 && mkdir -p ${sh(p.tls ?? '')} && cat >${sh(`${p.tls}/${file}.tmp`)} && ` +
-              `chmod ${file === 'key.pem' ? 600 : 644} ${sh(`${p.tls}/${file}.tmp`)} && mv ${sh(`${p.tls}/${file}.tmp`)} ${sh(`${p.tls}/${file}`)}`,
-            `writing ${file}`,
-            Readable.from([content]),
-          );
-        }
-        restart = true;
-        step(
-          'certificate',
-          'done',
-          `issued for ${target.name} (${address}), valid until ${identity.notAfter.toISOString().slice(0, 10)}`,
-        );
-      } finally {
-        rmSync(local, { recursive: true, force: true });
-      }
-    } else {
-      step('certificate', 'unchanged', 'valid, this cluster’s, names the address');
-    }
-
-    // 3. The service: systemd where it is the init, else the supervisor with a pid file.
-    const command = agentCommand(options.prefix, target.name, address, options.agentPort);
-    if (restart && installedHash !== 'none') await stopAgent(session, options.prefix, systemd);
-    if (restart) {
-      await session.run(
-        `if [ -d ${sh(`${p.app}.new`)} ]; then rm -rf ${sh(`${p.app}.old`)}; ` +
-          `[ -d ${sh(p.app ?? '')} ] && mv ${sh(p.app ?? '')} ${sh(`${p.app}.old`)}; mv ${sh(`${p.app}.new`)} ${sh(p.app ?? '')}; ` +
-          `rm -rf ${sh(`${p.app}.old`)}; echo ${sh(b.hash)} >${sh(p.hash ?? '')}; fi`,
-        'swapping the bundle in',
-      );
-    }
-    const wanted = systemd ? systemdUnit(command) : supervisorScript(options.prefix, command);
-    const file = systemd ? UNIT : (p.supervisor ?? '');
-    const current = await session.exec(`cat ${sh(file)} 2>/dev/null`);
-    const running = await agentRunning(session, options.prefix, systemd);
-    if (current.stdout !== wanted || !running || restart) {
-      if (running) await stopAgent(session, options.prefix, systemd);
-      await session.run(
-        `mkdir -p ${sh(`${options.prefix}/bin`)} ${sh(`${options.prefix}/run`)} ${sh(`${options.prefix}/log`)} ${sh(p.data ?? '')} && ` +
-          `printf %s ${sh(wanted)} >${sh(file)} && chmod 755 ${sh(file)}`,
-        'writing the service',
-      );
-      if (systemd) {
-        await session.run(
-          'systemctl daemon-reload && systemctl enable --now ferry-agent.service && systemctl restart ferry-agent.service',
-          'starting the agent (systemd)',
-        );
-      } else {
-        await session.run(`setsid -f sh ${sh(file)} </dev/null >/dev/null 2>&1`, 'starting the agent');
-      }
-      step(
-        'agent',
-        'done',
-        systemd ? 'systemd unit ferry-agent.service started' : `started under its supervisor (pid file ${p.pid})`,
-      );
-    } else {
-      step('agent', 'unchanged', systemd ? 'systemd unit running' : 'running under its supervisor');
-    }
-
-    // 4. It answers, over mutual TLS, as the node it should be.
-    const url = `wss://${address.includes(':') ? `[${address}]` : address}:${options.agentPort}`;
-    const answered = await waitForAgent(url, options.softwareVersion);
-    if (answered !== target.name)
-      throw new InvalidInputError(`the agent at ${url} calls itself ${answered}, not ${target.name}`);
-    step('answers', 'verified', `over mutual TLS at ${url}`);
-
-    const before = findNode(target.name);
-    const node = {
-      name: target.name,
-      ssh: target.text.replace(/^[^=]*=(?=ssh:)/, ''),
-      url,
-      prefix: options.prefix,
-      bundle: b.hash,
-    };
-    if (
-      before === undefined ||
-      JSON.stringify({ ...before, installedAt: '' }) !== JSON.stringify({ ...before, ...node, installedAt: '' })
-    ) {
-      upsertNode({ ...before, ...node, installedAt: new Date().toISOString() });
-      step('inventory', 'done', `${target.name} → ${url}`);
-    } else {
-      step('inventory', 'unchanged', `${target.name} → ${url}`);
-    }
+    const url = await work(step);
     return { node: target.name, target: target.text, ok: true, tasks, url, ms: performance.now() - started };
   } catch (error) {
     const e = error as Error & { code?: string; hint?: string };
-    step('install', 'failed', e.message);
+    step(verb, 'failed', e.message);
+    const code = typeof e.code === 'string' ? e.code : `${verb.toUpperCase()}_FAILED`;
     return {
       node: target.name,
       target: target.text,
       ok: false,
       tasks,
-      error: { code: typeof e.code === 'string' ? e.code : 'INSTALL_FAILED', message: e.message, hint: e.hint },
+      error: { code, message: e.message, hint: e.hint },
       ms: performance.now() - started,
     };
-  } finally {
-    session?.close();
   }
+}
+
+async function installOne(
+  target: SshTarget,
+  b: { file: string; hash: string; bytes: number },
+  options: InstallOptions,
+): Promise<NodeResult> {
+  const p = layout(options.prefix);
+  let session: SshSession | undefined;
+  return onNode(target, options.onStep, 'install', async (step) => {
+    try {
+      const address = await agentAddress(target);
+      session = await SshSession.open(target, options);
+      step(
+        'host key',
+        session.hostKey === 'known' ? 'unchanged' : 'done',
+        session.hostKey === 'known' ? 'matches known_hosts' : 'new host, added to known_hosts (--trust-new-hosts)',
+      );
+      const facts = (
+        await session.run(
+          `uname -m; test -d /run/systemd/system && echo systemd || echo no-systemd; cat ${sh(p.hash ?? '')} 2>/dev/null || echo none`,
+          'inspecting the node',
+        )
+      )
+        .trim()
+        .split('\n');
+      const [arch, init, installedHash] = facts;
+      if (arch !== 'x86_64') throw new InvalidInputError(`${target.name} is ${arch}; the bundle is for x86_64`);
+      const systemd = init === 'systemd';
+
+      // 1. The bundle: copied only when it differs (or --upgrade), swapped in whole.
+      let restart = false;
+      if (installedHash !== b.hash || options.upgrade) {
+        await session.run(
+          `rm -rf ${sh(`${p.app}.new`)} && mkdir -p ${sh(`${p.app}.new`)}`,
+          'preparing the bundle directory',
+        );
+        await session.run(
+          `tar -xzf - -C ${sh(`${p.app}.new`)} --strip-components=1`,
+          'unpacking the bundle',
+          createReadStream(b.file).pipe(new Progress(b.bytes, (t) => options.onStep?.(target.name, `  ${t}`))),
+        );
+        restart = true;
+        step('bundle', 'done', `${(b.bytes / 2 ** 20).toFixed(0)} MiB copied (${b.hash.slice(0, 12)})`);
+      } else {
+        step('bundle', 'unchanged', `already ${b.hash.slice(0, 12)}`);
+      }
+
+      // 2. The node's certificate: kept while it is this cluster's, names this address and is far from expiring.
+      const remoteCert = await session.exec(`cat ${sh(`${p.tls}/cert.pem`)} ${sh(`${p.tls}/ca.pem`)} 2>/dev/null`);
+      const authority = loadAuthority(authorityDir());
+      if (options.upgrade || !certificateFits(remoteCert.stdout, authority.certPem, address, target.name)) {
+        const local = mkdtempSync(join(tmpdir(), 'ferry-install-'));
+        try {
+          const identity = await issueIdentity(
+            authority,
+            { role: 'agent', name: target.name, hosts: [...new Set([address, target.host])] },
+            join(local, 'tls'),
+          );
+          // The key travels inside the SSH channel and is created 0600 (umask before the file exists).
+          for (const [file, content] of [
+            ['ca.pem', identity.ca],
+            ['cert.pem', identity.cert],
+            ['key.pem', identity.key],
+          ] as const) {
+            await session.run(
+              `umask 077 && mkdir -p ${sh(p.tls ?? '')} && cat >${sh(`${p.tls}/${file}.tmp`)} && ` +
+                `chmod ${file === 'key.pem' ? 600 : 644} ${sh(`${p.tls}/${file}.tmp`)} && mv ${sh(`${p.tls}/${file}.tmp`)} ${sh(`${p.tls}/${file}`)}`,
+              `writing ${file}`,
+              Readable.from([content]),
+            );
+          }
+          restart = true;
+          step(
+            'certificate',
+            'done',
+            `issued for ${target.name} (${address}), valid until ${identity.notAfter.toISOString().slice(0, 10)}`,
+          );
+        } finally {
+          rmSync(local, { recursive: true, force: true });
+        }
+      } else {
+        step('certificate', 'unchanged', 'valid, this cluster’s, names the address');
+      }
+
+      // 3. The service: systemd where it is the init, else the supervisor with a pid file.
+      const command = agentCommand(options.prefix, target.name, address, options.agentPort);
+      if (restart && installedHash !== 'none') await stopAgent(session, options.prefix, systemd);
+      if (restart) {
+        await session.run(
+          `if [ -d ${sh(`${p.app}.new`)} ]; then rm -rf ${sh(`${p.app}.old`)}; ` +
+            `[ -d ${sh(p.app ?? '')} ] && mv ${sh(p.app ?? '')} ${sh(`${p.app}.old`)}; mv ${sh(`${p.app}.new`)} ${sh(p.app ?? '')}; ` +
+            `rm -rf ${sh(`${p.app}.old`)}; echo ${sh(b.hash)} >${sh(p.hash ?? '')}; fi`,
+          'swapping the bundle in',
+        );
+      }
+      const wanted = systemd ? systemdUnit(command) : supervisorScript(options.prefix, command);
+      const file = systemd ? UNIT : (p.supervisor ?? '');
+      const current = await session.exec(`cat ${sh(file)} 2>/dev/null`);
+      const running = await agentRunning(session, options.prefix, systemd);
+      if (current.stdout !== wanted || !running || restart) {
+        if (running) await stopAgent(session, options.prefix, systemd);
+        await session.run(
+          `mkdir -p ${sh(`${options.prefix}/bin`)} ${sh(`${options.prefix}/run`)} ${sh(`${options.prefix}/log`)} ${sh(p.data ?? '')} && ` +
+            `printf %s ${sh(wanted)} >${sh(file)} && chmod 755 ${sh(file)}`,
+          'writing the service',
+        );
+        if (systemd) {
+          await session.run(
+            'systemctl daemon-reload && systemctl enable --now ferry-agent.service && systemctl restart ferry-agent.service',
+            'starting the agent (systemd)',
+          );
+        } else {
+          await session.run(`setsid -f sh ${sh(file)} </dev/null >/dev/null 2>&1`, 'starting the agent');
+        }
+        step(
+          'agent',
+          'done',
+          systemd ? 'systemd unit ferry-agent.service started' : `started under its supervisor (pid file ${p.pid})`,
+        );
+      } else {
+        step('agent', 'unchanged', systemd ? 'systemd unit running' : 'running under its supervisor');
+      }
+
+      // 4. It answers, over mutual TLS, as the node it should be.
+      const url = `wss://${address.includes(':') ? `[${address}]` : address}:${options.agentPort}`;
+      const answered = await waitForAgent(url, options.softwareVersion);
+      if (answered !== target.name)
+        throw new InvalidInputError(`the agent at ${url} calls itself ${answered}, not ${target.name}`);
+      step('answers', 'verified', `over mutual TLS at ${url}`);
+
+      const before = findNode(target.name);
+      const node = {
+        name: target.name,
+        ssh: target.text.replace(/^[^=]*=(?=ssh:)/, ''),
+        url,
+        prefix: options.prefix,
+        bundle: b.hash,
+      };
+      if (
+        before === undefined ||
+        JSON.stringify({ ...before, installedAt: '' }) !== JSON.stringify({ ...before, ...node, installedAt: '' })
+      ) {
+        upsertNode({ ...before, ...node, installedAt: new Date().toISOString() });
+        step('inventory', 'done', `${target.name} → ${url}`);
+      } else {
+        step('inventory', 'unchanged', `${target.name} → ${url}`);
+      }
+      return url;
+    } finally {
+      session?.close();
+    }
+  });
 }
 
 function certificateFits(pems: string, caPem: string, address: string, name: string): boolean {
@@ -402,66 +420,51 @@ export interface UninstallOptions extends SshOptions {
 }
 
 async function uninstallOne(target: SshTarget, options: UninstallOptions): Promise<NodeResult> {
-  const started = performance.now();
-  const tasks: NodeResult['tasks'] = [];
-  const step = (task: string, state: TaskState, detail: string): void => {
-    tasks.push({ task, state, detail });
-    options.onStep?.(target.name, `${state === 'unchanged' ? '=' : state === 'done' ? '+' : '!'} ${task}: ${detail}`);
-  };
   let session: SshSession | undefined;
-  try {
-    const known = findNode(target.name);
-    if (!options.force && known !== undefined) {
-      // A node with a migration in flight keeps its agent: it holds a process or a copy of one.
-      const tls = controllerIdentity();
-      const c = await WireConnection.connect(
-        known.url,
-        { role: 'controller', name: tls.name, softwareVersion: options.softwareVersion },
-        { tls },
-      ).catch(() => undefined);
-      if (c !== undefined) {
-        try {
-          const open = ((await c.request({ statusQuery: {} }, 'migrationList')).migrations ?? []).filter(
-            (m) => !['committed', 'aborted', 'resumed', 'discarded'].includes(m.state ?? ''),
-          );
-          if (open.length > 0) {
-            throw new InvalidInputError(`${target.name} has ${open.length} migration(s) in flight`, {
-              hint: `let them finish or settle them (ferry recover --on ${target.name}); --force removes it anyway`,
-            });
+  return onNode(target, options.onStep, 'uninstall', async (step) => {
+    try {
+      const known = findNode(target.name);
+      if (!options.force && known !== undefined) {
+        // A node with a migration in flight keeps its agent: it holds a process or a copy of one.
+        const tls = controllerIdentity();
+        const c = await WireConnection.connect(
+          known.url,
+          { role: 'controller', name: tls.name, softwareVersion: options.softwareVersion },
+          { tls },
+        ).catch(() => undefined);
+        if (c !== undefined) {
+          try {
+            const open = ((await c.request({ statusQuery: {} }, 'migrationList')).migrations ?? []).filter(
+              (m) => !['committed', 'aborted', 'resumed', 'discarded'].includes(m.state ?? ''),
+            );
+            if (open.length > 0) {
+              throw new InvalidInputError(`${target.name} has ${open.length} migration(s) in flight`, {
+                hint: `let them finish or settle them (ferry recover --on ${target.name}); --force removes it anyway`,
+              });
+            }
+          } finally {
+            c.close();
           }
-        } finally {
-          c.close();
         }
       }
+      session = await SshSession.open(target, options);
+      const p = layout(options.prefix);
+      const systemd = (await session.exec('test -d /run/systemd/system')).code === 0;
+      await stopAgent(session, options.prefix, systemd);
+      if (systemd) await session.exec(`systemctl disable ferry-agent.service; rm -f ${UNIT}; systemctl daemon-reload`);
+      step('agent', 'done', 'stopped');
+      const present = (await session.exec(`test -e ${sh(p.app ?? '')}`)).code === 0;
+      await session.run(
+        `rm -rf ${sh(options.prefix)} ${sh(`/dev/shm/ferry/${target.name}`)}`,
+        'removing the installation',
+      );
+      step('files', present ? 'done' : 'unchanged', present ? `${options.prefix} removed` : 'nothing installed');
+      step('inventory', removeNode(target.name) ? 'done' : 'unchanged', `${target.name} removed`);
+      return undefined;
+    } finally {
+      session?.close();
     }
-    session = await SshSession.open(target, options);
-    const p = layout(options.prefix);
-    const systemd = (await session.exec('test -d /run/systemd/system')).code === 0;
-    await stopAgent(session, options.prefix, systemd);
-    if (systemd) await session.exec(`systemctl disable ferry-agent.service; rm -f ${UNIT}; systemctl daemon-reload`);
-    step('agent', 'done', 'stopped');
-    const present = (await session.exec(`test -e ${sh(p.app ?? '')}`)).code === 0;
-    await session.run(
-      `rm -rf ${sh(options.prefix)} ${sh(`/dev/shm/ferry/${target.name}`)}`,
-      'removing the installation',
-    );
-    step('files', present ? 'done' : 'unchanged', present ? `${options.prefix} removed` : 'nothing installed');
-    step('inventory', removeNode(target.name) ? 'done' : 'unchanged', `${target.name} removed`);
-    return { node: target.name, target: target.text, ok: true, tasks, ms: performance.now() - started };
-  } catch (error) {
-    const e = error as Error & { code?: string; hint?: string };
-    step('uninstall', 'failed', e.message);
-    return {
-      node: target.name,
-      target: target.text,
-      ok: false,
-      tasks,
-      error: { code: typeof e.code === 'string' ? e.code : 'UNINSTALL_FAILED', message: e.message, hint: e.hint },
-      ms: performance.now() - started,
-    };
-  } finally {
-    session?.close();
-  }
+  });
 }
 
 export async function uninstall(targets: SshTarget[], options: UninstallOptions): Promise<NodeResult[]> {

@@ -190,6 +190,10 @@ client check it. \`ferry install\` does all this for you over SSH.`,
       300,
     )
     .option('--strict-downtime', 'abort (the process keeps running on the source) rather than go over the budget')
+    .option(
+      '--plain-pages',
+      'send memory pages unencrypted, only on a network you trust: CRIU’s TLS cuts the page rate several times (docs/security.md); the control connections stay mutual TLS',
+    )
     .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', roundCount, 8)
     .option('--max-traffic <X>', 'stop pre-copy once it sent X times the resident memory', positiveNumber, 3)
     .option('--precopy-timeout <ms>', 'stop pre-copy rounds after this long (default: no limit)', positiveNumber)
@@ -226,6 +230,7 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
           strategy: 'auto' | 'precopy' | 'stop-and-copy';
           maxDowntime: number;
           strictDowntime?: boolean;
+          plainPages?: boolean;
           maxRounds: number;
           maxTraffic: number;
           precopyTimeout?: number;
@@ -250,6 +255,7 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
             deadlineMs: opts.precopyTimeout,
           },
           strictDowntime: opts.strictDowntime,
+          plainPages: opts.plainPages,
           holdMs: opts.hold,
           softwareVersion: version,
           onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),
@@ -395,10 +401,16 @@ after it, the destination runs the copy (restored again from its kept images if 
       'serve plaintext without authentication: anyone who reaches the port can freeze, read or kill any process here',
     )
     .option('--capacity <SIZE>', 'memory this node offers workloads, when not the whole machine (512M, 4G)', byteSize)
+    .option(
+      '--metrics <HOST:PORT>',
+      'serve Prometheus metrics at http://HOST:PORT/metrics (read-only counters; plain HTTP, so prefer a private address)',
+      hostPort,
+    )
     .addOption(criuOption())
     .action(
       async (opts: {
         capacity?: number;
+        metrics?: { host: string; port: number };
         listen: { host: string; port: number };
         name: string;
         dataDir: string;
@@ -444,6 +456,7 @@ after it, the destination runs the copy (restored again from its kept images if 
           softwareVersion: version,
           tls,
           capacityBytes: opts.capacity,
+          metrics: opts.metrics,
         });
         await new Promise<void>((resolve) => {
           process.once('SIGTERM', resolve);

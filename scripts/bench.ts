@@ -1,38 +1,37 @@
 /**
- * npm run bench: Ferry's migration against a bare CRIU script doing the same
- * work (dump to a page server on the other host, copy the other images,
- * restore), both between the same two lab hosts, in the same run.
+ * npm run bench: Ferry against a bare CRIU script doing the same work (dump
+ * to a page server on the other host, copy the other images, restore), for
+ * a matrix of workloads, in the same run, between the same two lab hosts;
+ * then Ferry pre-copy against stop-and-copy in the kernel lab (this
+ * machine's kernel does not track dirty memory); then the cost of CRIU's TLS
+ * on page transfer. Prints a table of medians, writes the samples as CSV and
+ * a plot of downtime against memory size as SVG.
  *
- * Then the cost of encrypting pages: the same dump to a page server, plain
- * and with CRIU's TLS (the agents' certificates), alternating on one process.
- *
- * Options (environment): BENCH_MEMORY_MB (1024), BENCH_HOT_MB (64), BENCH_RUNS (3).
+ * Environment: BENCH_SIZES (MiB, "256,1024,4096"; sizes the machine cannot
+ * hold are skipped, and said so), BENCH_HOT (percent, "1,10,50"),
+ * BENCH_RATES ("low,high"), BENCH_RUNS (3), BENCH_KERNEL_LAB (1; 0 skips the
+ * pre-copy part), BENCH_KL_SIZES ("64,256"), BENCH_KL_RUNS (1),
+ * BENCH_OUT (bench-results).
  */
 import { execFile, spawn } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
-import { join } from 'node:path';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
+import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
 import { migrate } from '../controller/migration.js';
 import { runWorkload } from '../controller/workloads.js';
 import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';
-import { hostEndpoint } from '../controller/agents.js';
+import { cells, csv, median, sampleOf, summarize, svg, table, type Cell, type Sample } from './bench-matrix.js';
 
 const execFileAsync = promisify(execFile);
-const memoryMb = Number(process.env.BENCH_MEMORY_MB ?? 1024);
-const hotMb = Number(process.env.BENCH_HOT_MB ?? 64);
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const LAB = 'fbench';
-
-interface Sample {
-  downtimeMs: number;
-  totalMs: number;
-  bytes: number;
-  detail: string;
-}
+const BARE = 'bare CRIU script (TLS)';
+const FERRY = 'Ferry stop-and-copy';
 
 const criu = resolveCriuBinary().path;
 const counter = join(projectRoot(), 'dist', 'examples', 'counter');
@@ -42,55 +41,41 @@ function inHost(host: LabHost, args: string[]): string[] {
   return ['-t', String(host.pid), '-n', '-m', '--', criu, ...args];
 }
 
-async function startWorkload(a: LabHost, name: string): Promise<{ pid: number; dir: string }> {
+async function startWorkload(a: LabHost, name: string, cell: Cell): Promise<{ pid: number; dir: string }> {
   const dir = mkdtempSync(join(a.dataDir, `${name}-`));
   const w = await runWorkload(
     hostEndpoint(a),
     name,
-    [counter, join(dir, 'state'), '20', String(memoryMb), String(hotMb)],
+    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
     'bench',
   );
   // Let it fault in its memory before measuring.
-  await sleep(Math.max(1000, memoryMb * 3));
+  await sleep(Math.max(1000, cell.memoryMb * 3));
   return { pid: w.pid ?? 0, dir };
 }
 
-/** dump → page server → copy → restore with the CRIU command line and nothing else. */
-async function bareCriu(a: LabHost, b: LabHost, run: number): Promise<Sample> {
-  const { pid } = await startWorkload(a, `bare${run}`);
+/**
+ * dump → page server → copy → restore with the CRIU command line and nothing
+ * else, with CRIU's TLS on the page transfer as Ferry has it: the like-for-like
+ * baseline of Ferry's stop-and-copy.
+ */
+async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+  const { pid } = await startWorkload(a, `bare${serial}`, cell);
   const source = mkdtempSync(join(a.imagesDir, 'bare-'));
   const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
-  const port = 27_000 + run;
-  const started = performance.now();
-  const pageServer = spawn(
-    'nsenter',
-    inHost(b, ['page-server', '-D', destination, '--address', b.address, '--port', String(port)]),
+  const dump = await dumpToPageServer(
+    a,
+    b,
+    pid,
+    { source, destination },
     {
-      stdio: 'ignore',
+      port: 27_000 + (serial % 1000),
+      tls: true,
+      leaveRunning: false,
     },
   );
-  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
-  await sleep(100); // the CLI page server has no readiness signal; 100 ms is counted in total time only
-  const dumpStarted = performance.now();
-  await execFileAsync(
-    'nsenter',
-    inHost(a, [
-      'dump',
-      '-t',
-      String(pid),
-      '-D',
-      source,
-      '--page-server',
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'dump.log',
-    ]),
-  );
-  const dumped = performance.now();
-  await pageServerDone;
+  const dumpStarted = dump.started;
+  const dumped = dump.ended;
   for (const name of readdirSync(source)) {
     if (name.endsWith('.img')) cpSync(join(source, name), join(destination, name));
   }
@@ -102,30 +87,90 @@ async function bareCriu(a: LabHost, b: LabHost, run: number): Promise<Sample> {
   rmSync(source, { recursive: true, force: true });
   rmSync(destination, { recursive: true, force: true });
   return {
+    method: BARE,
+    memoryMb: cell.memoryMb,
+    hotPercent: cell.hotPercent,
+    rate: cell.rate,
+    run,
     downtimeMs: restored - dumpStarted,
-    totalMs: restored - started,
+    totalMs: restored - dumpStarted,
     bytes,
-    detail: `dump ${ms(dumped - dumpStarted)}, copy ${ms(copied - dumped)}, restore ${ms(restored - copied)}`,
+    rounds: 0,
+    parts: {
+      dump: Math.round(dumped - dumpStarted),
+      copy: Math.round(copied - dumped),
+      restore: Math.round(restored - copied),
+    },
   };
 }
 
-async function ferry(a: LabHost, b: LabHost, run: number): Promise<Sample> {
-  await startWorkload(a, `ferry${run}`);
+async function ferry(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+  await startWorkload(a, `ferry${serial}`, cell);
   const report = await migrate({
-    workload: `ferry${run}`,
+    workload: `ferry${serial}`,
     from: hostEndpoint(a),
     to: hostEndpoint(b),
     softwareVersion: 'bench',
   });
   process.kill(report.to.pid, 'SIGKILL');
-  return {
-    downtimeMs: report.downtimeMs,
-    totalMs: report.totalMs,
-    bytes: report.bytesSent,
-    detail:
-      `dump+stream ${ms(report.phasesMs.switchover - report.final.restoreMs)} (stream ${ms(report.final.streamMs)}), ` +
-      `restore ${ms(report.final.restoreMs)}, commit+resume ${ms(report.phasesMs.commit)}; preflight ${ms(report.phasesMs.preflight)}`,
-  };
+  return sampleOf(cell, FERRY, run, report);
+}
+
+/**
+ * A CLI page server on b and a CLI dump on a that sends it the pages: the
+ * bare CRIU path. Resolves when both have finished, with when the dump
+ * started and ended (performance.now()).
+ */
+async function dumpToPageServer(
+  a: LabHost,
+  b: LabHost,
+  pid: number,
+  dirs: { source: string; destination: string },
+  options: { port: number; tls: boolean; leaveRunning: boolean },
+): Promise<{ started: number; ended: number }> {
+  const pageServer = spawn(
+    'nsenter',
+    inHost(b, [
+      'page-server',
+      '-D',
+      dirs.destination,
+      '--address',
+      b.address,
+      '--port',
+      String(options.port),
+      '-o',
+      'page-server.log',
+      // The page server checks a client certificate against its own address (see src/criu/client.ts).
+      ...(options.tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
+    ]),
+    { stdio: 'ignore' },
+  );
+  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
+  await sleep(100); // the CLI page server has no readiness signal; outside the measured time
+  const started = performance.now();
+  await execFileAsync(
+    'nsenter',
+    inHost(a, [
+      'dump',
+      '-t',
+      String(pid),
+      '-D',
+      dirs.source,
+      ...(options.leaveRunning ? ['--leave-running'] : []),
+      '--page-server',
+      '--address',
+      b.address,
+      '--port',
+      String(options.port),
+      '-o',
+      'dump.log',
+      '-v4', // the TLS handshake line is info level
+      ...(options.tls ? tlsArgs(a) : []),
+    ]),
+  );
+  const ended = performance.now();
+  await pageServerDone;
+  return { started, ended };
 }
 
 /** CRIU's TLS options for a lab host's identity. */
@@ -143,81 +188,48 @@ function tlsArgs(host: LabHost): string[] {
 }
 
 /** One dump of a running process to a page server on b, leaving it running: page transfer only. */
-async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Sample> {
+interface Transfer {
+  ms: number;
+  bytes: number;
+}
+
+async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Transfer> {
   const source = mkdtempSync(join(a.imagesDir, 'xfer-'));
   const destination = mkdtempSync(join(b.imagesDir, 'xfer-'));
-  const pageServer = spawn(
-    'nsenter',
-    inHost(b, [
-      'page-server',
-      '-D',
-      destination,
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'page-server.log',
-      // The page server checks a client certificate against its own address (see src/criu/client.ts).
-      ...(tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
-    ]),
-    { stdio: 'ignore' },
-  );
-  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
-  await sleep(100);
-  const started = performance.now();
-  await execFileAsync(
-    'nsenter',
-    inHost(a, [
-      'dump',
-      '-t',
-      String(pid),
-      '-D',
-      source,
-      '--leave-running',
-      '--page-server',
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'dump.log',
-      '-v4', // the handshake line is info level
-      ...(tls ? tlsArgs(a) : []),
-    ]),
-  );
-  const done = performance.now();
-  await pageServerDone;
+  const dump = await dumpToPageServer(a, b, pid, { source, destination }, { port, tls, leaveRunning: true });
+  const ms = dump.ended - dump.started;
   const handshake = readFileSync(join(source, 'dump.log'), 'utf8').includes('TLS handshake completed');
   if (tls !== handshake) throw new Error(`the ${tls ? 'TLS' : 'plain'} dump ${handshake ? 'did' : 'did not'} use TLS`);
   const bytes = pageBytes(destination);
   rmSync(source, { recursive: true, force: true });
   rmSync(destination, { recursive: true, force: true });
-  return { downtimeMs: done - started, totalMs: done - started, bytes, detail: '' };
+  return { ms, bytes };
 }
 
+/** The same dump to a page server, plain and over CRIU's TLS, alternating on one 1 GiB process. */
 async function tlsCost(a: LabHost, b: LabHost): Promise<void> {
-  const { pid } = await startWorkload(a, 'tlscost');
-  const samples: Record<'plain' | 'tls', Sample[]> = { plain: [], tls: [] };
+  const memoryMb = 1024;
+  const { pid } = await startWorkload(a, 'tlscost', { memoryMb, hotPercent: 1, hotMb: 10, rate: 'low', tickMs: 200 });
+  const samples: Record<'plain' | 'tls', Transfer[]> = { plain: [], tls: [] };
   for (let run = 0; run < runs; run++) {
     for (const mode of ['plain', 'tls'] as const) {
       const sample = await pageTransfer(a, b, pid, mode === 'tls', 27_100 + run * 2 + (mode === 'tls' ? 1 : 0));
       samples[mode].push(sample);
       process.stderr.write(
-        `  run ${run + 1} page transfer ${mode}: ${ms(sample.totalMs)} for ${formatBytes(sample.bytes)} (${rate(sample)})\n`,
+        `  run ${run + 1} page transfer ${mode}: ${ms(sample.ms)} for ${formatBytes(sample.bytes)} (${rate(sample)})\n`,
       );
     }
   }
   await killNamespaceOf(a, 'counter');
-  const plain = median(samples.plain.map((s) => s.bytes / s.totalMs));
-  const tls = median(samples.tls.map((s) => s.bytes / s.totalMs));
+  const plain = median(samples.plain.map((s) => s.bytes / s.ms));
+  const tls = median(samples.tls.map((s) => s.bytes / s.ms));
   process.stdout.write(`\npage transfer of a ${memoryMb} MiB process (dump to a page server, median of ${runs})\n`);
   process.stdout.write(`  plain  ${formatBytes(plain * 1000)}/s\n`);
   process.stdout.write(`  TLS    ${formatBytes(tls * 1000)}/s  (${((1 - tls / plain) * 100).toFixed(0)} % slower)\n`);
 }
 
-function rate(sample: Sample): string {
-  return `${formatBytes((sample.bytes / sample.totalMs) * 1000)}/s`;
+function rate(sample: Transfer): string {
+  return `${formatBytes((sample.bytes / sample.ms) * 1000)}/s`;
 }
 
 function pageBytes(dir: string): number {
@@ -242,52 +254,111 @@ function ms(n: number): string {
   return `${Math.round(n)} ms`;
 }
 
-function median(values: number[]): number {
-  const sorted = [...values].sort((x, y) => x - y);
-  return sorted[Math.floor(sorted.length / 2)] ?? NaN;
+/** Sizes this machine can hold: the process, its page images on tmpfs and the restored copy, with room to spare. */
+function feasible(sizes: readonly number[]): number[] {
+  const available = Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) / 1024;
+  return sizes.filter((size) => {
+    const ok = size * 3.5 < available;
+    if (!ok)
+      process.stderr.write(
+        `bench: skipping ${size} MiB: ${Math.round(available)} MiB available, it needs about ${Math.round(size * 3.5)}\n`,
+      );
+    return ok;
+  });
+}
+
+/** Pre-copy needs a kernel that tracks dirty memory: it runs in the kernel lab, and comes back as samples. */
+async function kernelLab(): Promise<Sample[]> {
+  process.stderr.write(
+    'bench: pre-copy and stop-and-copy in the kernel lab (software-emulated: slower than this machine)\n',
+  );
+  const child = spawn(
+    'bash',
+    [join(projectRoot(), 'scripts', 'kernel-lab'), '--timeout', '3600', '--', 'node', 'dist/scripts/bench-precopy.js'],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: process.env,
+    },
+  );
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  const samples = out
+    .split('\n')
+    .filter((l) => l.startsWith('BENCH-SAMPLE '))
+    .map((l) => JSON.parse(l.slice('BENCH-SAMPLE '.length)) as Sample);
+  if (code !== 0) process.stderr.write(`bench: the kernel lab exited with ${code}; ${samples.length} samples kept\n`);
+  for (const s of samples) {
+    process.stderr.write(
+      `  ${s.method} ${s.memoryMb} MiB hot ${s.hotPercent} % ${s.rate}: downtime ${ms(s.downtimeMs)}, ${s.rounds} rounds\n`,
+    );
+  }
+  return samples;
 }
 
 async function main(): Promise<void> {
+  const sizes = feasible((process.env.BENCH_SIZES ?? '256,1024,4096').split(',').map(Number));
+  const matrix = cells(sizes);
   process.stderr.write(
-    `bench: ${memoryMb} MiB process, ${hotMb} MiB rewritten every 20 ms, ${runs} runs each, lab hosts a → b\n`,
+    `bench: ${matrix.length} workloads (memory ${sizes.join('/')} MiB, hot ${[...new Set(matrix.map((c) => c.hotPercent))].join('/')} %, ` +
+      `dirty rate ${[...new Set(matrix.map((c) => c.rate))].join('/')}), ${runs} runs each of ${BARE} and ${FERRY}, lab hosts a → b\n`,
   );
   await labDown(LAB);
   const lab = await labUp({ name: LAB });
   const [a, b] = lab.hosts as [LabHost, LabHost];
-  mkdirSync(a.imagesDir, { recursive: true });
-  const results: Record<string, Sample[]> = { 'bare CRIU script': [], 'Ferry stop-and-copy': [] };
+  const samples: Sample[] = [];
+  let serial = 0;
   try {
-    for (let run = 0; run < runs; run++) {
-      for (const [name, fn] of [
-        ['bare CRIU script', bareCriu],
-        ['Ferry stop-and-copy', ferry],
-      ] as const) {
-        const sample = await fn(a, b, run);
-        results[name]?.push(sample);
-        process.stderr.write(
-          `  run ${run + 1} ${name}: downtime ${ms(sample.downtimeMs)}, total ${ms(sample.totalMs)} (${sample.detail})\n`,
-        );
+    for (const cell of matrix) {
+      for (let run = 0; run < runs; run++) {
+        for (const fn of [bareCriu, ferry]) {
+          const sample = await fn(a, b, cell, run, serial++);
+          samples.push(sample);
+          const parts = Object.entries(sample.parts)
+            .map(([k, v]) => `${k} ${ms(v)}`)
+            .join(', ');
+          process.stderr.write(
+            `  ${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${sample.method}: downtime ${ms(sample.downtimeMs)} (${parts})\n`,
+          );
+        }
       }
     }
   } finally {
     await labDown(LAB);
   }
-  const rows = Object.entries(results).map(([name, samples]) => ({
-    name,
-    downtime: median(samples.map((s) => s.downtimeMs)),
-    total: median(samples.map((s) => s.totalMs)),
-    bytes: median(samples.map((s) => s.bytes)),
-  }));
-  const base = rows[0]?.downtime ?? NaN;
-  process.stdout.write(`\n${memoryMb} MiB, hot set ${hotMb} MiB, median of ${runs}\n`);
+  if (process.env.BENCH_KERNEL_LAB !== '0') samples.push(...(await kernelLab()));
+
+  const rows = summarize(samples);
   process.stdout.write(
-    `${'method'.padEnd(22)}${'downtime'.padStart(10)}${'total'.padStart(10)}${'pages sent'.padStart(12)}${'vs bare'.padStart(10)}\n`,
+    `\nmedians of ${runs} runs on this machine (kernel lab: ${process.env.BENCH_KL_RUNS ?? 1}); downtime = frozen until running\n`,
   );
-  for (const r of rows) {
+  process.stdout.write(table(rows, BARE, FERRY) + '\n');
+
+  // Where Ferry's stop-and-copy downtime goes, next to the bare script's, per memory size (medians over cells).
+  process.stdout.write(
+    '\noverhead of Ferry stop-and-copy against the bare script (medians over the hot sets and rates of each size)\n',
+  );
+  for (const size of sizes) {
+    const f = rows.filter((r) => r.method === FERRY && r.memoryMb === size);
+    const bare = rows.filter((r) => r.method === BARE && r.memoryMb === size);
+    const part = (rs: typeof rows, name: string): number => median(rs.map((r) => r.parts[name] ?? 0));
+    const fd = median(f.map((r) => r.downtimeMs));
+    const bd = median(bare.map((r) => r.downtimeMs));
     process.stdout.write(
-      `${r.name.padEnd(22)}${ms(r.downtime).padStart(10)}${ms(r.total).padStart(10)}${formatBytes(r.bytes).padStart(12)}${`${((r.downtime / base - 1) * 100).toFixed(0)} %`.padStart(10)}\n`,
+      `  ${size} MiB: Ferry ${ms(fd)} = dump+stream ${ms(part(f, 'dump+stream'))} (of which streaming ${ms(part(f, 'stream'))}) + ` +
+        `restore ${ms(part(f, 'restore'))} + commit+resume ${ms(part(f, 'commit+resume'))} + round trips ${ms(part(f, 'round trips'))}; ` +
+        `bare ${ms(bd)} = dump ${ms(part(bare, 'dump'))} + copy ${ms(part(bare, 'copy'))} + restore ${ms(part(bare, 'restore'))}; ` +
+        `Ferry ${((fd / bd - 1) * 100).toFixed(0)} % ${fd >= bd ? 'over' : 'under'}\n`,
     );
   }
+
+  const out = resolve(process.env.BENCH_OUT ?? join(projectRoot(), 'bench-results'));
+  mkdirSync(out, { recursive: true });
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  writeFileSync(join(out, `bench-${stamp}.csv`), csv(samples));
+  writeFileSync(join(out, `bench-${stamp}.svg`), svg(rows));
+  process.stdout.write(`\nsamples: ${join(out, `bench-${stamp}.csv`)}\nplot:    ${join(out, `bench-${stamp}.svg`)}\n`);
+
   const again = await labUp({ name: LAB });
   try {
     await tlsCost(again.hosts[0] as LabHost, again.hosts[1] as LabHost);
