@@ -10,8 +10,9 @@ import { loadIdentity, type Identity } from '../src/tls/index.js';
 import { log } from '../src/log.js';
 import { parseBytes } from '../src/units.js';
 import { projectRoot } from '../src/paths.js';
-import { LABEL_KEY, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
+import { LABEL_KEY, PEER_NAME, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
+import { directory, holdMs, migrationTarget, nodeName } from './arguments.js';
 import { configDir } from './config.js';
 import { registerFleetCommands } from './fleet.js';
 import { registerInstallCommands } from './install-commands.js';
@@ -39,7 +40,8 @@ function interruptSignal(): AbortSignal {
 }
 
 function wholeNumber(value: string): number {
-  if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(Number(value)))
+    throw new InvalidArgumentError('expected a whole number');
   return Number(value);
 }
 
@@ -63,7 +65,8 @@ function roundCount(value: string): number {
 }
 
 function positiveNumber(value: string): number {
-  if (!/^\d+(\.\d+)?$/.test(value) || Number(value) <= 0) throw new InvalidArgumentError('expected a number above 0');
+  if (!/^\d+(\.\d+)?$/.test(value) || !(Number(value) > 0 && Number.isFinite(Number(value))))
+    throw new InvalidArgumentError('expected a number above 0');
   return Number(value);
 }
 
@@ -197,7 +200,7 @@ client check it. \`ferry install\` does all this for you over SSH.`,
     .option(
       '--hold <ms>',
       'how long each agent holds its side of the switchover waiting for the next step before settling it alone',
-      wholeNumber,
+      holdMs,
       60_000,
     )
     .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
@@ -236,15 +239,12 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
           insecure?: boolean;
         },
       ) => {
-        const isPid = /^\d+$/.test(target);
-        if (!isPid && !WORKLOAD_NAME.test(target)) {
-          throw new InvalidInputError(`${JSON.stringify(target)} is neither a PID nor a workload name`);
-        }
+        const what = migrationTarget(target);
         const from = resolveAgent(opts.from, opts);
         const to = resolveAgent(opts.to, opts);
         const report = await migrate({
-          pid: isPid ? Number(target) : undefined,
-          workload: isPid ? undefined : target,
+          pid: 'pid' in what ? what.pid : undefined,
+          workload: 'workload' in what ? what.workload : undefined,
           from,
           to,
           strategy: opts.strategy,
@@ -383,9 +383,13 @@ after it, the destination runs the copy (restored again from its kept images if 
     .command('agent')
     .description('Run the agent daemon of this node')
     .option('--listen <HOST:PORT>', 'address to listen on (a numeric IP)', hostPort, { host: '127.0.0.1', port: 7070 })
-    .option('--name <NAME>', 'this node’s name', hostname())
-    .option('--data-dir <DIR>', 'workload records and logs', '/var/lib/ferry')
-    .option('--images-dir <DIR>', 'images, one directory per migration (default: tmpfs, /dev/shm/ferry/NAME)')
+    .option('--name <NAME>', 'this node’s name', nodeName, hostname())
+    .option('--data-dir <DIR>', 'workload records and logs', directory, '/var/lib/ferry')
+    .option(
+      '--images-dir <DIR>',
+      'images, one directory per migration (default: tmpfs, /dev/shm/ferry/NAME)',
+      directory,
+    )
     .option('--advertise <IP>', 'address peers and page servers use (default: the listen address)')
     .option(
       '--tls-dir <DIR>',
@@ -416,6 +420,12 @@ after it, the destination runs the copy (restored again from its kept images if 
         tlsDir: string;
         insecure?: boolean;
       }) => {
+        // The default, the host name, has not been through the --name parser.
+        if (!PEER_NAME.test(opts.name) || opts.name === '') {
+          throw new InvalidInputError(`the host name ${JSON.stringify(opts.name)} cannot name an agent`, {
+            hint: 'pass --name NAME',
+          });
+        }
         const advertise = opts.advertise ?? opts.listen.host;
         let tls: Identity | undefined;
         if (opts.insecure === true) {
