@@ -3,9 +3,21 @@ import { appendFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
-// ssh2 is CommonJS whose `utils` Node's ESM loader cannot see as a named export.
-import ssh2, { Client, type ConnectConfig, type ServerHostKeyAlgorithm } from 'ssh2';
+import { createRequire } from 'node:module';
+import type * as Ssh2 from 'ssh2';
+import type { Client, ConnectConfig, ServerHostKeyAlgorithm } from 'ssh2';
 import { FerryError, InvalidInputError } from '../src/errors.js';
+
+/**
+ * ssh2, loaded on first use: it takes a third of a second to load (its
+ * crypto set-up), which every `ferry` command and every agent start would
+ * pay, when only install and uninstall use it.
+ */
+const ssh2 = ((): (() => typeof Ssh2) => {
+  const require = createRequire(import.meta.url);
+  let loaded: typeof Ssh2 | undefined;
+  return () => (loaded ??= require('ssh2') as typeof Ssh2);
+})();
 
 /** ssh://USER@HOST[:PORT], optionally named: NAME=ssh://... */
 export interface SshTarget {
@@ -193,7 +205,7 @@ export class SshSession {
   ) {}
 
   static async open(target: SshTarget, options: SshOptions): Promise<SshSession> {
-    const client = new Client();
+    const client = new (ssh2().Client)();
     let verdict: HostKeyVerdict | undefined;
     let trustedNow = false;
     const config: ConnectConfig = {
@@ -296,7 +308,7 @@ export function readIdentity(file: string): Buffer {
       cause: error,
     });
   }
-  const parsed = ssh2.utils.parseKey(key);
+  const parsed = ssh2().utils.parseKey(key);
   if (parsed instanceof Error) {
     throw new InvalidInputError(`${file} is not a usable SSH private key: ${parsed.message}`, {
       hint: /passphrase/.test(parsed.message)
@@ -320,7 +332,7 @@ function authentication(identity: string | undefined): Partial<ConnectConfig> {
     .map((name) => join(homedir(), '.ssh', name))
     .filter((f) => existsSync(f))
     .map((f) => readFileSync(f))
-    .find((k) => !(ssh2.utils.parseKey(k) instanceof Error));
+    .find((k) => !(ssh2().utils.parseKey(k) instanceof Error));
   if (agent !== undefined || key !== undefined) {
     return { ...(agent === undefined ? {} : { agent }), ...(key === undefined ? {} : { privateKey: key }) };
   }
