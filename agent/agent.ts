@@ -30,7 +30,7 @@ import {
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { deferred } from '../src/deferred.js';
 import { log } from '../src/log.js';
-import { startTime } from '../src/proc.js';
+import { startTime, tcpListener } from '../src/proc.js';
 import { PAGE_SIZE } from '../src/units.js';
 import { pauseAt } from '../src/testpoints.js';
 import type { Identity } from '../src/tls/index.js';
@@ -149,6 +149,8 @@ interface DestinationMigration {
   dir: string;
   workload: WorkloadSpec | undefined;
   receivers: Map<string, ImageReceiver>;
+  /** CRIU's page servers for its rounds: each waits for one dump, and for ever if none comes. */
+  pageServers: { pid: number; start: number | undefined }[];
   hold?: Hold;
   restore?: Promise<unknown>;
   restoreCancel?: AbortController;
@@ -454,6 +456,7 @@ export class Agent {
       dir,
       workload: p.workload ?? undefined,
       receivers: new Map(),
+      pageServers: [],
       sourceUrl: p.sourceUrl ?? '',
       holdMs: p.holdMs || 60_000,
     });
@@ -476,12 +479,15 @@ export class Agent {
     this.#strikeAt('destination.page-server');
     const dir = join(m.dir, p.round ?? '');
     mkdirSync(dir, { mode: 0o700 });
-    const { port } = await this.criu.pageServer({
+    const { port, pid } = await this.criu.pageServer({
       imagesDir: dir,
       address: this.advertise,
       parentImg: p.parent ? `../${p.parent}` : undefined,
       tls: p.plainPages === true ? undefined : this.#pageTls,
     });
+    const server = pid > 0 ? pid : tcpListener(port, 'page-server');
+    if (server !== undefined) m.pageServers.push({ pid: server, start: startTime(server) });
+    log.info('page server started', { migration: m.id, round: p.round, port, pid: server });
     return { pageServerStarted: { address: this.advertise, port } };
   }
 
@@ -994,6 +1000,16 @@ export class Agent {
   #forget(m: Migration, keepLogs = false): string | undefined {
     if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
     this.#migrations.delete(m.id);
+    // A page server no dump came to would wait for ever; one that served its dump has ended.
+    // The start time tells a page server still there from a process that took its PID since.
+    for (const server of m.role === 'destination' ? m.pageServers : []) {
+      if (server.start === undefined || startTime(server.pid) !== server.start) continue;
+      try {
+        process.kill(server.pid, 'SIGKILL');
+      } catch {
+        // ended meanwhile
+      }
+    }
     let kept: string | undefined;
     if (keepLogs && existsSync(m.dir)) {
       kept = join(this.options.dataDir, 'failed', m.id);

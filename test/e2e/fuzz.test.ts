@@ -57,7 +57,7 @@ const ANSWER_MS = 15_000;
  * Every name that must be refused carries this token; no file or directory
  * with it may exist anywhere afterwards. Legitimate names never carry it.
  */
-const TOKEN = `fz${SEED.toString(36)}`;
+const TOKEN = `ferryfuzz${SEED}`;
 
 let lab: Lab;
 let a: LabHost;
@@ -564,16 +564,17 @@ function withToken(dir: string, depth: number, found: string[] = []): string[] {
   return found;
 }
 
-/** A CRIU process of host a: its page servers. */
-function criuProcesses(): number[] {
+/** CRIU's page servers in host a, waiting for a dump (CRIU retitles them "criu: page-server ..."). */
+function pageServers(): number[] {
   const pids: number[] = [];
   const netns = readlinkSync(`/proc/${a.pid}/ns/net`);
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       if (readlinkSync(`/proc/${entry}/ns/net`) !== netns) continue;
-      if (readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0')[0]?.endsWith('criu') === true)
-        pids.push(Number(entry));
+      // Started through the project's loader (ld-linux ... criu), the title is an argument of it.
+      const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      if (argv.some((arg) => arg.startsWith('criu: page-server'))) pids.push(Number(entry));
     } catch {
       // gone meanwhile
     }
@@ -595,7 +596,7 @@ describe('an agent under hostile input', () => {
       { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
       { tls: controller },
     );
-    const criuBefore = criuProcesses().length;
+    const serversBefore = pageServers().length;
     for (const migrationId of OPEN) {
       await c.request(
         { prepareDestination: { migrationId, sourceUrl: 'wss://127.0.0.1:1', holdMs: HOLD_MS.max } },
@@ -603,7 +604,7 @@ describe('an agent under hostile input', () => {
       );
       await c.request({ pageServerStart: { migrationId, round: 'final' } }, 'pageServerStarted');
     }
-    const criuFuzzing = criuProcesses().length;
+    const serversFuzzing = pageServers().length;
     await sleep(500);
     const filesBefore = openFiles(agentPid);
     const before = memory(agentPid);
@@ -648,7 +649,7 @@ describe('an agent under hostile input', () => {
         `(${Math.round(stats.sent / (elapsed / 1000)).toLocaleString('en')}/s) over ${stats.connections.toLocaleString('en')} connections: ` +
         `${stats.garbage.toLocaleString('en')} ended in garbage (${stats.violations.toLocaleString('en')} refused as violations), ` +
         `${stats.answered.toLocaleString('en')} answers, ${stats.refusedConnections} connections refused, ${stats.rawSockets} raw sockets; ` +
-        `slowest probe ${slowestProbe.toFixed(0)} ms; CRIU processes ${criuBefore} → ${criuFuzzing} (page servers) → ${criuProcesses().length}; agent RSS ${mib(before.rss)} → ${mib(halfway ?? 0)} (halfway) → ${mib(after.rss)}, ` +
+        `slowest probe ${slowestProbe.toFixed(0)} ms; page servers ${serversBefore} → ${serversFuzzing} → ${pageServers().length}; agent RSS ${mib(before.rss)} → ${mib(halfway ?? 0)} (halfway) → ${mib(after.rss)}, ` +
         `peak sampled ${mib(peakRss)}, high-water ${mib(after.hwm)}; open files ${filesBefore} → ${openFiles(agentPid)}`,
     );
 
@@ -679,8 +680,9 @@ describe('an agent under hostile input', () => {
       what: `the fuzzed migrations' images to go (${readdirSync(a.imagesDir).join(' ')})`,
     });
     expect(existsSync(join(a.dataDir, 'draining'))).toBe(false);
-    await waitFor(() => criuProcesses().length <= criuBefore, {
-      what: `page servers of aborted migrations to end (${criuProcesses().length} CRIU processes, ${criuBefore} before)`,
+    expect(serversFuzzing - serversBefore, 'page servers started for the fuzzing').toBe(OPEN.length);
+    await waitFor(() => pageServers().length <= serversBefore, {
+      what: `page servers of aborted migrations to end (${pageServers().length}, ${serversBefore} before)`,
     });
 
     // A real migration right after.
@@ -701,4 +703,25 @@ describe('an agent under hostile input', () => {
     if (readFileSync(`/proc/${report.to.pid}/cmdline`, 'utf8').includes('counter'))
       process.kill(report.to.pid, 'SIGKILL');
   }, 600_000);
+});
+
+describe('an agent holding a page server for a migration that goes nowhere', () => {
+  it('ends the page server no dump came to when the migration is aborted', async () => {
+    const c = await WireConnection.connect(
+      a.url,
+      { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
+      { tls: controller },
+    );
+    const before = pageServers();
+    await c.request(
+      { prepareDestination: { migrationId: 'm-nodump', sourceUrl: 'wss://127.0.0.1:1', holdMs: HOLD_MS.max } },
+      'ack',
+    );
+    await c.request({ pageServerStart: { migrationId: 'm-nodump', round: 'final' } }, 'pageServerStarted');
+    const waiting = pageServers().filter((pid) => !before.includes(pid));
+    expect(waiting).toHaveLength(1);
+    await c.request({ abort: { migrationId: 'm-nodump', reason: 'no dump will come' } }, 'ack');
+    c.close();
+    await waitFor(() => !pageServers().includes(waiting[0] ?? 0), { what: 'the page server to end' });
+  });
 });
