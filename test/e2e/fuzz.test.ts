@@ -42,7 +42,8 @@ import { sleep, waitFor } from '../helpers/wait.js';
  * FERRY_FUZZ_MESSAGES=N changes the count.
  */
 
-const LAB = 'fuzz';
+/** Labs are machine-wide; this one is this run's own (other suites may fuzz a lab of their own at the same time). */
+const LAB = `fz${process.pid % 100_000}`;
 const TOTAL = Number(process.env.FERRY_FUZZ_MESSAGES ?? 100_000);
 const SEED = Number(process.env.FERRY_FUZZ_SEED ?? Math.floor(Math.random() * 2 ** 31));
 /** Connections open at once. The agent is one Node process; more only queue. */
@@ -591,11 +592,9 @@ describe('an agent under hostile input', () => {
     const endpoint = hostEndpoint(a);
 
     // Live image streams for the hostile chunks to land in: prepared destinations with page servers.
-    const c = await WireConnection.connect(
-      a.url,
-      { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
-      { tls: controller },
-    );
+    const controllerConnection = (): Promise<WireConnection> =>
+      WireConnection.connect(a.url, { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' }, { tls: controller });
+    let c = await controllerConnection();
     const serversBefore = pageServers().length;
     for (const migrationId of OPEN) {
       await c.request(
@@ -605,6 +604,7 @@ describe('an agent under hostile input', () => {
       await c.request({ pageServerStart: { migrationId, round: 'final' } }, 'pageServerStarted');
     }
     const serversFuzzing = pageServers().length;
+    c.close();
     await sleep(500);
     const filesBefore = openFiles(agentPid);
     const before = memory(agentPid);
@@ -633,6 +633,7 @@ describe('an agent under hostile input', () => {
     const elapsed = performance.now() - started;
 
     // The fuzzing's own migrations are settled the way a controller would: abort.
+    c = await controllerConnection();
     for (const migrationId of prepared) await c.request({ abort: { migrationId, reason: 'fuzz' } }, 'ack');
     await c.request({ setDraining: { draining: false } }, 'nodeFacts');
     // A restore from a stream full of hostile chunks fails cleanly and takes its images with it.
