@@ -18,6 +18,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import {
   CriuOperationError,
   CriuService,
@@ -296,8 +297,8 @@ export class Agent {
     if (e.pageServerStart) return this.#pageServer(e.pageServerStart);
     if (e.preDumpRound) return this.#preDump(e.preDumpRound, connection);
     if (e.finalDump) return this.#finalDump(e.finalDump, connection);
-    if (e.imageChunk) return this.#imageChunk(e.imageChunk);
-    if (e.imagesDone) return this.#imagesDone(e.imagesDone);
+    if (e.imageChunk) return this.#imageChunk(e.imageChunk, connection);
+    if (e.imagesDone) return this.#imagesDone(e.imagesDone, connection);
     if (e.restore) return this.#restore(e.restore, connection);
     if (e.commit) return this.#commit(e.commit.migrationId ?? '');
     if (e.resume) return this.#resume(e.resume.migrationId ?? '', e.resume.downtimeBeforeMs ?? 0);
@@ -659,15 +660,17 @@ export class Agent {
     return m.settling;
   }
 
-  async #imageChunk(c: BodyOf<'imageChunk'>): Promise<Body> {
+  async #imageChunk(c: BodyOf<'imageChunk'>, connection: WireConnection): Promise<Body> {
     const m = this.#destination(c.migrationId ?? '');
+    this.#fromSource(m, connection);
     if (Number(c.offset ?? 0) === 0) await pauseAt('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return { ack: {} };
   }
 
-  #imagesDone(d: BodyOf<'imagesDone'>): Body {
+  #imagesDone(d: BodyOf<'imagesDone'>, connection: WireConnection): Body {
     const m = this.#destination(d.migrationId ?? '');
+    this.#fromSource(m, connection);
     const victim = d.files?.find((f) => Number(f.size ?? 0) > 0)?.name;
     if (faultAt('destination.images-done') === 'corrupt' && victim) {
       const file = join(m.dir, d.round ?? '', victim);
@@ -977,6 +980,22 @@ export class Agent {
     const m: SourceMigration = { role: 'source', id, dir, pid, workload: this.workloads.findByPid(pid)?.name };
     this.#migrations.set(id, m);
     return m;
+  }
+
+  /**
+   * Another agent may stream a migration's images only if it is that
+   * migration's source: its certificate names the host of the source URL the
+   * controller gave (and checked when it connected there). Without this, any
+   * node's agent key could write the images a process is restored from here.
+   */
+  #fromSource(m: DestinationMigration, connection: WireConnection): void {
+    const peer = connection.certificate;
+    if (peer?.role !== 'agent') return;
+    const host = URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '';
+    const certificate = { subject: { CN: peer.name }, subjectaltname: peer.subjectAltName } as PeerCertificate;
+    if (host === '' || checkServerIdentity(host, certificate) !== undefined) {
+      throw new NotAllowedError(`${peer.name} is not the source of migration ${m.id}, whose images it sent`);
+    }
   }
 
   #destination(id: string): DestinationMigration {

@@ -726,3 +726,40 @@ describe('an agent holding a page server for a migration that goes nowhere', () 
     await waitFor(() => !pageServers().includes(waiting[0] ?? 0), { what: 'the page server to end' });
   });
 });
+
+describe('a destination agent and the images it takes', () => {
+  it('takes a migration’s image stream from its source’s certificate only, not from any other agent’s', async () => {
+    const controllerSide = await WireConnection.connect(
+      a.url,
+      { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
+      { tls: controller },
+    );
+    const otherAgent = await WireConnection.connect(
+      a.url,
+      { role: 'agent', name: 'b', softwareVersion: 'fuzz' },
+      { tls: agentCert },
+    );
+    const chunk = (migrationId: string) => ({
+      imageChunk: { migrationId, round: 'final', name: 'core-1.img', offset: 0, data: Buffer.from('x') },
+    });
+    try {
+      for (const [migrationId, sourceUrl] of [
+        ['m-from-b', b.url],
+        ['m-from-elsewhere', 'wss://127.0.0.1:1'],
+      ] as const) {
+        await controllerSide.request({ prepareDestination: { migrationId, sourceUrl, holdMs: HOLD_MS.max } }, 'ack');
+        await controllerSide.request({ pageServerStart: { migrationId, round: 'final' } }, 'pageServerStarted');
+      }
+      await expect(otherAgent.request(chunk('m-from-b'), 'ack')).resolves.toBeDefined();
+      const refused = (await otherAgent.request(chunk('m-from-elsewhere'), 'ack').catch((e: unknown) => e)) as Error;
+      expect(refused).toMatchObject({ code: 'NOT_ALLOWED' });
+      expect(refused.message).toMatch(/b is not the source of migration m-from-elsewhere/);
+      expect(existsSync(join(a.imagesDir, 'm-from-elsewhere', 'final', 'core-1.img'))).toBe(false);
+    } finally {
+      for (const migrationId of ['m-from-b', 'm-from-elsewhere'])
+        await controllerSide.request({ abort: { migrationId, reason: 'test' } }, 'ack');
+      otherAgent.close();
+      controllerSide.close();
+    }
+  });
+});
