@@ -3,7 +3,7 @@ import { InvalidInputError } from '../src/errors.js';
 import { formatDuration } from '../src/units.js';
 import { findNode } from './config.js';
 import { AGENT_PORT, DEFAULT_PREFIX, install, uninstall, type NodeResult } from './install.js';
-import { defaultKnownHosts, KnownHosts, parseTarget, type SshTarget } from './ssh.js';
+import { defaultKnownHosts, KnownHosts, parseTarget, readIdentity, type SshTarget } from './ssh.js';
 
 function positiveInt(value: string): number {
   if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 65535)
@@ -31,7 +31,10 @@ function summary(results: readonly NodeResult[], verb: string): string {
 
 const sshOptions = (command: Command): Command =>
   command
-    .option('--identity <FILE>', 'SSH private key (default: the ssh agent, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
+    .option(
+      '--identity <FILE>',
+      'SSH private key (default: the ssh agent’s keys and ~/.ssh/id_ed25519, id_ecdsa or id_rsa)',
+    )
     .option('--known-hosts <FILE>', 'host keys to trust', defaultKnownHosts())
     .option(
       '--trust-new-hosts',
@@ -68,15 +71,17 @@ Per node: checks its host key against known_hosts (an unknown key is refused unl
 prefix: the node needs no Node.js and no CRIU) unless the same bundle is there, issues its
 certificate from the cluster CA (\`ferry init\` first), starts the agent as a systemd unit
 where systemd runs, else under a small supervisor with a pid file, waits until it answers over
-mutual TLS, and records it in the inventory. Running it again changes nothing. Exit code 1 if
-any node failed; the others are done anyway.
+mutual TLS, and records it in the inventory. Running it again changes nothing. An agent with a
+migration in flight is not restarted. Exit code 1 if any node failed (the summary says why);
+the others are done anyway.
 
-Example: ferry install ssh://root@10.0.0.5 web2=ssh://admin@web2.example:2222`,
+Example: ferry install ssh://root@10.0.0.5 web2=ssh://root@web2.example:2222`,
     )
     .action(
       async (targets: string[], opts: SshCliOptions & { prefix: string; agentPort: number; upgrade?: boolean }) => {
         const parsed = targets.map(parseTarget);
         duplicates(parsed);
+        if (opts.identity !== undefined) readIdentity(opts.identity);
         if (!opts.prefix.startsWith('/') || opts.prefix === '/')
           throw new InvalidInputError(`--prefix must be an absolute directory, not ${opts.prefix}`);
         const results = await install(parsed, {
@@ -102,43 +107,57 @@ Example: ferry install ssh://root@10.0.0.5 web2=ssh://admin@web2.example:2222`,
       .description('Stop and remove the agent from nodes, and drop them from the inventory')
       .argument('<TARGET...>', 'a node of the inventory, or ssh://USER@HOST[:PORT]')
       .option('--prefix <DIR>', 'installation directory (default: the inventory’s, else /opt/ferry)')
-      .option('--force', 'even with migrations in flight there'),
-  ).action(async (targets: string[], opts: SshCliOptions & { prefix?: string; force?: boolean }) => {
-    const resolved = targets.map((t) => {
-      if (t.includes('ssh://'))
-        return { target: parseTarget(t), prefix: opts.prefix ?? findNode(parseTarget(t).name)?.prefix };
-      const node = findNode(t);
-      if (node === undefined) {
-        throw new InvalidInputError(`${t} is neither an ssh:// URL nor a node of the inventory`, {
-          hint: 'give ssh://USER@HOST, or a name `ferry nodes` lists',
-        });
+      .option('--force', 'remove it without asking its agent (migrations in flight, running workloads)'),
+  )
+    .addHelpText(
+      'after',
+      `
+Per node: asks its agent whether a migration is in flight there or a workload runs there, and
+refuses if so (or if the agent does not answer) unless --force; then stops the agent (the
+systemd unit or the supervisor), removes the unit and the installation directory with the
+agent's journal, workload logs and images, and drops the node from the inventory. Workloads
+still running are not stopped: with --force they go on without an agent. Exit code 1 if any
+node failed; the others are done anyway.
+
+Example: ferry uninstall web2 ssh://root@10.0.0.5`,
+    )
+    .action(async (targets: string[], opts: SshCliOptions & { prefix?: string; force?: boolean }) => {
+      const resolved = targets.map((t) => {
+        if (t.includes('ssh://'))
+          return { target: parseTarget(t), prefix: opts.prefix ?? findNode(parseTarget(t).name)?.prefix };
+        const node = findNode(t);
+        if (node === undefined) {
+          throw new InvalidInputError(`${t} is neither an ssh:// URL nor a node of the inventory`, {
+            hint: 'give ssh://USER@HOST, or a name `ferry nodes` lists',
+          });
+        }
+        return { target: parseTarget(`${node.name}=${node.ssh}`), prefix: opts.prefix ?? node.prefix };
+      });
+      duplicates(resolved.map((r) => r.target));
+      if (opts.identity !== undefined) readIdentity(opts.identity);
+      const results: NodeResult[] = [];
+      // Grouped by prefix: nodes installed in different directories are removed from each.
+      for (const prefix of new Set(resolved.map((r) => r.prefix ?? DEFAULT_PREFIX))) {
+        results.push(
+          ...(await uninstall(
+            resolved.filter((r) => (r.prefix ?? DEFAULT_PREFIX) === prefix).map((r) => r.target),
+            {
+              knownHosts: new KnownHosts(opts.knownHosts),
+              trustNewHosts: opts.trustNewHosts === true,
+              identity: opts.identity,
+              prefix,
+              force: opts.force === true,
+              parallel: opts.parallel,
+              softwareVersion,
+              onStep: (node, text) => process.stderr.write(`${node}: ${text}\n`),
+            },
+          )),
+        );
       }
-      return { target: parseTarget(`${node.name}=${node.ssh}`), prefix: opts.prefix ?? node.prefix };
+      if (opts.json === true) process.stdout.write(JSON.stringify(results, null, 2) + '\n');
+      else process.stdout.write(summary(results, 'uninstalled') + '\n');
+      if (results.some((r) => !r.ok)) process.exitCode = 1;
     });
-    duplicates(resolved.map((r) => r.target));
-    const results: NodeResult[] = [];
-    // Grouped by prefix: nodes installed in different directories are removed from each.
-    for (const prefix of new Set(resolved.map((r) => r.prefix ?? DEFAULT_PREFIX))) {
-      results.push(
-        ...(await uninstall(
-          resolved.filter((r) => (r.prefix ?? DEFAULT_PREFIX) === prefix).map((r) => r.target),
-          {
-            knownHosts: new KnownHosts(opts.knownHosts),
-            trustNewHosts: opts.trustNewHosts === true,
-            identity: opts.identity,
-            prefix,
-            force: opts.force === true,
-            parallel: opts.parallel,
-            softwareVersion,
-            onStep: (node, text) => process.stderr.write(`${node}: ${text}\n`),
-          },
-        )),
-      );
-    }
-    if (opts.json === true) process.stdout.write(JSON.stringify(results, null, 2) + '\n');
-    else process.stdout.write(summary(results, 'uninstalled') + '\n');
-    if (results.some((r) => !r.ok)) process.exitCode = 1;
-  });
 }
 
 function duplicates(targets: readonly SshTarget[]): void {

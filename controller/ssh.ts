@@ -3,7 +3,8 @@ import { appendFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
-import { Client, type ConnectConfig } from 'ssh2';
+// ssh2 is CommonJS whose `utils` Node's ESM loader cannot see as a named export.
+import ssh2, { Client, type ConnectConfig, type ServerHostKeyAlgorithm } from 'ssh2';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 
 /** ssh://USER@HOST[:PORT], optionally named: NAME=ssh://... */
@@ -103,6 +104,31 @@ export class KnownHosts {
     return seen ? 'changed' : 'unknown';
   }
 
+  /** The key types known_hosts holds for the host, in file order. */
+  keyTypes(host: string, port: number): string[] {
+    const name = KnownHosts.hostPattern(host, port);
+    const types: string[] = [];
+    for (const line of existsSync(this.file) ? readFileSync(this.file, 'utf8').split('\n') : []) {
+      const fields = line.trim().split(/\s+/);
+      if (fields.length < 3 || fields[0]?.startsWith('#') || fields[0]?.startsWith('@')) continue;
+      const [patterns = '', type = ''] = fields;
+      if (patterns.split(',').some((p) => matchesHost(p, name)) && !types.includes(type)) types.push(type);
+    }
+    return types;
+  }
+
+  /**
+   * Host key algorithms to offer, those of the known keys first, as OpenSSH
+   * orders them: a server with several keys then shows the one on record,
+   * not another type that would read as a changed key.
+   */
+  hostKeyAlgorithms(host: string, port: number): ServerHostKeyAlgorithm[] {
+    const preferred = this.keyTypes(host, port).flatMap((type): ServerHostKeyAlgorithm[] =>
+      type === 'ssh-rsa' ? ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'] : HOST_KEY_ALGORITHMS.filter((a) => a === type),
+    );
+    return [...new Set([...preferred, ...HOST_KEY_ALGORITHMS])];
+  }
+
   /** Trust on first use: appends the key, as `ssh -o StrictHostKeyChecking=accept-new` does. */
   add(host: string, port: number, key: Buffer): void {
     mkdirSync(dirname(this.file), { recursive: true, mode: 0o700 });
@@ -114,6 +140,17 @@ export class KnownHosts {
     });
   }
 }
+
+/** ssh2's own default list and order (it has no way to move one of them to the front). */
+const HOST_KEY_ALGORITHMS: readonly ServerHostKeyAlgorithm[] = [
+  'ssh-ed25519',
+  'ecdsa-sha2-nistp256',
+  'ecdsa-sha2-nistp384',
+  'ecdsa-sha2-nistp521',
+  'rsa-sha2-512',
+  'rsa-sha2-256',
+  'ssh-rsa',
+];
 
 function matchesHost(pattern: string, name: string): boolean {
   if (pattern.startsWith('|1|')) {
@@ -164,6 +201,7 @@ export class SshSession {
       port: target.port,
       username: target.user,
       readyTimeout: options.timeoutMs ?? 15_000,
+      algorithms: { serverHostKey: options.knownHosts.hostKeyAlgorithms(target.host, target.port) },
       hostVerifier: (key: Buffer) => {
         verdict = options.knownHosts.verdict(target.host, target.port, key);
         if (verdict === 'unknown' && options.trustNewHosts) {
@@ -244,17 +282,47 @@ export class SshSession {
   }
 }
 
-function authentication(identity: string | undefined): Partial<ConnectConfig> {
-  if (identity !== undefined) {
-    if (!existsSync(identity))
-      throw new InvalidInputError(`no key file ${identity}`, { hint: 'give --identity an SSH private key' });
-    return { privateKey: readFileSync(identity) };
+/**
+ * The private key in FILE, checked before any host is touched: a missing,
+ * unreadable, public or passphrase-protected key is bad input (exit 2).
+ */
+export function readIdentity(file: string): Buffer {
+  let key: Buffer;
+  try {
+    key = readFileSync(file);
+  } catch (error) {
+    throw new InvalidInputError(`cannot read the key file ${file}: ${(error as Error).message}`, {
+      hint: 'give --identity an SSH private key',
+      cause: error,
+    });
   }
-  if (process.env.SSH_AUTH_SOCK !== undefined && process.env.SSH_AUTH_SOCK !== '')
-    return { agent: process.env.SSH_AUTH_SOCK };
-  for (const name of ['id_ed25519', 'id_ecdsa', 'id_rsa']) {
-    const file = join(homedir(), '.ssh', name);
-    if (existsSync(file)) return { privateKey: readFileSync(file) };
+  const parsed = ssh2.utils.parseKey(key);
+  if (parsed instanceof Error) {
+    throw new InvalidInputError(`${file} is not a usable SSH private key: ${parsed.message}`, {
+      hint: /passphrase/.test(parsed.message)
+        ? `load it into an ssh agent (ssh-add ${file}) and leave --identity out`
+        : 'give --identity an SSH private key (ssh-keygen -t ed25519 makes one)',
+    });
+  }
+  if (!parsed.isPrivateKey()) {
+    throw new InvalidInputError(`${file} is a public key`, { hint: 'give --identity the private key, not the .pub' });
+  }
+  return key;
+}
+
+function authentication(identity: string | undefined): Partial<ConnectConfig> {
+  if (identity !== undefined) return { privateKey: readIdentity(identity) };
+  // As ssh does, both the agent's keys and the default key file (ssh2 tries the file first). A default
+  // file that cannot be used without a passphrase is left to the agent.
+  const agent =
+    process.env.SSH_AUTH_SOCK === undefined || process.env.SSH_AUTH_SOCK === '' ? undefined : process.env.SSH_AUTH_SOCK;
+  const key = ['id_ed25519', 'id_ecdsa', 'id_rsa']
+    .map((name) => join(homedir(), '.ssh', name))
+    .filter((f) => existsSync(f))
+    .map((f) => readFileSync(f))
+    .find((k) => !(ssh2.utils.parseKey(k) instanceof Error));
+  if (agent !== undefined || key !== undefined) {
+    return { ...(agent === undefined ? {} : { agent }), ...(key === undefined ? {} : { privateKey: key }) };
   }
   throw new InvalidInputError('no SSH key to log in with', {
     hint: 'pass --identity FILE, start an ssh-agent with a key, or create ~/.ssh/id_ed25519',

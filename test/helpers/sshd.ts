@@ -11,9 +11,10 @@ import { waitFor } from './wait.js';
  * A real OpenSSH server (Debian's, from scripts/install-sshd) in a lab
  * host's network namespace. It runs in a private mount namespace where a
  * tmpfs /run holds its privilege-separation directory, a bind-mounted
- * passwd file names its privilege-separation user, and a tmpfs /opt is the
- * node's own (what is installed there stays there, as on a separate
- * machine), so the machine's own files never change. Root logs in with the
+ * passwd file names its privilege-separation user, and tmpfs /opt and
+ * /dev/shm are the node's own (what is installed there, and an agent's
+ * images, stay there, as on a separate machine), so the machine's own files
+ * never change. Root logs in with the
  * key in `clientKey`. The node's files are visible at `root`.
  */
 export class Sshd {
@@ -99,6 +100,7 @@ export class Sshd {
       // node losing its files, and processes it started keep running.
       const script =
         'mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd && mount -t tmpfs -o mode=755 tmpfs /opt && ' +
+        'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && ' +
         'mount --bind "$1" /etc/passwd && exec sleep infinity';
       const holder = spawn(
         'nsenter',

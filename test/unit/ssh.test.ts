@@ -1,10 +1,13 @@
+import { spawn } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { supervisorScript, systemdUnit } from '../../controller/install.js';
-import { KnownHosts, parseTarget, sh } from '../../controller/ssh.js';
+import { utils } from 'ssh2';
+import { listenUrlOf, supervisorScript, systemdUnit } from '../../controller/install.js';
+import { KnownHosts, parseTarget, readIdentity, sh } from '../../controller/ssh.js';
+import { waitFor } from '../helpers/wait.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-ssh-unit-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -47,6 +50,20 @@ describe('known_hosts', () => {
     expect(k.verdict('10.0.0.9', 22, a)).toBe('unknown');
   });
 
+  it('offers the host key types on record first, so a server with several keys shows the known one', () => {
+    const file = join(dir, 'types');
+    writeFileSync(file, `[10.0.0.7]:2222 ssh-rsa ${keyBlob().toString('base64')}\n`);
+    const k = new KnownHosts(file);
+    expect(k.keyTypes('10.0.0.7', 2222)).toEqual(['ssh-rsa']);
+    expect(k.hostKeyAlgorithms('10.0.0.7', 2222).slice(0, 4)).toEqual([
+      'rsa-sha2-512',
+      'rsa-sha2-256',
+      'ssh-rsa',
+      'ssh-ed25519',
+    ]);
+    expect(k.hostKeyAlgorithms('10.0.0.8', 22)[0]).toBe('ssh-ed25519');
+  });
+
   it('adds a new host the way ssh writes it', () => {
     const file = join(dir, 'added');
     const key = keyBlob();
@@ -83,5 +100,59 @@ describe('targets and the node side', () => {
     const script = supervisorScript('/opt/ferry', command);
     expect(script).toMatch(/echo \$\$ >'\/opt\/ferry\/run\/agent.pid'/);
     expect(script).toMatch(/while :; do/);
+  });
+
+  it('reads the agent’s listen address back from its unit or supervisor', () => {
+    const command = ['/opt/ferry/app/node', 'main.js', 'agent', '--listen', '10.0.0.5:7070'];
+    expect(listenUrlOf(systemdUnit(command))).toBe('wss://10.0.0.5:7070');
+    expect(listenUrlOf(supervisorScript('/opt/ferry', command))).toBe('wss://10.0.0.5:7070');
+    expect(listenUrlOf(supervisorScript('/opt/ferry', [...command.slice(0, 4), '[fd00::5]:7070']))).toBe(
+      'wss://[fd00::5]:7070',
+    );
+    expect(listenUrlOf('')).toBeUndefined();
+  });
+
+  it('keeps workloads when systemd stops the agent', () => {
+    expect(systemdUnit(['/x'])).toMatch(/^KillMode=process$/m);
+  });
+
+  it('the supervisor writes its pid file, restarts what exits with its exit status logged, and stops on one signal', async () => {
+    const prefix = join(dir, 'prefix');
+    mkdirSync(join(prefix, 'run'), { recursive: true });
+    mkdirSync(join(prefix, 'log'), { recursive: true });
+    const script = join(dir, 'supervisor');
+    writeFileSync(script, supervisorScript(prefix, ['/bin/sh', '-c', 'echo started; exit 3']));
+    const child = spawn('sh', [script], { detached: true, stdio: 'ignore' });
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    const log = join(prefix, 'log', 'agent.log');
+    try {
+      await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').split('started').length > 2, {
+        what: 'the command to be started twice',
+      });
+      expect(Number(readFileSync(join(prefix, 'run', 'agent.pid'), 'utf8'))).toBe(child.pid);
+      expect(readFileSync(log, 'utf8')).toMatch(/supervisor: the agent exited \(3\), restarting in 1 s/);
+    } finally {
+      process.kill(-(child.pid as number), 'SIGTERM');
+    }
+    await exited;
+  });
+});
+
+describe('the SSH key', () => {
+  it('takes a private key, and refuses a public or passphrase-protected one as bad input', () => {
+    const plain = utils.generateKeyPairSync('ed25519');
+    const locked = utils.generateKeyPairSync('ed25519', { passphrase: 'secret', cipher: 'aes256-cbc', rounds: 16 });
+    writeFileSync(join(dir, 'id'), plain.private);
+    writeFileSync(join(dir, 'id.pub'), plain.public);
+    writeFileSync(join(dir, 'locked'), locked.private);
+    expect(readIdentity(join(dir, 'id')).toString()).toBe(plain.private);
+    expect(() => readIdentity(join(dir, 'id.pub'))).toThrow(/is a public key/);
+    expect(() => readIdentity(join(dir, 'locked'))).toThrow(/passphrase/);
+    expect(() => readIdentity(join(dir, 'missing'))).toThrow(/cannot read the key file/);
+    try {
+      readIdentity(join(dir, 'locked'));
+    } catch (error) {
+      expect(error).toMatchObject({ code: 'INVALID_INPUT', hint: expect.stringMatching(/ssh-add/) as unknown });
+    }
   });
 });
