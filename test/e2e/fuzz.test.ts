@@ -178,13 +178,15 @@ function wellFormed(d: Draw): Body {
   }
   const forms: (() => Body)[] = [
     () => ({ commit: { migrationId: v.id() } }),
-    () => ({ resume: { migrationId: v.id() } }),
+    () => ({ resume: { migrationId: v.id(), downtimeBeforeMs: d.int(2 ** 32) } }),
     () => ({
       abort: { migrationId: d.pick([...LOWER]) + d.word(LOWER, 0, 20), reason: d.word('xyz \n\t"\\', 0, 300) },
     }),
     () => ({ outcomeQuery: { migrationId: v.id() } }),
     () => ({ restore: { migrationId: d.word(LOWER, 1, 10), round: v.round(), holdMs: v.hold() } }),
-    () => ({ pageServerStart: { migrationId: d.word(LOWER, 1, 10), round: v.round(), parent: '' } }),
+    () => ({
+      pageServerStart: { migrationId: d.word(LOWER, 1, 10), round: v.round(), parent: '', plainPages: d.chance(0.5) },
+    }),
     () => {
       const body = {
         migrationId: v.id(),
@@ -193,6 +195,7 @@ function wellFormed(d: Draw): Body {
         pid: v.absentPid(),
         pageServerAddress: d.pick(['127.0.0.1', '::1', a.address]),
         pageServerPort: 1 + d.int(65535),
+        plainPages: d.chance(0.5),
       };
       return d.chance(0.5)
         ? { preDumpRound: body }
