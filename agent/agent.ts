@@ -4,6 +4,7 @@ import {
   constants,
   copyFileSync,
   existsSync,
+  lstatSync,
   mkdirSync,
   readdirSync,
   readFileSync,
@@ -13,7 +14,6 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -49,7 +49,7 @@ import {
 } from '../src/wire/index.js';
 import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
-import { ImageReceiver, imagesToStream, streamImages } from './images.js';
+import { ImageReceiver, imagesToStream, logAttributes, sha256Of, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
@@ -94,9 +94,8 @@ const WORKLOAD_LOG = 'ferry-workload.log';
 const WORKLOAD_LOG_STAT = 'ferry-workload.stat';
 
 function sameContent(a: string, b: string): boolean {
-  if (statSync(a).size !== statSync(b).size) return false;
-  const digest = (file: string): string => createHash('sha256').update(readFileSync(file)).digest('hex');
-  return digest(a) === digest(b);
+  // A symlink where the log goes is replaced, not read through.
+  return lstatSync(a).isFile() && statSync(a).size === statSync(b).size && sha256Of(a) === sha256Of(b);
 }
 
 class MigrationStateError extends FerryError {
@@ -333,12 +332,8 @@ export class Agent {
     if (existsSync(target) && sameContent(target, copy)) return;
     const temporary = `${target}.${m.id}.tmp`;
     copyFileSync(copy, temporary, constants.COPYFILE_EXCL);
-    const stat = JSON.parse(readFileSync(join(dir, WORKLOAD_LOG_STAT), 'utf8')) as {
-      mode: number;
-      uid: number;
-      gid: number;
-    };
-    chmodSync(temporary, stat.mode & 0o777);
+    const stat = logAttributes(join(dir, WORKLOAD_LOG_STAT));
+    chmodSync(temporary, stat.mode);
     chownSync(temporary, stat.uid, stat.gid);
     renameSync(temporary, target);
   }
