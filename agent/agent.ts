@@ -45,6 +45,7 @@ import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
+import { AgentMetrics, MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
 import { Workloads } from './workloads.js';
 
@@ -70,6 +71,8 @@ export interface AgentOptions {
    * sharing one kernel (lab hosts, containers) each report their own share.
    */
   capacityBytes?: number | undefined;
+  /** Where to serve Prometheus metrics over plain HTTP (GET /metrics); not served when undefined. */
+  metrics?: { host: string; port: number } | undefined;
 }
 
 /**
@@ -121,6 +124,8 @@ interface SourceMigration {
   dump?: Promise<unknown>;
   finalRound?: string;
   leaseTimer?: NodeJS.Timeout;
+  /** When the dump reached its hold (performance.now()). */
+  heldAt?: number;
   /** Set once the hold is being released, whichever way: the decision is taken once. */
   settling?: Promise<'committed' | 'aborted'>;
 }
@@ -136,6 +141,14 @@ interface DestinationMigration {
   restoreCancel?: AbortController;
   restoredPid?: number;
   leaseTimer?: NodeJS.Timeout;
+  /** When the restore reached its hold (performance.now()). */
+  heldAt?: number;
+  /**
+   * How long the process had been frozen on the source when its images were
+   * all here, and when that was on this agent's clock: the downtime is
+   * measured on from there, without comparing two machines' clocks.
+   */
+  frozen?: { ms: number; at: number };
   sourceUrl: string;
   holdMs: number;
   settling?: Promise<'resumed' | 'discarded'>;
@@ -156,6 +169,7 @@ export class Agent {
   readonly journal: Journal;
   readonly rates: LearnedRates;
   #recoveryTimer: NodeJS.Timeout | undefined;
+  #metricsServer: MetricsServer | undefined;
 
   private constructor(
     readonly options: AgentOptions,
@@ -164,6 +178,7 @@ export class Agent {
     readonly workloads: Workloads,
     readonly server: WireServer,
     readonly imagesRoot: string,
+    readonly metrics: AgentMetrics,
   ) {
     this.journal = new Journal(options.dataDir);
     this.rates = new LearnedRates(options.dataDir);
@@ -174,9 +189,13 @@ export class Agent {
       options.imagesRoot ?? join(existsSync('/dev/shm') ? '/dev/shm' : options.dataDir, 'ferry', options.name);
     mkdirSync(imagesRoot, { recursive: true, mode: 0o700 });
     mkdirSync(options.dataDir, { recursive: true, mode: 0o700 });
+    const metrics = new AgentMetrics(options.name);
     const service = await CriuService.start({
       binary: resolveCriuBinary(options.criu),
-      onStateChange: (e) => log.info('criu service', { state: e.state, pid: e.pid, reason: e.reason }),
+      onStateChange: (e) => {
+        if (e.state === 'restarting') metrics.criuRestarted();
+        log.info('criu service', { state: e.state, pid: e.pid, reason: e.reason });
+      },
     });
     const workloads = new Workloads(options.dataDir, options.name);
     let agent: Agent | undefined;
@@ -208,8 +227,21 @@ export class Agent {
           return agent.#handle(envelope, connection);
         },
       });
-      agent = new Agent(options, service, service.client(), workloads, server, imagesRoot);
-      log.info('listening', { url: agent.url, criu: service.version?.text, images: imagesRoot });
+      agent = new Agent(options, service, service.client(), workloads, server, imagesRoot, metrics);
+      if (options.metrics !== undefined) {
+        agent.#metricsServer = await MetricsServer.listen(metrics, options.metrics.host, options.metrics.port).catch(
+          async (error: unknown) => {
+            await server.close();
+            throw error;
+          },
+        );
+      }
+      log.info('listening', {
+        url: agent.url,
+        criu: service.version?.text,
+        images: imagesRoot,
+        ...(agent.metricsUrl === undefined ? {} : { metrics: agent.metricsUrl }),
+      });
       // Settle what a previous run of this agent left half-done.
       void agent.recover();
       return agent;
@@ -217,6 +249,12 @@ export class Agent {
       await service.stop();
       throw error;
     }
+  }
+
+  /** Where Prometheus scrapes this agent, when it serves metrics. */
+  get metricsUrl(): string | undefined {
+    const m = this.#metricsServer;
+    return m === undefined ? undefined : `http://${urlHost(this.options.metrics?.host ?? '')}:${m.port}/metrics`;
   }
 
   get url(): string {
@@ -240,6 +278,7 @@ export class Agent {
       m.hold?.release(false);
     }
     await this.server.close();
+    await this.#metricsServer?.close();
     await this.service.stop();
   }
 
@@ -435,8 +474,11 @@ export class Agent {
       pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
     });
     const stats = await readDumpStats(dir);
+    const durationMs = Math.round(performance.now() - started);
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
-    return { roundDone: { stats: statsMessage(stats), durationMs: Math.round(performance.now() - started) } };
+    this.metrics.phase('source', 'pre_dump', durationMs);
+    this.metrics.pagesSent(stats.pagesWritten, PAGE_SIZE);
+    return { roundDone: { stats: statsMessage(stats), durationMs } };
   }
 
   /**
@@ -493,17 +535,23 @@ export class Agent {
           if (event.script !== 'post-dump') return true;
           progress('dump written; streaming images to the destination');
           const streamStarted = performance.now();
+          this.metrics.phase('source', 'dump', streamStarted - frozenAt);
           const names = imagesToStream(dir);
           const peer = await this.#connectPeer(p.destinationUrl ?? '', 'destination');
           let sent;
           try {
-            sent = await streamImages(peer, { migrationId: m.id, round }, dir, names);
+            sent = await streamImages(peer, { migrationId: m.id, round }, dir, names, {
+              frozenSince: frozenAt,
+            });
           } finally {
             peer.close();
           }
+          this.metrics.phase('source', 'image_stream', performance.now() - streamStarted);
+          this.metrics.imagesSent(sent.bytes);
           progress(`streamed ${sent.files} image files`, { bytes: sent.bytes });
           const decision = deferred<boolean>();
           m.hold = { release: decision.resolve };
+          m.heldAt = performance.now();
           this.journal.update(m.id, { state: 'held' });
           await pauseAt('source.after-hold');
           m.leaseTimer = setTimeout(() => {
@@ -531,6 +579,7 @@ export class Agent {
     } catch (error) {
       // CRIU has already resumed the process (a failed dump thaws it).
       this.journal.update(m.id, { state: 'aborted', action: 'the dump failed; the process resumed' });
+      this.metrics.migration('source', 'aborted');
       throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
     }
   }
@@ -544,12 +593,14 @@ export class Agent {
   #settleSource(m: SourceMigration, go: boolean): Promise<'committed' | 'aborted'> {
     m.settling ??= (async () => {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
+      if (m.heldAt !== undefined) this.metrics.phase('source', 'held', performance.now() - m.heldAt);
       if (go) {
         this.journal.update(m.id, { state: 'committing' });
         await pauseAt('source.before-commit-answer');
         m.hold?.release(true);
         await m.dump;
         this.journal.update(m.id, { state: 'committed' });
+        this.metrics.migration('source', 'committed');
         await pauseAt('source.after-commit');
         if (m.workload !== undefined) this.workloads.forget(m.workload);
         log.info('committed: source process ended', { migration: m.id, pid: m.pid });
@@ -558,6 +609,7 @@ export class Agent {
       m.hold?.release(false); // CRIU thaws the process
       await m.dump?.catch(() => undefined);
       this.journal.update(m.id, { state: 'aborted', action: 'the process resumed on the source' });
+      this.metrics.migration('source', 'aborted');
       this.#forget(m, true);
       log.info('aborted: source process resumed', { migration: m.id, pid: m.pid });
       return 'aborted';
@@ -582,6 +634,7 @@ export class Agent {
       writeFileSync(file, bytes);
     }
     const { files, bytes } = this.#receiver(m, d.round ?? '').verify(d.files ?? []);
+    if ((d.frozenMs ?? 0) > 0) m.frozen = { ms: d.frozenMs ?? 0, at: performance.now() };
     log.info('images received', { migration: m.id, files, bytes });
     return { ack: {} };
   }
@@ -605,6 +658,7 @@ export class Agent {
           m.restoredPid = event.pid;
           const decision = deferred<boolean>();
           m.hold = { release: decision.resolve };
+          m.heldAt = performance.now();
           this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
           await pauseAt('destination.after-restore-held');
           this.#leaseDestination(m);
@@ -622,10 +676,12 @@ export class Agent {
       const restoreMs = Math.round(performance.now() - started);
       const bytes = pageImageBytes(m.dir);
       this.rates.learn('restore', bytes, restoreMs);
+      this.metrics.phase('destination', 'restore', restoreMs);
       return { restored: { pid, restoreMs, pageImageBytes: bytes } };
     } catch (error) {
       // Before any commit: nothing to keep.
       this.journal.update(m.id, { state: 'discarded', action: 'the restore failed' });
+      this.metrics.migration('destination', 'aborted');
       throw new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) });
     }
   }
@@ -652,11 +708,17 @@ export class Agent {
   #settleDestination(m: DestinationMigration, go: boolean): Promise<'resumed' | 'discarded'> {
     m.settling ??= (async () => {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
+      const released = performance.now();
+      if (m.heldAt !== undefined) this.metrics.phase('destination', 'held', released - m.heldAt);
       if (go) {
         this.journal.update(m.id, { state: 'resuming' });
         await pauseAt('destination.before-resume-answer');
         m.hold?.release(true);
         await m.restore;
+        const running = performance.now();
+        this.metrics.phase('destination', 'resume', running - released);
+        if (m.frozen !== undefined) this.metrics.downtime(m.frozen.ms + (running - m.frozen.at));
+        this.metrics.migration('destination', 'committed');
         const pid = m.restoredPid ?? 0;
         if (m.workload !== undefined) this.workloads.adopt(m.workload, pid);
         this.journal.update(m.id, { state: 'resumed', pid, pidStart: startTime(pid) });
@@ -667,6 +729,7 @@ export class Agent {
       m.restoreCancel?.abort(); // CRIU kills the half-restored copy
       await m.restore?.catch(() => undefined);
       this.journal.update(m.id, { state: 'discarded', action: 'the restored copy was discarded' });
+      this.metrics.migration('destination', 'aborted');
       this.#forget(m, true);
       return 'discarded';
     })();
@@ -683,6 +746,7 @@ export class Agent {
     }
     const stats = await readDumpStats(join(m.dir, m.finalRound ?? 'final'));
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
+    this.metrics.pagesSent(stats.pagesWritten, PAGE_SIZE);
     this.#forget(m);
     return { committed: { stats: statsMessage(stats) } };
   }
@@ -773,6 +837,7 @@ export class Agent {
           ? 'recovered: the process runs on the source'
           : 'recovered: the process was gone before any commit',
     });
+    this.metrics.migration('source', committed ? 'committed' : 'aborted');
     log.warn('recovered a source migration', { migration: entry.id, state: after.state, action: after.action });
     return after;
   }
@@ -792,11 +857,13 @@ export class Agent {
       if (entry.workload?.name) this.workloads.adopt(entry.workload, pid ?? 0);
       rmSync(entry.dir, { recursive: true, force: true });
       const after = this.journal.write({ ...entry, state: 'resumed', pid, pidStart: startTime(pid ?? 0), action });
+      this.metrics.migration('destination', 'committed');
       log.warn('recovered a destination migration', { migration: entry.id, action });
       return after;
     }
     if (sameProcess(entry.pid, entry.pidStart) && entry.state !== 'resuming') process.kill(entry.pid ?? 0, 'SIGKILL');
     rmSync(entry.dir, { recursive: true, force: true });
+    this.metrics.migration('destination', 'aborted');
     return this.journal.write({ ...entry, state: 'discarded', action: `recovered: the source says ${outcome}` });
   }
 

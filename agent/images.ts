@@ -31,8 +31,13 @@ export async function streamImages(
   target: { migrationId: string; round: string },
   dir: string,
   names: readonly string[],
-  signal?: AbortSignal,
+  options: {
+    signal?: AbortSignal | undefined;
+    /** When the process froze (performance.now()): the destination measures the downtime on from it. */
+    frozenSince?: number | undefined;
+  } = {},
 ): Promise<StreamResult> {
+  const { signal } = options;
   const manifest: ImageFile[] = [];
   let bytes = 0;
   for (const name of names) {
@@ -55,7 +60,8 @@ export async function streamImages(
       await handle.close();
     }
   }
-  await peer.request({ imagesDone: { ...target, files: manifest } }, 'ack', { signal, timeoutMs: 30_000 });
+  const frozenMs = options.frozenSince === undefined ? 0 : Math.round(performance.now() - options.frozenSince);
+  await peer.request({ imagesDone: { ...target, files: manifest, frozenMs } }, 'ack', { signal, timeoutMs: 30_000 });
   return { files: manifest.length, bytes };
 }
 

@@ -16,6 +16,7 @@ const execFileAsync = promisify(execFile);
 export const LAB_NAME = /^[a-z][a-z0-9]{0,9}$/;
 export const DEFAULT_LAB = 'ferry';
 const AGENT_PORT = 7070;
+const METRICS_PORT = 9464;
 
 export interface LabHost {
   /** "a", "b", ... */
@@ -23,6 +24,8 @@ export interface LabHost {
   netns: string;
   address: string;
   url: string;
+  /** The agent's Prometheus metrics (plain HTTP, reachable from the machine the lab runs on). */
+  metricsUrl: string;
   pid: number;
   dataDir: string;
   imagesDir: string;
@@ -146,6 +149,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
         netns,
         address,
         url,
+        metricsUrl: `http://${address}:${METRICS_PORT}/metrics`,
         pid,
         dataDir,
         imagesDir,
@@ -294,6 +298,8 @@ function startAgent(
       dataDir,
       '--images-dir',
       imagesDir,
+      '--metrics',
+      `${address}:${METRICS_PORT}`,
       ...(tlsDir === undefined ? ['--insecure'] : ['--tls-dir', tlsDir]),
       ...(capacityBytes === undefined ? [] : ['--capacity', String(capacityBytes)]),
     ],

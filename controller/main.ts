@@ -76,6 +76,11 @@ function hostPort(value: string): { host: string; port: number } {
   return { host, port };
 }
 
+/** [HOST:]PORT; a bare port listens on localhost only. */
+function metricsAddress(value: string): { host: string; port: number } {
+  return /^\d{1,5}$/.test(value) ? hostPort(`127.0.0.1:${value}`) : hostPort(value);
+}
+
 function labName(value: string): string {
   if (!LAB_NAME.test(value))
     throw new InvalidArgumentError('1 to 10 lower-case letters and digits, starting with a letter');
@@ -390,7 +395,21 @@ after it, the destination runs the copy (restored again from its kept images if 
       'serve plaintext without authentication: anyone who reaches the port can freeze, read or kill any process here',
     )
     .option('--capacity <SIZE>', 'memory this node offers workloads, when not the whole machine (512M, 4G)', byteSize)
+    .option(
+      '--metrics <[HOST:]PORT>',
+      'serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1 only)',
+      metricsAddress,
+    )
     .addOption(criuOption())
+    .addHelpText(
+      'after',
+      `
+--metrics serves plain HTTP without authentication, apart from the agent's TLS port. It exposes
+only counts and durations (ferry_migrations_total by role and outcome, ferry_phase_duration_seconds,
+ferry_sent_pages_total, ferry_sent_bytes_total, ferry_downtime_seconds, CRIU service restarts,
+and the agent process's CPU and memory): nothing that controls the agent and no process contents.
+Bind it to an address only your Prometheus reaches.`,
+    )
     .action(
       async (opts: {
         capacity?: number;
@@ -402,6 +421,7 @@ after it, the destination runs the copy (restored again from its kept images if 
         criu?: string;
         tlsDir: string;
         insecure?: boolean;
+        metrics?: { host: string; port: number };
       }) => {
         const advertise = opts.advertise ?? opts.listen.host;
         let tls: Identity | undefined;
@@ -433,6 +453,7 @@ after it, the destination runs the copy (restored again from its kept images if 
           softwareVersion: version,
           tls,
           capacityBytes: opts.capacity,
+          metrics: opts.metrics,
         });
         await new Promise<void>((resolve) => {
           process.once('SIGTERM', resolve);

@@ -18,6 +18,8 @@ const MAX_LABELS = 32;
 /** A label key: what `ferry run --label` and `ferry rebalance --exclude` accept. */
 export const LABEL_KEY = /^[a-z0-9][a-z0-9._/-]{0,62}$/;
 const MAX_LABEL_VALUE = 256;
+/** A day: no hold lasts that long, so a larger frozen time is a broken peer. */
+const MAX_FROZEN_MS = 86_400_000;
 
 /**
  * Checks an envelope that arrived, beyond what decoding checks: exactly one
@@ -81,6 +83,7 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       migration(e.imagesDone?.migrationId);
       round(e.imagesDone?.round);
       count(e.imagesDone?.files, MAX_FILES, 'image files');
+      if ((e.imagesDone?.frozenMs ?? 0) > MAX_FROZEN_MS) fail('frozen time out of range');
       for (const f of e.imagesDone?.files ?? []) {
         pattern(f.name ?? '', IMAGE_NAME, 'image file name');
         pattern(f.sha256 ?? '', /^[0-9a-f]{64}$/, 'sha256');
