@@ -1,299 +1,305 @@
 /**
- * npm run bench: Ferry's migration against a bare CRIU script doing the same
- * work (dump to a page server on the other host, copy the other images,
- * restore), both between the same two lab hosts, in the same run.
+ * npm run bench: live migration downtime, total time and traffic for a matrix
+ * of workloads (memory size, hot set, dirty rate), in one run on this host:
  *
- * Then the cost of encrypting pages: the same dump to a page server, plain
- * and with CRIU's TLS (the agents' certificates), alternating on one process.
+ *   bare CRIU script        dump → page server → copy images → restore, the CRIU command
+ *                           line and nothing else, plain and with CRIU's TLS (Ferry's default)
+ *   Ferry stop-and-copy     between the same two lab hosts, same workloads
+ *   Ferry pre-copy          in the kernel lab (this kernel cannot track dirty memory), with
+ *                           Ferry's stop-and-copy in the same guest as its baseline
  *
- * Options (environment): BENCH_MEMORY_MB (1024), BENCH_HOT_MB (64), BENCH_RUNS (3).
+ * then where Ferry's stop-and-copy downtime goes against the bare script's,
+ * and why restores are slower while the source still exists. Prints a
+ * table; writes CSV files and an SVG plot under bench-results/. Options:
+ * --help (each also from a BENCH_* variable).
  */
-import { execFile, spawn } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { promisify } from 'node:util';
+import { Command, Option } from 'commander';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
-import { migrate } from '../controller/migration.js';
-import { runWorkload } from '../controller/workloads.js';
-import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
-import { formatBytes } from '../src/units.js';
-import { hostEndpoint } from '../controller/agents.js';
+import { formatBytes, formatDuration } from '../src/units.js';
+import {
+  addMatrixOptions,
+  describeWorkload,
+  matrixFrom,
+  parseSizes,
+  runCount,
+  STRATEGY_LABELS,
+  workloads,
+  type MatrixOptions,
+  type Sample,
+  type StrategyName,
+} from './bench/matrix.js';
+import { downtimePlot, overhead, resultsTable, runsCsv, summarize, summaryCsv } from './bench/report.js';
+import { pageReporting, restoreExperiment, restoreTable, type RestoreSample } from './bench/restore.js';
+import { bareRun, ferryRun, removeScratch } from './bench/runs.js';
 
-const execFileAsync = promisify(execFile);
-const memoryMb = Number(process.env.BENCH_MEMORY_MB ?? 1024);
-const hotMb = Number(process.env.BENCH_HOT_MB ?? 64);
-const runs = Number(process.env.BENCH_RUNS ?? 3);
-const LAB = 'fbench';
+const LAB = 'bnch';
+const GiB = 2 ** 30;
 
-interface Sample {
-  downtimeMs: number;
-  totalMs: number;
-  bytes: number;
-  detail: string;
+interface Options {
+  sizes: string;
+  hot: string;
+  rates: string;
+  runs: string;
+  strategies: string;
+  guestSizes: string;
+  guestRuns: string;
+  restoreRuns: string;
+  restoreWait: string;
+  out: string;
+  kernelLabTimeout: string;
 }
 
-const criu = resolveCriuBinary().path;
-const counter = join(projectRoot(), 'dist', 'examples', 'counter');
-
-/** Runs CRIU in a lab host's agent namespaces (network and mount), as the agent's own CRIU would. */
-function inHost(host: LabHost, args: string[]): string[] {
-  return ['-t', String(host.pid), '-n', '-m', '--', criu, ...args];
-}
-
-async function startWorkload(a: LabHost, name: string): Promise<{ pid: number; dir: string }> {
-  const dir = mkdtempSync(join(a.dataDir, `${name}-`));
-  const w = await runWorkload(
-    hostEndpoint(a),
-    name,
-    [counter, join(dir, 'state'), '20', String(memoryMb), String(hotMb)],
-    'bench',
+const program = addMatrixOptions(new Command('bench'), {
+  sizes: '256M,1G,4G',
+  hot: '1,10,50',
+  rates: 'low,high',
+  runs: '3',
+  strategies: 'bare,bare-tls,stop-and-copy,precopy',
+})
+  .description('Ferry against a bare CRIU script, and pre-copy against stop-and-copy, on a matrix of workloads')
+  .addOption(
+    new Option('--guest-sizes <LIST>', 'memory sizes for the kernel lab (emulated, slow)')
+      .env('BENCH_GUEST_SIZES')
+      .default('64M,128M,256M'),
+  )
+  .addOption(new Option('--guest-runs <N>', 'runs in the kernel lab').env('BENCH_GUEST_RUNS').default('3'))
+  .addOption(
+    new Option('--restore-runs <N>', 'runs of the restore experiment (0: skip it)')
+      .env('BENCH_RESTORE_RUNS')
+      .default('3'),
+  )
+  .addOption(
+    new Option('--restore-wait <S>', 'seconds between the end of the source and the late restore')
+      .env('BENCH_RESTORE_WAIT')
+      .default('15'),
+  )
+  .addOption(
+    new Option('--out <DIR>', 'where to write results (default: bench-results/TIME)').env('BENCH_OUT').default(''),
+  )
+  .addOption(
+    new Option('--kernel-lab-timeout <S>', 'give up on the kernel lab after this long')
+      .env('BENCH_KERNEL_LAB_TIMEOUT')
+      .default('5400'),
+  )
+  .addHelpText(
+    'after',
+    `
+Lists are comma-separated: --sizes 256M,1G --hot 10 --rates low --runs 1.
+A size is skipped, with a note, when the machine has too little free memory
+for it: a migration holds the source, its images (tmpfs, so RAM) and the
+restored copy at once.`,
   );
-  // Let it fault in its memory before measuring.
-  await sleep(Math.max(1000, memoryMb * 3));
-  return { pid: w.pid ?? 0, dir };
+
+function log(line: string): void {
+  process.stderr.write(`${line}\n`);
 }
 
-/** dump → page server → copy → restore with the CRIU command line and nothing else. */
-async function bareCriu(a: LabHost, b: LabHost, run: number): Promise<Sample> {
-  const { pid } = await startWorkload(a, `bare${run}`);
-  const source = mkdtempSync(join(a.imagesDir, 'bare-'));
-  const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
-  const port = 27_000 + run;
-  const started = performance.now();
-  const pageServer = spawn(
-    'nsenter',
-    inHost(b, ['page-server', '-D', destination, '--address', b.address, '--port', String(port)]),
-    {
-      stdio: 'ignore',
-    },
-  );
-  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
-  await sleep(100); // the CLI page server has no readiness signal; 100 ms is counted in total time only
-  const dumpStarted = performance.now();
-  await execFileAsync(
-    'nsenter',
-    inHost(a, [
-      'dump',
-      '-t',
-      String(pid),
-      '-D',
-      source,
-      '--page-server',
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'dump.log',
-    ]),
-  );
-  const dumped = performance.now();
-  await pageServerDone;
-  for (const name of readdirSync(source)) {
-    if (name.endsWith('.img')) cpSync(join(source, name), join(destination, name));
-  }
-  const copied = performance.now();
-  await execFileAsync('nsenter', inHost(b, ['restore', '-d', '-D', destination, '-o', 'restore.log']));
-  const restored = performance.now();
-  const bytes = pageBytes(destination);
-  await killNamespaceOf(b, 'counter');
-  rmSync(source, { recursive: true, force: true });
-  rmSync(destination, { recursive: true, force: true });
-  return {
-    downtimeMs: restored - dumpStarted,
-    totalMs: restored - started,
-    bytes,
-    detail: `dump ${ms(dumped - dumpStarted)}, copy ${ms(copied - dumped)}, restore ${ms(restored - copied)}`,
-  };
+function memAvailable(): number {
+  const match = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+  return Number(match?.[1] ?? 0) * 1024;
 }
 
-async function ferry(a: LabHost, b: LabHost, run: number): Promise<Sample> {
-  await startWorkload(a, `ferry${run}`);
-  const report = await migrate({
-    workload: `ferry${run}`,
-    from: hostEndpoint(a),
-    to: hostEndpoint(b),
-    softwareVersion: 'bench',
-  });
-  process.kill(report.to.pid, 'SIGKILL');
-  return {
-    downtimeMs: report.downtimeMs,
-    totalMs: report.totalMs,
-    bytes: report.bytesSent,
-    detail:
-      `dump+stream ${ms(report.phasesMs.switchover - report.final.restoreMs)} (stream ${ms(report.final.streamMs)}), ` +
-      `restore ${ms(report.final.restoreMs)}, commit+resume ${ms(report.phasesMs.commit)}; preflight ${ms(report.phasesMs.preflight)}`,
-  };
+/** Source, images and restored copy at once, and room for everything else. */
+function memoryNeeded(size: number): number {
+  return 3 * size + 2 * GiB;
 }
 
-/** CRIU's TLS options for a lab host's identity. */
-function tlsArgs(host: LabHost): string[] {
-  const dir = host.tlsDir ?? '';
-  return [
-    '--tls',
-    '--tls-cacert',
-    join(dir, 'ca.pem'),
-    '--tls-cert',
-    join(dir, 'cert.pem'),
-    '--tls-key',
-    join(dir, 'key.pem'),
-  ];
-}
-
-/** One dump of a running process to a page server on b, leaving it running: page transfer only. */
-async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Sample> {
-  const source = mkdtempSync(join(a.imagesDir, 'xfer-'));
-  const destination = mkdtempSync(join(b.imagesDir, 'xfer-'));
-  const pageServer = spawn(
-    'nsenter',
-    inHost(b, [
-      'page-server',
-      '-D',
-      destination,
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'page-server.log',
-      // The page server checks a client certificate against its own address (see src/criu/client.ts).
-      ...(tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
-    ]),
-    { stdio: 'ignore' },
-  );
-  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
-  await sleep(100);
-  const started = performance.now();
-  await execFileAsync(
-    'nsenter',
-    inHost(a, [
-      'dump',
-      '-t',
-      String(pid),
-      '-D',
-      source,
-      '--leave-running',
-      '--page-server',
-      '--address',
-      b.address,
-      '--port',
-      String(port),
-      '-o',
-      'dump.log',
-      '-v4', // the handshake line is info level
-      ...(tls ? tlsArgs(a) : []),
-    ]),
-  );
-  const done = performance.now();
-  await pageServerDone;
-  const handshake = readFileSync(join(source, 'dump.log'), 'utf8').includes('TLS handshake completed');
-  if (tls !== handshake) throw new Error(`the ${tls ? 'TLS' : 'plain'} dump ${handshake ? 'did' : 'did not'} use TLS`);
-  const bytes = pageBytes(destination);
-  rmSync(source, { recursive: true, force: true });
-  rmSync(destination, { recursive: true, force: true });
-  return { downtimeMs: done - started, totalMs: done - started, bytes, detail: '' };
-}
-
-async function tlsCost(a: LabHost, b: LabHost): Promise<void> {
-  const { pid } = await startWorkload(a, 'tlscost');
-  const samples: Record<'plain' | 'tls', Sample[]> = { plain: [], tls: [] };
-  for (let run = 0; run < runs; run++) {
-    for (const mode of ['plain', 'tls'] as const) {
-      const sample = await pageTransfer(a, b, pid, mode === 'tls', 27_100 + run * 2 + (mode === 'tls' ? 1 : 0));
-      samples[mode].push(sample);
-      process.stderr.write(
-        `  run ${run + 1} page transfer ${mode}: ${ms(sample.totalMs)} for ${formatBytes(sample.bytes)} (${rate(sample)})\n`,
-      );
-    }
-  }
-  await killNamespaceOf(a, 'counter');
-  const plain = median(samples.plain.map((s) => s.bytes / s.totalMs));
-  const tls = median(samples.tls.map((s) => s.bytes / s.totalMs));
-  process.stdout.write(`\npage transfer of a ${memoryMb} MiB process (dump to a page server, median of ${runs})\n`);
-  process.stdout.write(`  plain  ${formatBytes(plain * 1000)}/s\n`);
-  process.stdout.write(`  TLS    ${formatBytes(tls * 1000)}/s  (${((1 - tls / plain) * 100).toFixed(0)} % slower)\n`);
-}
-
-function rate(sample: Sample): string {
-  return `${formatBytes((sample.bytes / sample.totalMs) * 1000)}/s`;
-}
-
-function pageBytes(dir: string): number {
-  let total = 0;
-  for (const name of readdirSync(dir)) if (/^pages-\d+\.img$/.test(name)) total += statSync(join(dir, name)).size;
-  return total;
-}
-
-async function killNamespaceOf(host: LabHost, exeSuffix: string): Promise<void> {
-  const { stdout } = await execFileAsync('ip', ['netns', 'pids', host.netns]);
-  for (const pid of stdout.split(/\s+/).filter(Boolean)) {
-    try {
-      if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]?.endsWith(exeSuffix))
-        process.kill(Number(pid), 'SIGKILL');
-    } catch {
-      // gone
-    }
-  }
-}
-
-function ms(n: number): string {
-  return `${Math.round(n)} ms`;
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((x, y) => x - y);
-  return sorted[Math.floor(sorted.length / 2)] ?? NaN;
-}
-
-async function main(): Promise<void> {
-  process.stderr.write(
-    `bench: ${memoryMb} MiB process, ${hotMb} MiB rewritten every 20 ms, ${runs} runs each, lab hosts a → b\n`,
-  );
+async function labRuns(
+  matrix: MatrixOptions,
+  notes: string[],
+  samples: Sample[],
+  restore: { runs: number; waitS: number; restored: RestoreSample[] },
+): Promise<void> {
+  const strategies = matrix.strategies.filter((s) => s !== 'precopy');
+  if (strategies.length === 0 && restore.runs === 0) return;
   await labDown(LAB);
   const lab = await labUp({ name: LAB });
   const [a, b] = lab.hosts as [LabHost, LabHost];
-  mkdirSync(a.imagesDir, { recursive: true });
-  const results: Record<string, Sample[]> = { 'bare CRIU script': [], 'Ferry stop-and-copy': [] };
   try {
-    for (let run = 0; run < runs; run++) {
-      for (const [name, fn] of [
-        ['bare CRIU script', bareCriu],
-        ['Ferry stop-and-copy', ferry],
-      ] as const) {
-        const sample = await fn(a, b, run);
-        results[name]?.push(sample);
-        process.stderr.write(
-          `  run ${run + 1} ${name}: downtime ${ms(sample.downtimeMs)}, total ${ms(sample.totalMs)} (${sample.detail})\n`,
+    const skipped = new Set<number>();
+    for (const w of workloads(matrix)) {
+      if (strategies.length === 0) break;
+      if (skipped.has(w.memoryBytes)) continue;
+      const free = memAvailable();
+      if (free < memoryNeeded(w.memoryBytes)) {
+        skipped.add(w.memoryBytes);
+        notes.push(
+          `${formatBytes(w.memoryBytes)} skipped: ${formatBytes(free)} of memory available, a migration of it needs about ${formatBytes(memoryNeeded(w.memoryBytes))} (source, images on tmpfs, restored copy)`,
+        );
+        log(`bench: ${notes.at(-1)}`);
+        continue;
+      }
+      for (let run = 1; run <= matrix.runs; run++) {
+        // Rotated, so that no strategy always runs first or right after another.
+        for (let i = 0; i < strategies.length; i++) {
+          const strategy = strategies[(i + run - 1) % strategies.length] as StrategyName;
+          const sample =
+            strategy === 'stop-and-copy'
+              ? await ferryRun(a, b, w, run, 'stop-and-copy', 'lab')
+              : await bareRun(a, b, w, run, strategy === 'bare-tls');
+          samples.push(sample);
+          log(
+            `  ${describeWorkload(w)}, run ${run}: ${STRATEGY_LABELS[strategy]}: downtime ${Math.round(sample.downtimeMs)} ms, total ${Math.round(sample.totalMs)} ms ` +
+              `(${Object.entries(sample.parts)
+                .map(([k, v]) => `${k} ${Math.round(v)}`)
+                .join(', ')})`,
+          );
+        }
+      }
+    }
+    if (restore.runs > 0) {
+      const sizes = matrix.sizes.filter((s) => !skipped.has(s) && memAvailable() > memoryNeeded(s));
+      const size = sizes.includes(GiB) ? GiB : (sizes.filter((s) => s <= GiB).at(-1) ?? sizes[0]);
+      if (size !== undefined) {
+        log(`bench: restore experiment, ${formatBytes(size)}, ${restore.runs} runs`);
+        restore.restored.push(
+          ...(await restoreExperiment(a, b, size, restore.runs, restore.waitS, (s) =>
+            log(`  restore, ${s.condition}, run ${s.run}: ${Math.round(s.restoreMs)} ms`),
+          )),
         );
       }
     }
   } finally {
     await labDown(LAB);
+    removeScratch();
   }
-  const rows = Object.entries(results).map(([name, samples]) => ({
-    name,
-    downtime: median(samples.map((s) => s.downtimeMs)),
-    total: median(samples.map((s) => s.totalMs)),
-    bytes: median(samples.map((s) => s.bytes)),
-  }));
-  const base = rows[0]?.downtime ?? NaN;
-  process.stdout.write(`\n${memoryMb} MiB, hot set ${hotMb} MiB, median of ${runs}\n`);
-  process.stdout.write(
-    `${'method'.padEnd(22)}${'downtime'.padStart(10)}${'total'.padStart(10)}${'pages sent'.padStart(12)}${'vs bare'.padStart(10)}\n`,
+}
+
+/** Ferry's pre-copy and stop-and-copy in the kernel lab: its own run of the bench, in a qemu guest. */
+async function kernelLabRuns(
+  matrix: MatrixOptions,
+  guestSizes: number[],
+  guestRuns: number,
+  timeoutS: number,
+  notes: string[],
+): Promise<Sample[]> {
+  const args = [
+    join(projectRoot(), 'scripts', 'kernel-lab'),
+    '--timeout',
+    String(timeoutS),
+    '--',
+    'node',
+    'dist/scripts/bench-precopy.js',
+    '--sizes',
+    guestSizes.map((s) => `${Math.round(s / 2 ** 20)}M`).join(','),
+    '--hot',
+    matrix.hot.join(','),
+    '--rates',
+    matrix.rates.join(','),
+    '--runs',
+    String(guestRuns),
+  ];
+  const child = spawn('bash', args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  let stdout = '';
+  child.stdout.setEncoding('utf8');
+  child.stdout.on('data', (chunk: string) => {
+    stdout += chunk;
+    for (const line of chunk.split('\n')) if (line.trim() !== '' && !line.startsWith('BENCH-RESULT ')) log(line);
+  });
+  const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
+  const line = stdout.split('\n').find((l) => l.startsWith('BENCH-RESULT '));
+  if (line === undefined) {
+    notes.push(`pre-copy: the kernel lab ended (exit ${code}) without results; its output is above`);
+    return [];
+  }
+  const result = JSON.parse(line.slice('BENCH-RESULT '.length)) as { samples: Sample[]; notes: string[] };
+  notes.push(...result.notes.map((n) => `kernel lab: ${n}`));
+  return result.samples;
+}
+
+async function main(): Promise<void> {
+  program.parse();
+  const opts = program.opts<Options>();
+  const matrix = matrixFrom(opts);
+  const guestSizes = parseSizes(opts.guestSizes);
+  const guestRuns = runCount(opts.guestRuns);
+  const restoreRuns = opts.restoreRuns === '0' ? 0 : runCount(opts.restoreRuns);
+  const restoreWaitS = Number(opts.restoreWait);
+  if (process.getuid?.() !== 0) throw new Error('the bench runs CRIU and lab hosts: run it as root');
+
+  const started = Date.now();
+  const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+  const out = opts.out || join(projectRoot(), 'bench-results', stamp);
+  mkdirSync(out, { recursive: true });
+  const cells = workloads(matrix).length;
+  log(
+    `bench: ${cells} workloads (memory ${matrix.sizes.map(formatBytes).join(', ')}; hot ${matrix.hot.join(', ')} %; dirty rate ${matrix.rates.join(', ')}), ` +
+      `${matrix.runs} runs of ${matrix.strategies.filter((s) => s !== 'precopy').join(', ')} between lab hosts a → b` +
+      (matrix.strategies.includes('precopy')
+        ? `; pre-copy and stop-and-copy in the kernel lab at ${guestSizes.map(formatBytes).join(', ')}, ${guestRuns} runs`
+        : ''),
   );
-  for (const r of rows) {
-    process.stdout.write(
-      `${r.name.padEnd(22)}${ms(r.downtime).padStart(10)}${ms(r.total).padStart(10)}${formatBytes(r.bytes).padStart(12)}${`${((r.downtime / base - 1) * 100).toFixed(0)} %`.padStart(10)}\n`,
+  const notes: string[] = [];
+  const samples: Sample[] = [];
+  const restore = { runs: restoreRuns, waitS: restoreWaitS, restored: [] as RestoreSample[] };
+  await labRuns(matrix, notes, samples, restore);
+  if (matrix.strategies.includes('precopy')) {
+    log('bench: pre-copy in the kernel lab (a qemu guest under software emulation; slow)');
+    samples.push(...(await kernelLabRuns(matrix, guestSizes, guestRuns, Number(opts.kernelLabTimeout), notes)));
+  }
+
+  const rows = summarize(samples);
+  const sections: string[] = [];
+  sections.push(
+    `Downtime (source frozen → running on the destination), total time and bytes sent (pages and other images), ` +
+      `median of the runs; rounds = copies of memory, the final one included. ` +
+      `Lab: two lab hosts on this machine. Kernel lab: a qemu guest under software emulation, ` +
+      `comparable only within itself.\n\n${resultsTable(rows)}`,
+  );
+  for (const where of ['lab', 'kernel-lab'] as const) {
+    if (!samples.some((s) => s.where === where && s.strategy === 'stop-and-copy')) continue;
+    const { text, ratios } = overhead(samples, where);
+    if (where === 'lab' && samples.some((s) => s.strategy === 'bare-tls')) {
+      const verdicts = [...ratios.entries()].map(
+        ([size, r]) =>
+          `${formatBytes(size)} ${r <= 1.15 ? 'within' : 'over'} 15 % (${r >= 1 ? '+' : ''}${Math.round((r - 1) * 100)} %)`,
+      );
+      sections.push(
+        `Overhead: Ferry stop-and-copy against the bare CRIU script with TLS, downtime split into steps ` +
+          `(medians over every run of a size). Bare: dump = CRIU freezing and dumping (pages to the page server), ` +
+          `copy = the other images to b, restore = criu restore; startup = CRIU starting before the freeze, ` +
+          `outside the downtime. Ferry: dump (source agent, freeze → dump written), stream (images agent to agent), ` +
+          `restore (destination agent, up to the held copy), commit (the source's CRIU ends its copy), resume ` +
+          `(destination lets its copy run), protocol = the rest of the downtime: messages and round trips between ` +
+          `the steps; preflight is before the freeze.\n\n${text}\n\nGoal, Ferry within 15 % of the bare script with TLS: ${verdicts.join('; ')}`,
+      );
+    } else if (where === 'kernel-lab') {
+      sections.push(`Kernel lab: where Ferry's stop-and-copy downtime goes\n\n${text}`);
+    }
+  }
+  if (restore.restored.length > 0) {
+    const reporting = pageReporting();
+    sections.push(
+      `${restoreTable(restore.restored, restoreWaitS)}\n` +
+        (reporting === undefined
+          ? 'This kernel does not report free memory to a hypervisor.'
+          : `This kernel reports free memory to its hypervisor (virtio free page reporting: ${reporting}).`),
     );
   }
-  const again = await labUp({ name: LAB });
-  try {
-    await tlsCost(again.hosts[0] as LabHost, again.hosts[1] as LabHost);
-  } finally {
-    await labDown(LAB);
-  }
+  if (notes.length > 0) sections.push(`Notes\n${notes.map((n) => `  - ${n}`).join('\n')}`);
+
+  const files = {
+    runs: join(out, 'runs.csv'),
+    summary: join(out, 'summary.csv'),
+    plot: join(out, 'downtime.svg'),
+    report: join(out, 'report.txt'),
+  };
+  const text = sections.join('\n\n') + '\n';
+  writeFileSync(files.runs, runsCsv(samples));
+  writeFileSync(files.summary, summaryCsv(rows));
+  writeFileSync(files.plot, downtimePlot(rows));
+  if (restore.restored.length > 0) writeFileSync(join(out, 'restore.json'), JSON.stringify(restore.restored, null, 2));
+  writeFileSync(files.report, text);
+  process.stdout.write(`\n${text}\n`);
+  process.stdout.write(
+    `bench finished in ${formatDuration(Date.now() - started)}\n` +
+      `  table and breakdown  ${files.report}\n  every run (CSV)      ${files.runs}\n` +
+      `  medians (CSV)        ${files.summary}\n  plot (SVG)           ${files.plot}\n`,
+  );
 }
 
 await main();
