@@ -15,7 +15,9 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { Command, Option } from 'commander';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
 import { projectRoot } from '../src/paths.js';
@@ -25,6 +27,7 @@ import {
   describeWorkload,
   matrixFrom,
   parseSizes,
+  reference,
   runCount,
   STRATEGY_LABELS,
   workloads,
@@ -41,11 +44,13 @@ const GiB = 2 ** 30;
 
 interface Options {
   sizes: string;
+  matrixSizes: string;
   hot: string;
   rates: string;
   runs: string;
   strategies: string;
   guestSizes: string;
+  guestMatrixSizes: string;
   guestRuns: string;
   restoreRuns: string;
   restoreWait: string;
@@ -55,6 +60,7 @@ interface Options {
 
 const program = addMatrixOptions(new Command('bench'), {
   sizes: '256M,1G,4G',
+  matrixSizes: '256M,1G',
   hot: '1,10,50',
   rates: 'low,high',
   runs: '3',
@@ -66,6 +72,11 @@ const program = addMatrixOptions(new Command('bench'), {
       .env('BENCH_GUEST_SIZES')
       .default('64M,128M,256M'),
   )
+  .addOption(
+    new Option('--guest-matrix-sizes <LIST>', 'kernel-lab sizes that run every hot set and dirty rate')
+      .env('BENCH_GUEST_MATRIX_SIZES')
+      .default('128M'),
+  )
   .addOption(new Option('--guest-runs <N>', 'runs in the kernel lab').env('BENCH_GUEST_RUNS').default('3'))
   .addOption(
     new Option('--restore-runs <N>', 'runs of the restore experiment (0: skip it)')
@@ -73,9 +84,12 @@ const program = addMatrixOptions(new Command('bench'), {
       .default('3'),
   )
   .addOption(
-    new Option('--restore-wait <S>', 'seconds between the end of the source and the late restore')
+    new Option(
+      '--restore-wait <S>',
+      'most seconds the late restore waits for the hypervisor to take back the source’s memory',
+    )
       .env('BENCH_RESTORE_WAIT')
-      .default('15'),
+      .default('30'),
   )
   .addOption(
     new Option('--out <DIR>', 'where to write results (default: bench-results/TIME)').env('BENCH_OUT').default(''),
@@ -93,6 +107,14 @@ A size is skipped, with a note, when the machine has too little free memory
 for it: a migration holds the source, its images (tmpfs, so RAM) and the
 restored copy at once.`,
   );
+
+function mib(bytes: number): string {
+  return `${Math.round(bytes / 2 ** 20)}M`;
+}
+
+function loadAverage(): string {
+  return readFileSync('/proc/loadavg', 'utf8').split(' ')[0] ?? '?';
+}
 
 function log(line: string): void {
   process.stderr.write(`${line}\n`);
@@ -172,8 +194,7 @@ async function labRuns(
 /** Ferry's pre-copy and stop-and-copy in the kernel lab: its own run of the bench, in a qemu guest. */
 async function kernelLabRuns(
   matrix: MatrixOptions,
-  guestSizes: number[],
-  guestRuns: number,
+  guest: { sizes: number[]; matrixSizes: number[]; runs: number },
   timeoutS: number,
   notes: string[],
 ): Promise<Sample[]> {
@@ -185,30 +206,31 @@ async function kernelLabRuns(
     'node',
     'dist/scripts/bench-precopy.js',
     '--sizes',
-    guestSizes.map((s) => `${Math.round(s / 2 ** 20)}M`).join(','),
+    guest.sizes.map(mib).join(','),
+    '--matrix-sizes',
+    guest.matrixSizes.map(mib).join(','),
     '--hot',
     matrix.hot.join(','),
     '--rates',
     matrix.rates.join(','),
     '--runs',
-    String(guestRuns),
+    String(guest.runs),
   ];
   const child = spawn('bash', args, { stdio: ['ignore', 'pipe', 'inherit'] });
-  let stdout = '';
-  child.stdout.setEncoding('utf8');
-  child.stdout.on('data', (chunk: string) => {
-    stdout += chunk;
-    for (const line of chunk.split('\n')) if (line.trim() !== '' && !line.startsWith('BENCH-RESULT ')) log(line);
+  let result: string | undefined;
+  // The guest's console, line by line: progress goes on to stderr, the result line is kept.
+  createInterface({ input: child.stdout }).on('line', (line) => {
+    if (line.startsWith('BENCH-RESULT ')) result = line;
+    else if (line.trim() !== '') log(line);
   });
-  const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
-  const line = stdout.split('\n').find((l) => l.startsWith('BENCH-RESULT '));
-  if (line === undefined) {
+  const code = await new Promise<number>((resolve) => child.once('close', (c) => resolve(c ?? 1)));
+  if (result === undefined) {
     notes.push(`pre-copy: the kernel lab ended (exit ${code}) without results; its output is above`);
     return [];
   }
-  const result = JSON.parse(line.slice('BENCH-RESULT '.length)) as { samples: Sample[]; notes: string[] };
-  notes.push(...result.notes.map((n) => `kernel lab: ${n}`));
-  return result.samples;
+  const parsed = JSON.parse(result.slice('BENCH-RESULT '.length)) as { samples: Sample[]; notes: string[] };
+  notes.push(...parsed.notes);
+  return parsed.samples;
 }
 
 async function main(): Promise<void> {
@@ -216,37 +238,48 @@ async function main(): Promise<void> {
   const opts = program.opts<Options>();
   const matrix = matrixFrom(opts);
   const guestSizes = parseSizes(opts.guestSizes);
-  const guestRuns = runCount(opts.guestRuns);
+  const guest = {
+    sizes: guestSizes,
+    matrixSizes: opts.guestMatrixSizes === 'all' ? guestSizes : parseSizes(opts.guestMatrixSizes),
+    runs: runCount(opts.guestRuns),
+  };
   const restoreRuns = opts.restoreRuns === '0' ? 0 : runCount(opts.restoreRuns);
   const restoreWaitS = Number(opts.restoreWait);
   if (process.getuid?.() !== 0) throw new Error('the bench runs CRIU and lab hosts: run it as root');
 
   const started = Date.now();
+  const loadBefore = loadAverage();
   const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
   const out = opts.out || join(projectRoot(), 'bench-results', stamp);
   mkdirSync(out, { recursive: true });
-  const cells = workloads(matrix).length;
-  log(
-    `bench: ${cells} workloads (memory ${matrix.sizes.map(formatBytes).join(', ')}; hot ${matrix.hot.join(', ')} %; dirty rate ${matrix.rates.join(', ')}), ` +
-      `${matrix.runs} runs of ${matrix.strategies.filter((s) => s !== 'precopy').join(', ')} between lab hosts a → b` +
-      (matrix.strategies.includes('precopy')
-        ? `; pre-copy and stop-and-copy in the kernel lab at ${guestSizes.map(formatBytes).join(', ')}, ${guestRuns} runs`
-        : ''),
-  );
+  const onHost = matrix.strategies.filter((s) => s !== 'precopy');
+  const shape = `hot ${matrix.hot.join(', ')} %; dirty rate ${matrix.rates.join(', ')}`;
+  if (onHost.length > 0)
+    log(
+      `bench: ${onHost.join(', ')} between lab hosts a → b, memory ${matrix.sizes.map(formatBytes).join(', ')} ` +
+        `(every hot set and rate at ${matrix.matrixSizes.map(formatBytes).join(', ')}); ${shape}; ${matrix.runs} runs`,
+    );
+  if (matrix.strategies.includes('precopy'))
+    log(
+      `bench: pre-copy and stop-and-copy in the kernel lab, memory ${guest.sizes.map(formatBytes).join(', ')} ` +
+        `(every hot set and rate at ${guest.matrixSizes.map(formatBytes).join(', ')}); ${shape}; ${guest.runs} runs`,
+    );
   const notes: string[] = [];
   const samples: Sample[] = [];
   const restore = { runs: restoreRuns, waitS: restoreWaitS, restored: [] as RestoreSample[] };
   await labRuns(matrix, notes, samples, restore);
   if (matrix.strategies.includes('precopy')) {
     log('bench: pre-copy in the kernel lab (a qemu guest under software emulation; slow)');
-    samples.push(...(await kernelLabRuns(matrix, guestSizes, guestRuns, Number(opts.kernelLabTimeout), notes)));
+    samples.push(...(await kernelLabRuns(matrix, guest, Number(opts.kernelLabTimeout), notes)));
   }
 
   const rows = summarize(samples);
+  const ref = reference(matrix);
   const sections: string[] = [];
   sections.push(
     `Downtime (source frozen → running on the destination), total time and bytes sent (pages and other images), ` +
-      `median of the runs; rounds = copies of memory, the final one included. ` +
+      `median of the runs; rounds = copies of memory, the final one included. Sizes outside the matrix run ` +
+      `hot ${ref.hotPercent} %, ${ref.rate} dirty rate only. ` +
       `Lab: two lab hosts on this machine. Kernel lab: a qemu guest under software emulation, ` +
       `comparable only within itself.\n\n${resultsTable(rows)}`,
   );
@@ -274,13 +307,17 @@ async function main(): Promise<void> {
   if (restore.restored.length > 0) {
     const reporting = pageReporting();
     sections.push(
-      `${restoreTable(restore.restored, restoreWaitS)}\n` +
+      `${restoreTable(restore.restored)}\n` +
         (reporting === undefined
           ? 'This kernel does not report free memory to a hypervisor.'
           : `This kernel reports free memory to its hypervisor (virtio free page reporting: ${reporting}).`),
     );
   }
-  if (notes.length > 0) sections.push(`Notes\n${notes.map((n) => `  - ${n}`).join('\n')}`);
+  notes.push(
+    `load average (1 min) ${loadBefore} at the start, ${loadAverage()} at the end, on ${availableParallelism()} CPUs: ` +
+      'other work on the machine slows the runs it overlaps',
+  );
+  sections.push(`Notes\n${notes.map((n) => `  - ${n}`).join('\n')}`);
 
   const files = {
     runs: join(out, 'runs.csv'),
@@ -291,7 +328,7 @@ async function main(): Promise<void> {
   const text = sections.join('\n\n') + '\n';
   writeFileSync(files.runs, runsCsv(samples));
   writeFileSync(files.summary, summaryCsv(rows));
-  writeFileSync(files.plot, downtimePlot(rows));
+  writeFileSync(files.plot, downtimePlot(rows, ref));
   if (restore.restored.length > 0) writeFileSync(join(out, 'restore.json'), JSON.stringify(restore.restored, null, 2));
   writeFileSync(files.report, text);
   process.stdout.write(`\n${text}\n`);

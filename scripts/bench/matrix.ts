@@ -51,14 +51,30 @@ export interface MatrixOptions {
   sizes: number[];
   hot: number[];
   rates: DirtyRate[];
+  /** Sizes that run every hot set and dirty rate; the others run the reference workload only. */
+  matrixSizes: number[];
   runs: number;
   strategies: StrategyName[];
 }
 
-export function workloads(options: Pick<MatrixOptions, 'sizes' | 'hot' | 'rates'>): Workload[] {
+/** The workload every size runs: hot 10 % at the low rate, or the lists' first values. */
+export function reference(options: Pick<MatrixOptions, 'hot' | 'rates'>): { hotPercent: number; rate: DirtyRate } {
+  return {
+    hotPercent: options.hot.includes(10) ? 10 : (options.hot[0] ?? 10),
+    rate: options.rates.includes('low') ? 'low' : (options.rates[0] ?? 'low'),
+  };
+}
+
+export function workloads(options: Pick<MatrixOptions, 'sizes' | 'hot' | 'rates' | 'matrixSizes'>): Workload[] {
   const all: Workload[] = [];
-  for (const memoryBytes of options.sizes)
+  const ref = reference(options);
+  for (const memoryBytes of options.sizes) {
+    if (!options.matrixSizes.includes(memoryBytes)) {
+      all.push({ memoryBytes, ...ref });
+      continue;
+    }
     for (const hotPercent of options.hot) for (const rate of options.rates) all.push({ memoryBytes, hotPercent, rate });
+  }
   return all;
 }
 
@@ -108,10 +124,18 @@ export function runCount(value: string): number {
 /** The matrix's options, each also from a BENCH_* variable. */
 export function addMatrixOptions(
   command: Command,
-  defaults: { sizes: string; hot: string; rates: string; runs: string; strategies: string },
+  defaults: { sizes: string; matrixSizes: string; hot: string; rates: string; runs: string; strategies: string },
 ): Command {
   return command
     .addOption(new Option('--sizes <LIST>', 'memory sizes of the workload').env('BENCH_SIZES').default(defaults.sizes))
+    .addOption(
+      new Option(
+        '--matrix-sizes <LIST>',
+        'sizes that run every hot set and dirty rate (the others: hot 10 %, low rate only); "all" for every size',
+      )
+        .env('BENCH_MATRIX_SIZES')
+        .default(defaults.matrixSizes),
+    )
     .addOption(
       new Option('--hot <LIST>', 'hot set: percent of the memory the workload keeps rewriting')
         .env('BENCH_HOT')
@@ -136,13 +160,16 @@ export function addMatrixOptions(
 
 export function matrixFrom(opts: {
   sizes: string;
+  matrixSizes: string;
   hot: string;
   rates: string;
   runs: string;
   strategies: string;
 }): MatrixOptions {
+  const sizes = parseSizes(opts.sizes);
   return {
-    sizes: parseSizes(opts.sizes),
+    sizes,
+    matrixSizes: opts.matrixSizes === 'all' ? sizes : parseSizes(opts.matrixSizes),
     hot: parsePercents(opts.hot),
     rates: parseRates(opts.rates),
     runs: runCount(opts.runs),

@@ -286,11 +286,11 @@ function ticks(low: number, high: number): number[] {
 
 /**
  * Downtime against memory size, log-log: one line per strategy through the
- * median over its workloads at each size, with each workload's median as a
+ * reference workload (every size runs it), with each other workload as a
  * dot. Kernel-lab lines are dashed: emulated, so slower, and only comparable
  * with each other.
  */
-export function downtimePlot(rows: readonly Row[]): string {
+export function downtimePlot(rows: readonly Row[], ref: { hotPercent: number; rate: string }): string {
   const width = 760;
   const height = 480;
   const m = { left: 70, right: 250, top: 40, bottom: 50 };
@@ -310,7 +310,7 @@ export function downtimePlot(rows: readonly Row[]): string {
   parts.push(
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12">`,
     `<rect width="100%" height="100%" fill="white"/>`,
-    `<text x="${m.left}" y="22" font-size="15">Downtime against memory size (median of runs; dots: each workload)</text>`,
+    `<text x="${m.left}" y="22" font-size="15">Downtime against memory size: lines hot ${ref.hotPercent} %, ${ref.rate} dirty rate; dots other workloads (medians)</text>`,
     `<rect x="${m.left}" y="${m.top}" width="${plotW}" height="${plotH}" fill="none" stroke="#333"/>`,
   );
   for (const t of yTicks) {
@@ -337,7 +337,11 @@ export function downtimePlot(rows: readonly Row[]): string {
     const dash = where === 'kernel-lab' ? ' stroke-dasharray="6 4"' : '';
     const points = [...new Set(mine.map((r) => r.memoryBytes))]
       .sort((p, q) => p - q)
-      .map((size) => [size, median(mine.filter((r) => r.memoryBytes === size).map((r) => r.downtimeMs))] as const);
+      .map((size) => {
+        const atSize = mine.filter((r) => r.memoryBytes === size);
+        const reference = atSize.find((r) => r.hotPercent === ref.hotPercent && r.rate === ref.rate);
+        return [size, reference?.downtimeMs ?? median(atSize.map((r) => r.downtimeMs))] as const;
+      });
     for (const r of mine) {
       parts.push(
         `<circle cx="${x(r.memoryBytes).toFixed(1)}" cy="${y(r.downtimeMs).toFixed(1)}" r="2.5" fill="${color}" fill-opacity="0.35"/>`,

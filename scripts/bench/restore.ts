@@ -1,8 +1,14 @@
 /**
- * Why a restore is slower while the source process still exists: the same
- * images restored (with the CRIU command line) with the source stopped but
- * present, right after it ended, and a while after it ended. If only the
- * source's presence mattered, the last two would be equally fast.
+ * Why a restore is slower while the source process still exists. The same
+ * images are restored (with the CRIU command line) with the source stopped
+ * but present; with the source stopped and, just before, another process
+ * of the same size filled and ended (recently used memory on the free
+ * lists); right after the source ended; and once the hypervisor has taken
+ * the source's memory back (free page reporting), or a while after. If the
+ * source's presence itself mattered, "stopped" and "stopped, memory warm"
+ * would be equally slow; if what matters is whether the restore gets memory
+ * that was used just before, "stopped, memory warm" is as fast as "just
+ * ended".
  */
 import { execFile } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
@@ -17,12 +23,20 @@ import { killWorkloads, startWorkload } from './runs.js';
 
 const execFileAsync = promisify(execFile);
 
-export type RestoreCondition = 'source-stopped' | 'source-just-ended' | 'source-ended-earlier';
+export type RestoreCondition = 'source-stopped' | 'source-stopped-warm' | 'source-just-ended' | 'source-ended-earlier';
+
+const CONDITIONS: readonly RestoreCondition[] = [
+  'source-stopped',
+  'source-stopped-warm',
+  'source-just-ended',
+  'source-ended-earlier',
+];
 
 export const CONDITION_LABELS: Record<RestoreCondition, string> = {
-  'source-stopped': 'source still exists (stopped)',
+  'source-stopped': 'source exists (stopped)',
+  'source-stopped-warm': 'source exists, memory warm',
   'source-just-ended': 'source ended just before',
-  'source-ended-earlier': 'source ended {wait} s before',
+  'source-ended-earlier': 'source ended earlier',
 };
 
 export interface RestoreSample {
@@ -34,6 +48,8 @@ export interface RestoreSample {
   vmstat: Record<string, number>;
   /** Free memory given back to the hypervisor between the dump's end and the restore's start. */
   reportedBeforeKib: number | undefined;
+  /** Between the dump's end and the restore's start. */
+  waitedMs: number;
 }
 
 const VMSTAT_KEYS = ['pgfault', 'thp_fault_alloc', 'compact_stall', 'pgscan_direct', 'allocstall_normal'];
@@ -65,25 +81,49 @@ async function once(
   run: number,
   waitS: number,
 ): Promise<RestoreSample> {
-  const { pid } = await startWorkload(a, { memoryBytes, hotPercent: 1, rate: 'low' });
+  const workload = { memoryBytes, hotPercent: 1, rate: 'low' as const };
+  const { pid } = await startWorkload(a, workload);
   const dir = mkdtempSync(join(b.imagesDir, 'restore-'));
   try {
     // Images straight onto b's tmpfs, as a page server would leave them.
-    const keep = condition === 'source-stopped';
+    const keep = condition === 'source-stopped' || condition === 'source-stopped-warm';
     await execFileAsync(
       'nsenter',
       inHost(a, ['dump', '-t', String(pid), '-D', dir, '-o', 'dump.log', ...(keep ? ['--leave-running'] : [])]),
     );
     if (keep) process.kill(pid, 'SIGSTOP'); // frozen, as Ferry's source is while the destination restores
     const dumped = counters();
-    if (condition === 'source-ended-earlier') await sleep(waitS * 1000);
+    const waitStarted = performance.now();
+    if (condition === 'source-stopped-warm') {
+      // As much memory as the restore needs, filled and freed: the restore can take pages used a moment ago.
+      const { pid: warm } = await startWorkload(a, workload);
+      process.kill(warm, 'SIGKILL');
+      while (existsSync(`/proc/${warm}`)) await sleep(10);
+    }
+    if (condition === 'source-ended-earlier') {
+      const deadline = Date.now() + waitS * 1000;
+      while (Date.now() < deadline) {
+        const reported = (counters().reported_kib ?? 0) - (dumped.reported_kib ?? 0);
+        if (dumped.reported_kib !== undefined && reported * 1024 >= memoryBytes) break;
+        await sleep(500);
+      }
+    }
+    const waitedMs = performance.now() - waitStarted;
     const before = counters();
     const started = performance.now();
     await execFileAsync('nsenter', inHost(b, ['restore', '-d', '-D', dir, '-o', 'restore.log']));
     const restoreMs = performance.now() - started;
     const reportedBeforeKib =
       before.reported_kib === undefined ? undefined : before.reported_kib - (dumped.reported_kib ?? 0);
-    return { condition, memoryBytes, run, restoreMs, vmstat: delta(before, counters()), reportedBeforeKib };
+    return {
+      condition,
+      memoryBytes,
+      run,
+      restoreMs,
+      vmstat: delta(before, counters()),
+      reportedBeforeKib,
+      waitedMs,
+    };
   } finally {
     await killWorkloads(b);
     await killWorkloads(a);
@@ -100,11 +140,10 @@ export async function restoreExperiment(
   onSample: (s: RestoreSample) => void,
 ): Promise<RestoreSample[]> {
   const samples: RestoreSample[] = [];
-  const order: RestoreCondition[] = ['source-stopped', 'source-just-ended', 'source-ended-earlier'];
   for (let run = 1; run <= runs; run++) {
     // Rotated, so that no condition always follows the same one.
-    for (let i = 0; i < order.length; i++) {
-      const condition = order[(i + run - 1) % order.length] as RestoreCondition;
+    for (let i = 0; i < CONDITIONS.length; i++) {
+      const condition = CONDITIONS[(i + run - 1) % CONDITIONS.length] as RestoreCondition;
       const sample = await once(a, b, memoryBytes, condition, run, waitS);
       samples.push(sample);
       onSample(sample);
@@ -114,20 +153,24 @@ export async function restoreExperiment(
   return samples;
 }
 
-export function restoreTable(samples: readonly RestoreSample[], waitS: number): string {
+export function restoreTable(samples: readonly RestoreSample[]): string {
   const lines = [
-    `Restore of ${formatBytes(samples[0]?.memoryBytes ?? 0)} with the CRIU command line, by what happened to the source (median of ${Math.max(...samples.map((s) => s.run))} runs)`,
+    `Restore of ${formatBytes(samples[0]?.memoryBytes ?? 0)} with the CRIU command line, by what happened to the source ` +
+      `(median of ${Math.max(...samples.map((s) => s.run))} runs)`,
   ];
-  for (const condition of ['source-stopped', 'source-just-ended', 'source-ended-earlier'] as const) {
+  for (const condition of CONDITIONS) {
     const mine = samples.filter((s) => s.condition === condition);
     if (mine.length === 0) continue;
     const m = (k: string): number => median(mine.map((s) => s.vmstat[k] ?? 0));
+    const waited =
+      condition === 'source-ended-earlier' ? ` (${(median(mine.map((s) => s.waitedMs)) / 1000).toFixed(0)} s)` : '';
     const reported = mine.some((s) => s.reportedBeforeKib !== undefined)
-      ? `; free memory given back to the hypervisor before the restore ${formatBytes(median(mine.map((s) => s.reportedBeforeKib ?? 0)) * 1024)}, during it ${formatBytes(m('reported_kib') * 1024)}`
+      ? `; memory given back to the hypervisor before the restore ${formatBytes(median(mine.map((s) => s.reportedBeforeKib ?? 0)) * 1024)}, during it ${formatBytes(m('reported_kib') * 1024)}`
       : '';
     lines.push(
-      `  ${CONDITION_LABELS[condition].replace('{wait}', String(waitS)).padEnd(32)}${`${Math.round(median(mine.map((s) => s.restoreMs)))} ms`.padStart(9)}` +
-        `   (page faults ${m('pgfault')}, THP faults ${m('thp_fault_alloc')}, compaction stalls ${m('compact_stall')}, direct reclaim scans ${m('pgscan_direct')}${reported})`,
+      `  ${`${CONDITION_LABELS[condition]}${waited}`.padEnd(32)}${`${Math.round(median(mine.map((s) => s.restoreMs)))} ms`.padStart(9)}` +
+        `   (page faults ${m('pgfault')}, THP faults ${m('thp_fault_alloc')}, compaction stalls ${m('compact_stall')}, ` +
+        `direct reclaim scans ${m('pgscan_direct')}${reported})`,
     );
   }
   return lines.join('\n');
