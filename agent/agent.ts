@@ -1,17 +1,22 @@
 import {
+  chmodSync,
+  chownSync,
+  constants,
   copyFileSync,
   existsSync,
   mkdirSync,
   readdirSync,
   readFileSync,
+  renameSync,
   rmSync,
   statSync,
   writeFileSync,
 } from 'node:fs';
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   CriuOperationError,
@@ -45,7 +50,7 @@ import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
-import { AgentMetrics, MetricsServer } from './metrics.js';
+import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
 import { Workloads } from './workloads.js';
 
@@ -71,7 +76,7 @@ export interface AgentOptions {
    * sharing one kernel (lab hosts, containers) each report their own share.
    */
   capacityBytes?: number | undefined;
-  /** Where to serve Prometheus metrics over plain HTTP (GET /metrics); not served when undefined. */
+  /** Serve Prometheus metrics on this address (plain HTTP, read-only). */
   metrics?: { host: string; port: number } | undefined;
 }
 
@@ -82,6 +87,16 @@ export interface AgentOptions {
  * stolen agent key cannot freeze or kill processes on the others.
  */
 const AGENT_REQUESTS: readonly BodyName[] = ['imageChunk', 'imagesDone', 'outcomeQuery'];
+
+/** The workload's log file, as it travels with a migration's images. */
+const WORKLOAD_LOG = 'ferry-workload.log';
+const WORKLOAD_LOG_STAT = 'ferry-workload.stat';
+
+function sameContent(a: string, b: string): boolean {
+  if (statSync(a).size !== statSync(b).size) return false;
+  const digest = (file: string): string => createHash('sha256').update(readFileSync(file)).digest('hex');
+  return digest(a) === digest(b);
+}
 
 class MigrationStateError extends FerryError {
   readonly code = 'MIGRATION_STATE';
@@ -124,8 +139,6 @@ interface SourceMigration {
   dump?: Promise<unknown>;
   finalRound?: string;
   leaseTimer?: NodeJS.Timeout;
-  /** When the dump reached its hold (performance.now()). */
-  heldAt?: number;
   /** Set once the hold is being released, whichever way: the decision is taken once. */
   settling?: Promise<'committed' | 'aborted'>;
 }
@@ -141,14 +154,6 @@ interface DestinationMigration {
   restoreCancel?: AbortController;
   restoredPid?: number;
   leaseTimer?: NodeJS.Timeout;
-  /** When the restore reached its hold (performance.now()). */
-  heldAt?: number;
-  /**
-   * How long the process had been frozen on the source when its images were
-   * all here, and when that was on this agent's clock: the downtime is
-   * measured on from there, without comparing two machines' clocks.
-   */
-  frozen?: { ms: number; at: number };
   sourceUrl: string;
   holdMs: number;
   settling?: Promise<'resumed' | 'discarded'>;
@@ -168,8 +173,9 @@ export class Agent {
   readonly #migrations = new Map<string, Migration>();
   readonly journal: Journal;
   readonly rates: LearnedRates;
-  #recoveryTimer: NodeJS.Timeout | undefined;
+  readonly metrics = new AgentMetrics();
   #metricsServer: MetricsServer | undefined;
+  #recoveryTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     readonly options: AgentOptions,
@@ -178,9 +184,10 @@ export class Agent {
     readonly workloads: Workloads,
     readonly server: WireServer,
     readonly imagesRoot: string,
-    readonly metrics: AgentMetrics,
   ) {
-    this.journal = new Journal(options.dataDir);
+    this.journal = new Journal(options.dataDir, (entry) =>
+      this.metrics.migrations.inc({ role: entry.role, outcome: entry.state }),
+    );
     this.rates = new LearnedRates(options.dataDir);
   }
 
@@ -189,16 +196,15 @@ export class Agent {
       options.imagesRoot ?? join(existsSync('/dev/shm') ? '/dev/shm' : options.dataDir, 'ferry', options.name);
     mkdirSync(imagesRoot, { recursive: true, mode: 0o700 });
     mkdirSync(options.dataDir, { recursive: true, mode: 0o700 });
-    const metrics = new AgentMetrics(options.name);
+    let agent: Agent | undefined;
     const service = await CriuService.start({
       binary: resolveCriuBinary(options.criu),
       onStateChange: (e) => {
-        if (e.state === 'restarting') metrics.criuRestarted();
         log.info('criu service', { state: e.state, pid: e.pid, reason: e.reason });
+        if (e.state === 'restarting') agent?.metrics.criuRestarts.inc();
       },
     });
     const workloads = new Workloads(options.dataDir, options.name);
-    let agent: Agent | undefined;
     try {
       const server = await WireServer.listen({
         host: options.host,
@@ -227,21 +233,12 @@ export class Agent {
           return agent.#handle(envelope, connection);
         },
       });
-      agent = new Agent(options, service, service.client(), workloads, server, imagesRoot, metrics);
+      agent = new Agent(options, service, service.client(), workloads, server, imagesRoot);
       if (options.metrics !== undefined) {
-        agent.#metricsServer = await MetricsServer.listen(metrics, options.metrics.host, options.metrics.port).catch(
-          async (error: unknown) => {
-            await server.close();
-            throw error;
-          },
-        );
+        agent.#metricsServer = await agent.metrics.serve(options.metrics.host, options.metrics.port);
+        log.info('metrics', { url: `http://${urlHost(options.metrics.host)}:${agent.#metricsServer.port}/metrics` });
       }
-      log.info('listening', {
-        url: agent.url,
-        criu: service.version?.text,
-        images: imagesRoot,
-        ...(agent.metricsUrl === undefined ? {} : { metrics: agent.metricsUrl }),
-      });
+      log.info('listening', { url: agent.url, criu: service.version?.text, images: imagesRoot });
       // Settle what a previous run of this agent left half-done.
       void agent.recover();
       return agent;
@@ -249,12 +246,6 @@ export class Agent {
       await service.stop();
       throw error;
     }
-  }
-
-  /** Where Prometheus scrapes this agent, when it serves metrics. */
-  get metricsUrl(): string | undefined {
-    const m = this.#metricsServer;
-    return m === undefined ? undefined : `http://${urlHost(this.options.metrics?.host ?? '')}:${m.port}/metrics`;
   }
 
   get url(): string {
@@ -307,12 +298,46 @@ export class Agent {
     if (e.imagesDone) return this.#imagesDone(e.imagesDone);
     if (e.restore) return this.#restore(e.restore, connection);
     if (e.commit) return this.#commit(e.commit.migrationId ?? '');
-    if (e.resume) return this.#resume(e.resume.migrationId ?? '');
+    if (e.resume) return this.#resume(e.resume.migrationId ?? '', e.resume.downtimeBeforeMs ?? 0);
     if (e.abort) return this.#abort(e.abort.migrationId ?? '', e.abort.reason ?? '');
     if (e.outcomeQuery) return { outcome: { state: await this.#outcome(e.outcomeQuery.migrationId ?? '') } };
     if (e.recover) return { migrationList: { migrations: (await this.recover()).map(record) } };
     if (e.statusQuery) return { migrationList: { migrations: this.journal.list().map(record) } };
     throw new MigrationStateError('this request is not answered by an agent');
+  }
+
+  /**
+   * Puts the workload's log where the process expects it. Only inside this
+   * agent's own workloads directory (a path from the wire is never trusted
+   * further), and a file already there with the same content is left alone:
+   * on a shared file system it is the very file the frozen source holds,
+   * and replacing it would cut the source's output off if it resumes.
+   */
+  #placeWorkloadLog(m: DestinationMigration, dir: string): void {
+    const copy = join(dir, WORKLOAD_LOG);
+    const wanted = m.workload?.logFile ?? '';
+    if (!existsSync(copy) || !existsSync(join(dir, WORKLOAD_LOG_STAT)) || wanted === '') return;
+    const home = resolve(this.options.dataDir, 'workloads');
+    const target = resolve(wanted);
+    if (dirname(target) !== home) {
+      log.warn('a workload log outside this agent’s workloads directory is not placed', {
+        migration: m.id,
+        path: wanted,
+      });
+      return;
+    }
+    mkdirSync(home, { recursive: true });
+    if (existsSync(target) && sameContent(target, copy)) return;
+    const temporary = `${target}.${m.id}.tmp`;
+    copyFileSync(copy, temporary, constants.COPYFILE_EXCL);
+    const stat = JSON.parse(readFileSync(join(dir, WORKLOAD_LOG_STAT), 'utf8')) as {
+      mode: number;
+      uid: number;
+      gid: number;
+    };
+    chmodSync(temporary, stat.mode & 0o777);
+    chownSync(temporary, stat.uid, stat.gid);
+    renameSync(temporary, target);
   }
 
   get draining(): boolean {
@@ -455,7 +480,7 @@ export class Agent {
       imagesDir: dir,
       address: this.advertise,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      tls: this.#pageTls,
+      tls: p.plainPages === true ? undefined : this.#pageTls,
     });
     return { pageServerStarted: { address: this.advertise, port } };
   }
@@ -471,14 +496,18 @@ export class Agent {
       pid: m.pid,
       imagesDir: dir,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
+      pageServer: {
+        address: p.pageServerAddress ?? '',
+        port: p.pageServerPort ?? 0,
+        tls: p.plainPages === true ? undefined : this.#pageTls,
+      },
     });
     const stats = await readDumpStats(dir);
-    const durationMs = Math.round(performance.now() - started);
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
-    this.metrics.phase('source', 'pre_dump', durationMs);
-    this.metrics.pagesSent(stats.pagesWritten, PAGE_SIZE);
-    return { roundDone: { stats: statsMessage(stats), durationMs } };
+    this.metrics.phaseSeconds.observe({ phase: 'predump' }, (performance.now() - started) / 1000);
+    this.metrics.pagesSent.inc(stats.pagesWritten);
+    this.metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
+    return { roundDone: { stats: statsMessage(stats), durationMs: Math.round(performance.now() - started) } };
   }
 
   /**
@@ -522,7 +551,11 @@ export class Agent {
         pid: m.pid,
         imagesDir: dir,
         parentImg: p.parent ? `../${p.parent}` : undefined,
-        pageServer: { address: p.pageServerAddress ?? '', port: p.pageServerPort ?? 0, tls: this.#pageTls },
+        pageServer: {
+          address: p.pageServerAddress ?? '',
+          port: p.pageServerPort ?? 0,
+          tls: p.plainPages === true ? undefined : this.#pageTls,
+        },
         // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
         trackMem: p.parent ? true : undefined,
         timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
@@ -535,23 +568,30 @@ export class Agent {
           if (event.script !== 'post-dump') return true;
           progress('dump written; streaming images to the destination');
           const streamStarted = performance.now();
-          this.metrics.phase('source', 'dump', streamStarted - frozenAt);
           const names = imagesToStream(dir);
+          // The workload's log is a file it holds open, so CRIU needs it on the destination, at its size
+          // now (frozen): it travels with the images and the destination puts it in place.
+          const logFile = m.workload === undefined ? undefined : this.workloads.find(m.workload)?.logFile;
+          if (logFile !== undefined && logFile !== '' && existsSync(logFile)) {
+            // CRIU checks the file's size, mode and owner on restore: all three travel.
+            const { mode, uid, gid } = statSync(logFile);
+            copyFileSync(logFile, join(dir, WORKLOAD_LOG));
+            writeFileSync(join(dir, WORKLOAD_LOG_STAT), JSON.stringify({ mode: mode & 0o7777, uid, gid }));
+            names.push(WORKLOAD_LOG, WORKLOAD_LOG_STAT);
+          }
           const peer = await this.#connectPeer(p.destinationUrl ?? '', 'destination');
           let sent;
           try {
-            sent = await streamImages(peer, { migrationId: m.id, round }, dir, names, {
-              frozenSince: frozenAt,
-            });
+            sent = await streamImages(peer, { migrationId: m.id, round }, dir, names);
           } finally {
             peer.close();
           }
-          this.metrics.phase('source', 'image_stream', performance.now() - streamStarted);
-          this.metrics.imagesSent(sent.bytes);
           progress(`streamed ${sent.files} image files`, { bytes: sent.bytes });
+          this.metrics.phaseSeconds.observe({ phase: 'dump' }, (streamStarted - frozenAt) / 1000);
+          this.metrics.phaseSeconds.observe({ phase: 'stream' }, (performance.now() - streamStarted) / 1000);
+          this.metrics.bytesSent.inc(sent.bytes);
           const decision = deferred<boolean>();
           m.hold = { release: decision.resolve };
-          m.heldAt = performance.now();
           this.journal.update(m.id, { state: 'held' });
           await pauseAt('source.after-hold');
           m.leaseTimer = setTimeout(() => {
@@ -579,7 +619,6 @@ export class Agent {
     } catch (error) {
       // CRIU has already resumed the process (a failed dump thaws it).
       this.journal.update(m.id, { state: 'aborted', action: 'the dump failed; the process resumed' });
-      this.metrics.migration('source', 'aborted');
       throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
     }
   }
@@ -593,14 +632,12 @@ export class Agent {
   #settleSource(m: SourceMigration, go: boolean): Promise<'committed' | 'aborted'> {
     m.settling ??= (async () => {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
-      if (m.heldAt !== undefined) this.metrics.phase('source', 'held', performance.now() - m.heldAt);
       if (go) {
         this.journal.update(m.id, { state: 'committing' });
         await pauseAt('source.before-commit-answer');
         m.hold?.release(true);
         await m.dump;
         this.journal.update(m.id, { state: 'committed' });
-        this.metrics.migration('source', 'committed');
         await pauseAt('source.after-commit');
         if (m.workload !== undefined) this.workloads.forget(m.workload);
         log.info('committed: source process ended', { migration: m.id, pid: m.pid });
@@ -609,7 +646,6 @@ export class Agent {
       m.hold?.release(false); // CRIU thaws the process
       await m.dump?.catch(() => undefined);
       this.journal.update(m.id, { state: 'aborted', action: 'the process resumed on the source' });
-      this.metrics.migration('source', 'aborted');
       this.#forget(m, true);
       log.info('aborted: source process resumed', { migration: m.id, pid: m.pid });
       return 'aborted';
@@ -634,7 +670,6 @@ export class Agent {
       writeFileSync(file, bytes);
     }
     const { files, bytes } = this.#receiver(m, d.round ?? '').verify(d.files ?? []);
-    if ((d.frozenMs ?? 0) > 0) m.frozen = { ms: d.frozenMs ?? 0, at: performance.now() };
     log.info('images received', { migration: m.id, files, bytes });
     return { ack: {} };
   }
@@ -644,6 +679,7 @@ export class Agent {
     const m = this.#destination(r.migrationId ?? '');
     const dir = join(m.dir, r.round ?? '');
     if (faultAt('destination.before-restore') === 'break-images') rmSync(join(dir, 'pstree.img'), { force: true });
+    this.#placeWorkloadLog(m, dir);
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.options.name });
     const reachedHold = deferred<number>();
@@ -658,7 +694,6 @@ export class Agent {
           m.restoredPid = event.pid;
           const decision = deferred<boolean>();
           m.hold = { release: decision.resolve };
-          m.heldAt = performance.now();
           this.journal.update(m.id, { state: 'restored', pid: event.pid, pidStart: startTime(event.pid ?? 0) });
           await pauseAt('destination.after-restore-held');
           this.#leaseDestination(m);
@@ -675,13 +710,12 @@ export class Agent {
       const pid = await reachedHold.promise;
       const restoreMs = Math.round(performance.now() - started);
       const bytes = pageImageBytes(m.dir);
+      this.metrics.phaseSeconds.observe({ phase: 'restore' }, restoreMs / 1000);
       this.rates.learn('restore', bytes, restoreMs);
-      this.metrics.phase('destination', 'restore', restoreMs);
       return { restored: { pid, restoreMs, pageImageBytes: bytes } };
     } catch (error) {
       // Before any commit: nothing to keep.
       this.journal.update(m.id, { state: 'discarded', action: 'the restore failed' });
-      this.metrics.migration('destination', 'aborted');
       throw new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) });
     }
   }
@@ -708,17 +742,11 @@ export class Agent {
   #settleDestination(m: DestinationMigration, go: boolean): Promise<'resumed' | 'discarded'> {
     m.settling ??= (async () => {
       if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
-      const released = performance.now();
-      if (m.heldAt !== undefined) this.metrics.phase('destination', 'held', released - m.heldAt);
       if (go) {
         this.journal.update(m.id, { state: 'resuming' });
         await pauseAt('destination.before-resume-answer');
         m.hold?.release(true);
         await m.restore;
-        const running = performance.now();
-        this.metrics.phase('destination', 'resume', running - released);
-        if (m.frozen !== undefined) this.metrics.downtime(m.frozen.ms + (running - m.frozen.at));
-        this.metrics.migration('destination', 'committed');
         const pid = m.restoredPid ?? 0;
         if (m.workload !== undefined) this.workloads.adopt(m.workload, pid);
         this.journal.update(m.id, { state: 'resumed', pid, pidStart: startTime(pid) });
@@ -729,7 +757,6 @@ export class Agent {
       m.restoreCancel?.abort(); // CRIU kills the half-restored copy
       await m.restore?.catch(() => undefined);
       this.journal.update(m.id, { state: 'discarded', action: 'the restored copy was discarded' });
-      this.metrics.migration('destination', 'aborted');
       this.#forget(m, true);
       return 'discarded';
     })();
@@ -746,12 +773,14 @@ export class Agent {
     }
     const stats = await readDumpStats(join(m.dir, m.finalRound ?? 'final'));
     this.rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
-    this.metrics.pagesSent(stats.pagesWritten, PAGE_SIZE);
+    this.metrics.pagesSent.inc(stats.pagesWritten);
+    this.metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
     this.#forget(m);
     return { committed: { stats: statsMessage(stats) } };
   }
 
-  async #resume(id: string): Promise<Body> {
+  async #resume(id: string, downtimeBeforeMs: number): Promise<Body> {
+    const started = performance.now();
     const m = this.#migrations.get(id);
     if (m?.role !== 'destination' || m.hold === undefined || m.restore === undefined) {
       const entry = this.journal.read(id);
@@ -760,6 +789,9 @@ export class Agent {
     }
     if ((await this.#settleDestination(m, true)) !== 'resumed') {
       throw new MigrationStateError(`migration ${id}'s copy was already discarded here`);
+    }
+    if (downtimeBeforeMs > 0) {
+      this.metrics.downtimeSeconds.observe((downtimeBeforeMs + performance.now() - started) / 1000);
     }
     return { resumed: { pid: m.restoredPid ?? 0 } };
   }
@@ -837,7 +869,6 @@ export class Agent {
           ? 'recovered: the process runs on the source'
           : 'recovered: the process was gone before any commit',
     });
-    this.metrics.migration('source', committed ? 'committed' : 'aborted');
     log.warn('recovered a source migration', { migration: entry.id, state: after.state, action: after.action });
     return after;
   }
@@ -857,13 +888,11 @@ export class Agent {
       if (entry.workload?.name) this.workloads.adopt(entry.workload, pid ?? 0);
       rmSync(entry.dir, { recursive: true, force: true });
       const after = this.journal.write({ ...entry, state: 'resumed', pid, pidStart: startTime(pid ?? 0), action });
-      this.metrics.migration('destination', 'committed');
       log.warn('recovered a destination migration', { migration: entry.id, action });
       return after;
     }
     if (sameProcess(entry.pid, entry.pidStart) && entry.state !== 'resuming') process.kill(entry.pid ?? 0, 'SIGKILL');
     rmSync(entry.dir, { recursive: true, force: true });
-    this.metrics.migration('destination', 'aborted');
     return this.journal.write({ ...entry, state: 'discarded', action: `recovered: the source says ${outcome}` });
   }
 

@@ -1,9 +1,17 @@
 import { createHash } from 'node:crypto';
-import { closeSync, constants, fstatSync, openSync, readdirSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FerryError } from '../src/errors.js';
-import { IMAGE_CHUNK_BYTES, IMAGE_NAME, type ImageFile, type WireConnection } from '../src/wire/index.js';
+import { formatBytes } from '../src/units.js';
+import {
+  IMAGE_CHUNK_BYTES,
+  IMAGE_NAME,
+  MAX_IMAGE_FILES,
+  type ImageFile,
+  type WireConnection,
+} from '../src/wire/index.js';
+import { freeBytes } from './process.js';
 
 export class ImageTransferError extends FerryError {
   readonly code = 'IMAGE_TRANSFER';
@@ -31,13 +39,8 @@ export async function streamImages(
   target: { migrationId: string; round: string },
   dir: string,
   names: readonly string[],
-  options: {
-    signal?: AbortSignal | undefined;
-    /** When the process froze (performance.now()): the destination measures the downtime on from it. */
-    frozenSince?: number | undefined;
-  } = {},
+  signal?: AbortSignal,
 ): Promise<StreamResult> {
-  const { signal } = options;
   const manifest: ImageFile[] = [];
   let bytes = 0;
   for (const name of names) {
@@ -60,33 +63,78 @@ export async function streamImages(
       await handle.close();
     }
   }
-  const frozenMs = options.frozenSince === undefined ? 0 : Math.round(performance.now() - options.frozenSince);
-  await peer.request({ imagesDone: { ...target, files: manifest, frozenMs } }, 'ack', { signal, timeoutMs: 30_000 });
+  await peer.request({ imagesDone: { ...target, files: manifest } }, 'ack', { signal, timeoutMs: 30_000 });
   return { files: manifest.length, bytes };
 }
+
+/** What one round's image stream may hold on a destination. */
+export interface ImageStreamLimits {
+  /** Files in the stream. */
+  maxFiles: number;
+  /** Bytes of all its files together. */
+  maxBytes: number;
+  /** Free space a chunk must leave in the images file system. */
+  reserveBytes: number;
+}
+
+/**
+ * The images besides page data are small (a process's core, mappings, file
+ * descriptors: kilobytes to a few MiB; CRIU keeps ghost files under 1 MiB),
+ * plus the workload's log. The images live in tmpfs, which is memory: a
+ * stream that a peer never ends must not be able to take it all.
+ */
+export const IMAGE_STREAM_LIMITS: ImageStreamLimits = {
+  maxFiles: MAX_IMAGE_FILES,
+  maxBytes: 1024 * 1024 * 1024,
+  reserveBytes: 64 * 1024 * 1024,
+};
 
 /**
  * Writes received chunks into one round's directory. Names are plain file
  * names (validated on the wire and again here); files are created, never
  * overwritten, and never followed through a symlink; chunks must arrive in
- * order.
+ * order; the stream is bounded (IMAGE_STREAM_LIMITS).
  */
 export class ImageReceiver {
   readonly #sizes = new Map<string, number>();
+  #bytes = 0;
 
-  constructor(readonly dir: string) {}
+  constructor(
+    readonly dir: string,
+    readonly limits: ImageStreamLimits = IMAGE_STREAM_LIMITS,
+  ) {}
 
   write(name: string, offset: number, data: Uint8Array): void {
     if (!IMAGE_NAME.test(name)) throw new ImageTransferError(`refused image name ${JSON.stringify(name)}`);
-    const expected = this.#sizes.get(name) ?? 0;
-    if (offset !== expected) {
-      throw new ImageTransferError(`${name}: chunk at offset ${offset}, expected ${expected}`);
+    const expected = this.#sizes.get(name);
+    if (offset !== (expected ?? 0)) {
+      throw new ImageTransferError(`${name}: chunk at offset ${offset}, expected ${expected ?? 0}`);
+    }
+    if (expected === undefined && this.#sizes.size >= this.limits.maxFiles) {
+      throw new ImageTransferError(`more than ${this.limits.maxFiles} image files in one stream`);
+    }
+    if (this.#bytes + data.length > this.limits.maxBytes) {
+      throw new ImageTransferError(`the image stream exceeds ${formatBytes(this.limits.maxBytes)}`);
+    }
+    if (data.length > 0 && freeBytes(this.dir) - data.length < this.limits.reserveBytes) {
+      throw new ImageTransferError(
+        `${name}: the images file system would have less than ${formatBytes(this.limits.reserveBytes)} free`,
+      );
     }
     const flags =
       offset === 0
         ? constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW
         : constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW;
-    const fd = openSync(join(this.dir, name), flags, 0o600);
+    let fd: number;
+    try {
+      fd = openSync(join(this.dir, name), flags, 0o600);
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST' || code === 'ELOOP') {
+        throw new ImageTransferError(`${name} already exists in the round's directory`, { cause: error });
+      }
+      throw error;
+    }
     try {
       if (!fstatSync(fd).isFile()) throw new ImageTransferError(`${name} is not a regular file`);
       writeSync(fd, data);
@@ -94,6 +142,7 @@ export class ImageReceiver {
       closeSync(fd);
     }
     this.#sizes.set(name, offset + data.length);
+    this.#bytes += data.length;
   }
 
   /** Checks every announced file's size and checksum; throws on the first mismatch. */
@@ -105,12 +154,26 @@ export class ImageReceiver {
       const got = this.#sizes.get(name) ?? (size === 0 ? 0 : -1);
       if (got !== size) throw new ImageTransferError(`${name}: received ${got} bytes, expected ${size}`);
       if (size === 0 && !this.#sizes.has(name)) this.write(name, 0, new Uint8Array(0));
-      const digest = createHash('sha256')
-        .update(readFileSync(join(this.dir, name)))
-        .digest('hex');
-      if (digest !== f.sha256) throw new ImageTransferError(`${name}: checksum mismatch`);
+      if (sha256Of(join(this.dir, name)) !== f.sha256) throw new ImageTransferError(`${name}: checksum mismatch`);
       bytes += size;
     }
     return { files: files.length, bytes };
   }
+}
+
+/** Read in chunks: an image may be larger than is reasonable to hold in memory at once. */
+function sha256Of(file: string): string {
+  const hash = createHash('sha256');
+  const fd = openSync(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const buffer = Buffer.alloc(IMAGE_CHUNK_BYTES);
+    for (;;) {
+      const n = readSync(fd, buffer, 0, buffer.length, null);
+      if (n === 0) break;
+      hash.update(buffer.subarray(0, n));
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return hash.digest('hex');
 }

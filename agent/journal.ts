@@ -49,14 +49,18 @@ export function isFinal(entry: JournalEntry): boolean {
 /** One file per migration in DATA/journal, replaced atomically and synced to disk before anyone acts on it. */
 export class Journal {
   readonly #dir: string;
+  readonly #onFinal: ((entry: JournalEntry) => void) | undefined;
 
-  constructor(dataDir: string) {
+  /** onFinal hears each migration once, when it reaches its final state (metrics count outcomes there). */
+  constructor(dataDir: string, onFinal?: (entry: JournalEntry) => void) {
     this.#dir = join(dataDir, 'journal');
+    this.#onFinal = onFinal;
     mkdirSync(this.#dir, { recursive: true, mode: 0o700 });
   }
 
   write(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {
     const full: JournalEntry = { ...entry, updatedAtMs: Date.now() };
+    const before = this.#onFinal === undefined ? undefined : this.read(entry.id);
     const file = join(this.#dir, `${entry.id}.json`);
     const tmp = `${file}.tmp`;
     const fd = openSync(tmp, 'w', 0o600);
@@ -73,6 +77,7 @@ export class Journal {
     } finally {
       closeSync(dirFd);
     }
+    if (isFinal(full) && (before === undefined || !isFinal(before))) this.#onFinal?.(full);
     return full;
   }
 

@@ -138,6 +138,17 @@ function planOptions(command: Command): Command {
 }
 
 export function registerFleetCommands(program: Command, softwareVersion: string, signal: () => AbortSignal): void {
+  /** Applies a plan, the plan and each move's outcome on stderr as they come. */
+  const run = (p: Plan, refs: NodeRef[], maxFailures: number, quiet: boolean): Promise<MoveOutcome[]> => {
+    if (!quiet) progress(renderPlan(p));
+    return applyPlan(p, refs, {
+      softwareVersion,
+      maxConsecutiveFailures: maxFailures,
+      onMove: (o) => progress(renderOutcome(o)),
+      signal: signal(),
+    });
+  };
+
   nodeOptions(
     program.command('nodes').description('Show the nodes’ memory, load, workloads and draining state'),
   ).action(async (opts: FleetOptions) => {
@@ -188,13 +199,7 @@ Example: ferry rebalance --threshold 70% --exclude tier=db --apply`,
           else write(renderPlan(p) + `\n(planned in ${formatDuration(planMs)}; --apply makes these moves)`);
           return;
         }
-        if (opts.json !== true) progress(renderPlan(p));
-        const outcomes = await applyPlan(p, refs, {
-          softwareVersion,
-          maxConsecutiveFailures: opts.maxFailures,
-          onMove: (o) => progress(renderOutcome(o)),
-          signal: signal(),
-        });
+        const outcomes = await run(p, refs, opts.maxFailures, opts.json === true);
         const applyMs = performance.now() - started - planMs;
         const s = summary(outcomes);
         if (opts.json === true) {
@@ -232,13 +237,7 @@ places nothing there. Pinned workloads stay and are listed. The other nodes are 
       await setDraining(ref, true, softwareVersion);
       progress(`${name} is draining: it takes no workloads`);
       const p = plan(await readNodes(refs, softwareVersion), { threshold: 1, exclude: [], drainOnly: name });
-      if (opts.json !== true) progress(renderPlan(p));
-      const outcomes = await applyPlan(p, refs, {
-        softwareVersion,
-        maxConsecutiveFailures: opts.maxFailures,
-        onMove: (o) => progress(renderOutcome(o)),
-        signal: signal(),
-      });
+      const outcomes = await run(p, refs, opts.maxFailures, opts.json === true);
       const s = summary(outcomes);
       const left = p.stays.length + s.failed;
       if (opts.json === true) {

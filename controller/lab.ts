@@ -16,7 +16,6 @@ const execFileAsync = promisify(execFile);
 export const LAB_NAME = /^[a-z][a-z0-9]{0,9}$/;
 export const DEFAULT_LAB = 'ferry';
 const AGENT_PORT = 7070;
-const METRICS_PORT = 9464;
 
 export interface LabHost {
   /** "a", "b", ... */
@@ -24,8 +23,6 @@ export interface LabHost {
   netns: string;
   address: string;
   url: string;
-  /** The agent's Prometheus metrics (plain HTTP, reachable from the machine the lab runs on). */
-  metricsUrl: string;
   pid: number;
   dataDir: string;
   imagesDir: string;
@@ -45,6 +42,7 @@ export interface Lab {
   /** The lab's throwaway controller identity (its own CA); absent when the lab runs --insecure. */
   controllerTls?: string | undefined;
   capacityBytes?: number | undefined;
+  metrics?: boolean | undefined;
 }
 
 export class LabError extends FerryError {
@@ -60,7 +58,11 @@ export interface LabUpOptions {
   insecure?: boolean | undefined;
   /** Memory each host offers workloads (`ferry agent --capacity`): lab hosts share one machine's. */
   capacityBytes?: number | undefined;
+  /** Each agent serves Prometheus metrics on its address, port METRICS_PORT. */
+  metrics?: boolean | undefined;
 }
+
+export const METRICS_PORT = 9464;
 
 function labDir(name: string): string {
   return join(existsSync('/run') ? '/run' : '/tmp', 'ferry', `lab-${name}`);
@@ -100,7 +102,15 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
   releaseSubnet(name); // a claim a crashed run of this lab left behind
   const subnet = claimSubnet(name);
   const bridge = `${name}-br`;
-  const lab: Lab = { name, dir, bridge, subnet: `${subnet}.0/24`, hosts: [], capacityBytes: options.capacityBytes };
+  const lab: Lab = {
+    name,
+    dir,
+    bridge,
+    subnet: `${subnet}.0/24`,
+    hosts: [],
+    capacityBytes: options.capacityBytes,
+    metrics: options.metrics,
+  };
   const tlsRoot = join(dir, 'tls');
   try {
     // A throwaway cluster CA: the lab runs exactly as an installed cluster does, mutual TLS included.
@@ -141,7 +151,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
         logFile,
         tlsDir,
         options.agentEnv?.[host] ?? {},
-        options.capacityBytes,
+        lab,
       );
       const url = `${tlsDir === undefined ? 'ws' : 'wss'}://${address}:${AGENT_PORT}`;
       lab.hosts.push({
@@ -149,7 +159,6 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
         netns,
         address,
         url,
-        metricsUrl: `http://${address}:${METRICS_PORT}/metrics`,
         pid,
         dataDir,
         imagesDir,
@@ -210,7 +219,7 @@ export async function restartAgent(name: string, host: string, env: Record<strin
     // already gone
   }
   for (let i = 0; i < 200 && isAlive(h.pid); i++) await sleep(25);
-  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env, lab.capacityBytes);
+  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env, lab);
   writeFileSync(join(lab.dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
   await waitForAgent(lab, h);
   return h;
@@ -274,7 +283,7 @@ function startAgent(
   logFile: string,
   tlsDir: string | undefined,
   env: Record<string, string>,
-  capacityBytes?: number,
+  lab: Pick<Lab, 'capacityBytes' | 'metrics'>,
 ): number {
   const main = join(projectRoot(), 'dist', 'controller', 'main.js');
   if (!existsSync(main)) throw new LabError(`${main} is missing`, { hint: 'run `npm run build`' });
@@ -298,10 +307,9 @@ function startAgent(
       dataDir,
       '--images-dir',
       imagesDir,
-      '--metrics',
-      `${address}:${METRICS_PORT}`,
       ...(tlsDir === undefined ? ['--insecure'] : ['--tls-dir', tlsDir]),
-      ...(capacityBytes === undefined ? [] : ['--capacity', String(capacityBytes)]),
+      ...(lab.capacityBytes === undefined ? [] : ['--capacity', String(lab.capacityBytes)]),
+      ...(lab.metrics === true ? ['--metrics', `${address}:${METRICS_PORT}`] : []),
     ],
     { detached: true, stdio: ['ignore', out, out], env: { ...process.env, FERRY_LOG: 'info', ...env } },
   );

@@ -10,10 +10,12 @@ import { loadIdentity, type Identity } from '../src/tls/index.js';
 import { log } from '../src/log.js';
 import { parseBytes } from '../src/units.js';
 import { projectRoot } from '../src/paths.js';
-import { LABEL_KEY, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
+import { LABEL_KEY, PEER_NAME, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
+import { directory, holdMs, migrationTarget, nodeName } from './arguments.js';
 import { configDir } from './config.js';
 import { registerFleetCommands } from './fleet.js';
+import { registerInstallCommands } from './install-commands.js';
 import { certificate, initCluster } from './init.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
@@ -38,7 +40,8 @@ function interruptSignal(): AbortSignal {
 }
 
 function wholeNumber(value: string): number {
-  if (!/^\d+$/.test(value)) throw new InvalidArgumentError('expected a whole number');
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(Number(value)))
+    throw new InvalidArgumentError('expected a whole number');
   return Number(value);
 }
 
@@ -62,7 +65,8 @@ function roundCount(value: string): number {
 }
 
 function positiveNumber(value: string): number {
-  if (!/^\d+(\.\d+)?$/.test(value) || Number(value) <= 0) throw new InvalidArgumentError('expected a number above 0');
+  if (!/^\d+(\.\d+)?$/.test(value) || !(Number(value) > 0 && Number.isFinite(Number(value))))
+    throw new InvalidArgumentError('expected a number above 0');
   return Number(value);
 }
 
@@ -74,11 +78,6 @@ function hostPort(value: string): { host: string; port: number } {
   if (isIP(host) === 0)
     throw new InvalidArgumentError('HOST must be a numeric IP address (CRIU page servers need one)');
   return { host, port };
-}
-
-/** [HOST:]PORT; a bare port listens on localhost only. */
-function metricsAddress(value: string): { host: string; port: number } {
-  return /^\d{1,5}$/.test(value) ? hostPort(`127.0.0.1:${value}`) : hostPort(value);
 }
 
 function labName(value: string): string {
@@ -191,13 +190,17 @@ client check it. \`ferry install\` does all this for you over SSH.`,
       300,
     )
     .option('--strict-downtime', 'abort (the process keeps running on the source) rather than go over the budget')
+    .option(
+      '--plain-pages',
+      'send memory pages unencrypted, only on a network you trust: CRIU’s TLS cuts the page rate several times (docs/security.md); the control connections stay mutual TLS',
+    )
     .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', roundCount, 8)
     .option('--max-traffic <X>', 'stop pre-copy once it sent X times the resident memory', positiveNumber, 3)
     .option('--precopy-timeout <ms>', 'stop pre-copy rounds after this long (default: no limit)', positiveNumber)
     .option(
       '--hold <ms>',
       'how long each agent holds its side of the switchover waiting for the next step before settling it alone',
-      wholeNumber,
+      holdMs,
       60_000,
     )
     .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
@@ -227,6 +230,7 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
           strategy: 'auto' | 'precopy' | 'stop-and-copy';
           maxDowntime: number;
           strictDowntime?: boolean;
+          plainPages?: boolean;
           maxRounds: number;
           maxTraffic: number;
           precopyTimeout?: number;
@@ -235,15 +239,12 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
           insecure?: boolean;
         },
       ) => {
-        const isPid = /^\d+$/.test(target);
-        if (!isPid && !WORKLOAD_NAME.test(target)) {
-          throw new InvalidInputError(`${JSON.stringify(target)} is neither a PID nor a workload name`);
-        }
+        const what = migrationTarget(target);
         const from = resolveAgent(opts.from, opts);
         const to = resolveAgent(opts.to, opts);
         const report = await migrate({
-          pid: isPid ? Number(target) : undefined,
-          workload: isPid ? undefined : target,
+          pid: 'pid' in what ? what.pid : undefined,
+          workload: 'workload' in what ? what.workload : undefined,
           from,
           to,
           strategy: opts.strategy,
@@ -254,6 +255,7 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
             deadlineMs: opts.precopyTimeout,
           },
           strictDowntime: opts.strictDowntime,
+          plainPages: opts.plainPages,
           holdMs: opts.hold,
           softwareVersion: version,
           onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),
@@ -381,9 +383,13 @@ after it, the destination runs the copy (restored again from its kept images if 
     .command('agent')
     .description('Run the agent daemon of this node')
     .option('--listen <HOST:PORT>', 'address to listen on (a numeric IP)', hostPort, { host: '127.0.0.1', port: 7070 })
-    .option('--name <NAME>', 'this node’s name', hostname())
-    .option('--data-dir <DIR>', 'workload records and logs', '/var/lib/ferry')
-    .option('--images-dir <DIR>', 'images, one directory per migration (default: tmpfs, /dev/shm/ferry/NAME)')
+    .option('--name <NAME>', 'this node’s name', nodeName, hostname())
+    .option('--data-dir <DIR>', 'workload records and logs', directory, '/var/lib/ferry')
+    .option(
+      '--images-dir <DIR>',
+      'images, one directory per migration (default: tmpfs, /dev/shm/ferry/NAME)',
+      directory,
+    )
     .option('--advertise <IP>', 'address peers and page servers use (default: the listen address)')
     .option(
       '--tls-dir <DIR>',
@@ -396,23 +402,15 @@ after it, the destination runs the copy (restored again from its kept images if 
     )
     .option('--capacity <SIZE>', 'memory this node offers workloads, when not the whole machine (512M, 4G)', byteSize)
     .option(
-      '--metrics <[HOST:]PORT>',
-      'serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1 only)',
-      metricsAddress,
+      '--metrics <HOST:PORT>',
+      'serve Prometheus metrics at http://HOST:PORT/metrics (read-only counters; plain HTTP, so prefer a private address)',
+      hostPort,
     )
     .addOption(criuOption())
-    .addHelpText(
-      'after',
-      `
---metrics serves plain HTTP without authentication, apart from the agent's TLS port. It exposes
-only counts and durations (ferry_migrations_total by role and outcome, ferry_phase_duration_seconds,
-ferry_sent_pages_total, ferry_sent_bytes_total, ferry_downtime_seconds, CRIU service restarts,
-and the agent process's CPU and memory): nothing that controls the agent and no process contents.
-Bind it to an address only your Prometheus reaches.`,
-    )
     .action(
       async (opts: {
         capacity?: number;
+        metrics?: { host: string; port: number };
         listen: { host: string; port: number };
         name: string;
         dataDir: string;
@@ -421,8 +419,13 @@ Bind it to an address only your Prometheus reaches.`,
         criu?: string;
         tlsDir: string;
         insecure?: boolean;
-        metrics?: { host: string; port: number };
       }) => {
+        // The default, the host name, has not been through the --name parser.
+        if (!PEER_NAME.test(opts.name) || opts.name === '') {
+          throw new InvalidInputError(`the host name ${JSON.stringify(opts.name)} cannot name an agent`, {
+            hint: 'pass --name NAME',
+          });
+        }
         const advertise = opts.advertise ?? opts.listen.host;
         let tls: Identity | undefined;
         if (opts.insecure === true) {
@@ -527,6 +530,7 @@ Bind it to an address only your Prometheus reaches.`,
     });
 
   registerFleetCommands(program, version, interruptSignal);
+  registerInstallCommands(program, version);
 
   return program;
 }

@@ -51,6 +51,8 @@ export interface MigrateOptions {
   limits?: Partial<PolicyLimits> | undefined;
   /** Abort, leaving the source running, rather than go over the downtime budget. */
   strictDowntime?: boolean | undefined;
+  /** Send pages unencrypted (the control connections stay mutual TLS). */
+  plainPages?: boolean | undefined;
   cost?: SwitchoverCost | undefined;
   /** How long either agent holds its side of the switchover waiting for the next step. */
   holdMs?: number | undefined;
@@ -91,6 +93,8 @@ export interface MigrationReport {
     frozenMs: number;
     imageFiles: number;
     imageBytes: number;
+    /** From the freeze until the source held the dump with its images streamed (dump + streaming). */
+    heldMs: number;
     /** Streaming the non-page images to the destination. */
     streamMs: number;
     /** The destination's restore, up to the held point. */
@@ -274,7 +278,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       const started = performance.now();
       for (let k = 1; ; k++) {
         const round = String(k);
-        const ps = await destination.request({ pageServerStart: { migrationId, round, parent } }, 'pageServerStarted');
+        const ps = await destination.request(
+          { pageServerStart: { migrationId, round, parent, plainPages: options.plainPages === true } },
+          'pageServerStarted',
+        );
         emit('precopy', 'controller', `round ${k}: copying memory while the process runs`, { round });
         const done = await source.request(
           {
@@ -285,6 +292,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
               pid,
               pageServerAddress: ps.address,
               pageServerPort: ps.port,
+              plainPages: options.plainPages === true,
             },
           },
           'roundDone',
@@ -344,7 +352,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // 3. Switchover: final dump held frozen at the source, images to the destination, restore held.
     phase = 'switchover';
     const ps = await destination.request(
-      { pageServerStart: { migrationId, round: 'final', parent } },
+      { pageServerStart: { migrationId, round: 'final', parent, plainPages: options.plainPages === true } },
       'pageServerStarted',
     );
     emit('switchover', 'controller', `page server ready on ${ps.address}:${ps.port}; final dump`);
@@ -359,6 +367,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           pageServerPort: ps.port,
           destinationUrl: options.to.url,
           holdMs,
+          plainPages: options.plainPages === true,
         },
       },
       'dumpHeld',
@@ -400,7 +409,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           await pRetry(
             async () => {
               if (resumer.closed) resumer = await connect(options.to);
-              return resumer.request({ resume: { migrationId } }, 'resumed', { timeoutMs: holdMs });
+              const downtimeBeforeMs = Math.round((held.frozenMs ?? 0) + (performance.now() - heldAt));
+              return resumer.request({ resume: { migrationId, downtimeBeforeMs } }, 'resumed', { timeoutMs: holdMs });
             },
             {
               retries: 3,
@@ -429,6 +439,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       frozenMs: (finalStats?.frozenTimeUs ?? 0) / 1000,
       imageFiles: held.imageFiles ?? 0,
       imageBytes: Number(held.imageBytes ?? 0),
+      heldMs: held.frozenMs ?? 0,
       streamMs: held.streamMs ?? 0,
       restoreMs: restored.restoreMs ?? 0,
     };

@@ -1,4 +1,5 @@
-import type { MigrationRecord, WorkloadInfo } from '../src/wire/index.js';
+import { InvalidInputError } from '../src/errors.js';
+import { validateEnvelope, WireProtocolError, type MigrationRecord, type WorkloadInfo } from '../src/wire/index.js';
 import type { AgentEndpoint } from './agents.js';
 import { connectAgent, localized } from './connect.js';
 
@@ -9,13 +10,21 @@ export async function runWorkload(
   softwareVersion: string,
   placement: { labels?: Record<string, string>; pinned?: boolean } = {},
 ): Promise<WorkloadInfo> {
+  const body = {
+    runWorkload: { name, argv: [...argv], labels: { ...placement.labels }, pinned: placement.pinned === true },
+  };
+  // The agent would refuse it as malformed and drop the connection; here it is the user's input.
+  try {
+    validateEnvelope({ id: 1, ...body });
+  } catch (error) {
+    if (!(error instanceof WireProtocolError)) throw error;
+    throw new InvalidInputError(`an agent cannot run that: ${error.message}`, {
+      hint: 'at most 256 arguments of 4096 characters, 32 labels with values of 256',
+    });
+  }
   const agent = await connectAgent(endpoint, softwareVersion);
   try {
-    return await agent.request(
-      { runWorkload: { name, argv: [...argv], labels: { ...placement.labels }, pinned: placement.pinned === true } },
-      'workload',
-      { timeoutMs: 30_000 },
-    );
+    return await agent.request(body, 'workload', { timeoutMs: 30_000 });
   } catch (error) {
     throw localized(error);
   } finally {

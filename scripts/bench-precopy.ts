@@ -1,77 +1,72 @@
 /**
- * The benchmark's pre-copy part, run by `npm run bench` inside the kernel
- * lab (scripts/kernel-lab), whose kernel tracks dirty memory: Ferry's
- * pre-copy and, as its baseline in the same guest and run, Ferry's
- * stop-and-copy, between two lab hosts in the guest. Prints one line
- * "BENCH-RESULT {samples, notes}".
+ * The pre-copy half of `npm run bench`, run inside the kernel lab (a kernel
+ * that tracks dirty memory): Ferry pre-copy and Ferry stop-and-copy on the
+ * same workloads in the same guest. Prints one "BENCH-SAMPLE {json}" line
+ * per migration; scripts/bench.ts collects them.
+ *
+ * Environment: BENCH_KL_SIZES (MiB, "64,256"), BENCH_HOT (percent, "1,10,50"),
+ * BENCH_KL_RATES ("high": under emulation every run is slow), BENCH_KL_RUNS (1).
  */
-import { readFileSync } from 'node:fs';
-import { Command } from 'commander';
+import { mkdtempSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
-import { formatBytes } from '../src/units.js';
-import {
-  addMatrixOptions,
-  describeWorkload,
-  matrixFrom,
-  STRATEGY_LABELS,
-  workloads,
-  type Sample,
-  type StrategyName,
-} from './bench/matrix.js';
-import { bareRun, ferryRun, removeScratch } from './bench/runs.js';
+import { migrate, type Strategy } from '../controller/migration.js';
+import { runWorkload } from '../controller/workloads.js';
+import { projectRoot } from '../src/paths.js';
+import { cells, sampleOf, type Cell } from './bench-matrix.js';
 
-const LAB = 'bnch';
+const sizes = (process.env.BENCH_KL_SIZES ?? '64,256').split(',').map(Number);
+const runs = Number(process.env.BENCH_KL_RUNS ?? 1);
+const counter = join(projectRoot(), 'dist', 'examples', 'counter');
 
-const program = addMatrixOptions(new Command('bench-precopy'), {
-  sizes: '64M,128M,256M',
-  matrixSizes: '128M',
-  hot: '1,10,50',
-  rates: 'low,high',
-  runs: '3',
-  strategies: 'precopy,stop-and-copy',
-}).description('Ferry pre-copy against stop-and-copy, in the kernel lab');
-
-function memAvailable(): number {
-  return Number(/^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
+async function one(a: LabHost, b: LabHost, cell: Cell, strategy: Strategy, run: number): Promise<void> {
+  const name = `${strategy === 'precopy' ? 'pc' : 'sc'}${cell.memoryMb}h${cell.hotPercent}${cell.rate}${run}`;
+  const dir = mkdtempSync('/tmp/bench-');
+  const w = await runWorkload(
+    hostEndpoint(a),
+    name,
+    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
+    'bench',
+  );
+  await sleep(Math.max(2000, cell.memoryMb * 20));
+  try {
+    const report = await migrate({
+      workload: name,
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
+      strategy,
+      softwareVersion: 'bench',
+    });
+    process.kill(report.to.pid, 'SIGKILL');
+    process.stdout.write(
+      `BENCH-SAMPLE ${JSON.stringify(sampleOf(cell, `Ferry ${strategy} (kernel lab)`, run, report))}\n`,
+    );
+  } catch (error) {
+    process.stderr.write(`bench: ${name} failed: ${(error as Error).message}\n`);
+    try {
+      process.kill(w.pid ?? 0, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
 }
 
 async function main(): Promise<void> {
-  program.parse();
-  const matrix = matrixFrom(program.opts());
-  const samples: Sample[] = [];
-  const notes: string[] = [];
-  await labDown(LAB);
-  // Plaintext pages: CRIU's TLS under software emulation moves a few MB/s and would swamp what is measured
-  // here (pre-copy against stop-and-copy, both on the same transport).
-  const lab = await labUp({ name: LAB, insecure: true });
-  notes.push('in the kernel lab pages travel in plaintext: CRIU’s TLS under software emulation moves a few MB/s');
+  process.env.BENCH_RATES = process.env.BENCH_KL_RATES ?? 'high';
+  const lab = await labUp({ name: 'klbench' });
   const [a, b] = lab.hosts as [LabHost, LabHost];
   try {
-    for (const w of workloads(matrix)) {
-      if (memAvailable() < 3 * w.memoryBytes + 256 * 2 ** 20) {
-        notes.push(`kernel lab: ${describeWorkload(w)} skipped, ${formatBytes(memAvailable())} available in the guest`);
-        continue;
-      }
-      for (let run = 1; run <= matrix.runs; run++) {
-        for (let i = 0; i < matrix.strategies.length; i++) {
-          const strategy = matrix.strategies[(i + run - 1) % matrix.strategies.length] as StrategyName;
-          const sample =
-            strategy === 'precopy' || strategy === 'stop-and-copy'
-              ? await ferryRun(a, b, w, run, strategy, 'kernel-lab')
-              : { ...(await bareRun(a, b, w, run, strategy === 'bare-tls')), where: 'kernel-lab' as const };
-          samples.push(sample);
-          process.stderr.write(
-            `  [kernel lab] ${describeWorkload(w)}, run ${run}: ${STRATEGY_LABELS[strategy]}: downtime ${Math.round(sample.downtimeMs)} ms, ` +
-              `total ${Math.round(sample.totalMs)} ms, ${sample.rounds} rounds, ${formatBytes(sample.bytesSent)} sent\n`,
-          );
-        }
+    for (const cell of cells(sizes)) {
+      for (let run = 0; run < runs; run++) {
+        await one(a, b, cell, 'precopy', run);
+        await one(a, b, cell, 'stop-and-copy', run);
       }
     }
   } finally {
-    await labDown(LAB);
-    removeScratch();
+    await labDown('klbench');
   }
-  process.stdout.write(`BENCH-RESULT ${JSON.stringify({ samples, notes })}\n`);
 }
 
 await main();

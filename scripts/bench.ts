@@ -1,342 +1,370 @@
 /**
- * npm run bench: live migration downtime, total time and traffic for a matrix
- * of workloads (memory size, hot set, dirty rate), in one run on this host:
+ * npm run bench: Ferry against a bare CRIU script doing the same work (dump
+ * to a page server on the other host, copy the other images, restore), for
+ * a matrix of workloads, in the same run, between the same two lab hosts;
+ * then Ferry pre-copy against stop-and-copy in the kernel lab (this
+ * machine's kernel does not track dirty memory); then the cost of CRIU's TLS
+ * on page transfer. Prints a table of medians, writes the samples as CSV and
+ * a plot of downtime against memory size as SVG.
  *
- *   bare CRIU script        dump → page server → copy images → restore, the CRIU command
- *                           line and nothing else, plain and with CRIU's TLS (Ferry's default)
- *   Ferry stop-and-copy     between the same two lab hosts, same workloads
- *   Ferry pre-copy          in the kernel lab (this kernel cannot track dirty memory), with
- *                           Ferry's stop-and-copy in the same guest as its baseline
- *
- * then where Ferry's stop-and-copy downtime goes against the bare script's,
- * and why restores are slower while the source still exists. Prints a
- * table; writes CSV files and an SVG plot under bench-results/. Options:
- * --help (each also from a BENCH_* variable).
+ * Environment: BENCH_SIZES (MiB, "256,1024,4096"; sizes the machine cannot
+ * hold are skipped, and said so), BENCH_HOT (percent, "1,10,50"),
+ * BENCH_RATES ("low,high"), BENCH_RUNS (3), BENCH_KERNEL_LAB (1; 0 skips the
+ * pre-copy part), BENCH_KL_SIZES ("64,256"), BENCH_KL_RUNS (1),
+ * BENCH_OUT (bench-results).
  */
-import { spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
-import { Command, Option } from 'commander';
+import { execFile, spawn } from 'node:child_process';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
+import { migrate } from '../controller/migration.js';
+import { runWorkload } from '../controller/workloads.js';
+import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
-import { formatBytes, formatDuration } from '../src/units.js';
-import {
-  addMatrixOptions,
-  describeWorkload,
-  matrixFrom,
-  parseSizes,
-  reference,
-  runCount,
-  STRATEGY_LABELS,
-  workloads,
-  type MatrixOptions,
-  type Sample,
-  type StrategyName,
-} from './bench/matrix.js';
-import { downtimePlot, overhead, resultsTable, runsCsv, summarize, summaryCsv } from './bench/report.js';
-import { pageReporting, restoreExperiment, restoreTable, type RestoreSample } from './bench/restore.js';
-import { bareRun, ferryRun, removeScratch } from './bench/runs.js';
+import { formatBytes } from '../src/units.js';
+import { cells, csv, median, sampleOf, summarize, svg, table, type Cell, type Sample } from './bench-matrix.js';
 
-const LAB = 'bnch';
-const GiB = 2 ** 30;
+const execFileAsync = promisify(execFile);
+const runs = Number(process.env.BENCH_RUNS ?? 3);
+const LAB = 'fbench';
+const BARE = 'bare CRIU script (TLS)';
+const FERRY = 'Ferry stop-and-copy';
 
-interface Options {
-  sizes: string;
-  matrixSizes: string;
-  hot: string;
-  rates: string;
-  runs: string;
-  strategies: string;
-  guestSizes: string;
-  guestMatrixSizes: string;
-  guestRuns: string;
-  restoreRuns: string;
-  restoreWait: string;
-  out: string;
-  kernelLabTimeout: string;
+const criu = resolveCriuBinary().path;
+const counter = join(projectRoot(), 'dist', 'examples', 'counter');
+
+/** Runs CRIU in a lab host's agent namespaces (network and mount), as the agent's own CRIU would. */
+function inHost(host: LabHost, args: string[]): string[] {
+  return ['-t', String(host.pid), '-n', '-m', '--', criu, ...args];
 }
 
-const program = addMatrixOptions(new Command('bench'), {
-  sizes: '256M,1G,4G',
-  matrixSizes: '256M,1G',
-  hot: '1,10,50',
-  rates: 'low,high',
-  runs: '3',
-  strategies: 'bare,bare-tls,stop-and-copy,precopy',
-})
-  .description('Ferry against a bare CRIU script, and pre-copy against stop-and-copy, on a matrix of workloads')
-  .addOption(
-    new Option('--guest-sizes <LIST>', 'memory sizes for the kernel lab (emulated, slow)')
-      .env('BENCH_GUEST_SIZES')
-      .default('64M,128M,256M'),
-  )
-  .addOption(
-    new Option('--guest-matrix-sizes <LIST>', 'kernel-lab sizes that run every hot set and dirty rate')
-      .env('BENCH_GUEST_MATRIX_SIZES')
-      .default('128M'),
-  )
-  .addOption(new Option('--guest-runs <N>', 'runs in the kernel lab').env('BENCH_GUEST_RUNS').default('3'))
-  .addOption(
-    new Option('--restore-runs <N>', 'runs of the restore experiment (0: skip it)')
-      .env('BENCH_RESTORE_RUNS')
-      .default('3'),
-  )
-  .addOption(
-    new Option(
-      '--restore-wait <S>',
-      'most seconds the late restore waits for the hypervisor to take back the source’s memory',
-    )
-      .env('BENCH_RESTORE_WAIT')
-      .default('30'),
-  )
-  .addOption(
-    new Option('--out <DIR>', 'where to write results (default: bench-results/TIME)').env('BENCH_OUT').default(''),
-  )
-  .addOption(
-    new Option('--kernel-lab-timeout <S>', 'give up on the kernel lab after this long')
-      .env('BENCH_KERNEL_LAB_TIMEOUT')
-      .default('5400'),
-  )
-  .addHelpText(
-    'after',
-    `
-Lists are comma-separated: --sizes 256M,1G --hot 10 --rates low --runs 1.
-A size is skipped, with a note, when the machine has too little free memory
-for it: a migration holds the source, its images (tmpfs, so RAM) and the
-restored copy at once.`,
+async function startWorkload(a: LabHost, name: string, cell: Cell): Promise<{ pid: number; dir: string }> {
+  const dir = mkdtempSync(join(a.dataDir, `${name}-`));
+  const w = await runWorkload(
+    hostEndpoint(a),
+    name,
+    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
+    'bench',
   );
-
-function mib(bytes: number): string {
-  return `${Math.round(bytes / 2 ** 20)}M`;
+  // Let it fault in its memory before measuring.
+  await sleep(Math.max(1000, cell.memoryMb * 3));
+  return { pid: w.pid ?? 0, dir };
 }
 
-function loadAverage(): string {
-  return readFileSync('/proc/loadavg', 'utf8').split(' ')[0] ?? '?';
+/**
+ * dump → page server → copy → restore with the CRIU command line and nothing
+ * else, with CRIU's TLS on the page transfer as Ferry has it: the like-for-like
+ * baseline of Ferry's stop-and-copy.
+ */
+async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+  const { pid } = await startWorkload(a, `bare${serial}`, cell);
+  const source = mkdtempSync(join(a.imagesDir, 'bare-'));
+  const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
+  const dump = await dumpToPageServer(
+    a,
+    b,
+    pid,
+    { source, destination },
+    {
+      port: 27_000 + (serial % 1000),
+      tls: true,
+      leaveRunning: false,
+    },
+  );
+  const dumpStarted = dump.started;
+  const dumped = dump.ended;
+  for (const name of readdirSync(source)) {
+    if (name.endsWith('.img')) cpSync(join(source, name), join(destination, name));
+  }
+  const copied = performance.now();
+  await execFileAsync('nsenter', inHost(b, ['restore', '-d', '-D', destination, '-o', 'restore.log']));
+  const restored = performance.now();
+  const bytes = pageBytes(destination);
+  await killNamespaceOf(b, 'counter');
+  rmSync(source, { recursive: true, force: true });
+  rmSync(destination, { recursive: true, force: true });
+  return {
+    method: BARE,
+    memoryMb: cell.memoryMb,
+    hotPercent: cell.hotPercent,
+    rate: cell.rate,
+    run,
+    downtimeMs: restored - dumpStarted,
+    totalMs: restored - dumpStarted,
+    bytes,
+    rounds: 0,
+    parts: {
+      dump: Math.round(dumped - dumpStarted),
+      copy: Math.round(copied - dumped),
+      restore: Math.round(restored - copied),
+    },
+  };
 }
 
-function log(line: string): void {
-  process.stderr.write(`${line}\n`);
+async function ferry(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+  await startWorkload(a, `ferry${serial}`, cell);
+  const report = await migrate({
+    workload: `ferry${serial}`,
+    from: hostEndpoint(a),
+    to: hostEndpoint(b),
+    softwareVersion: 'bench',
+  });
+  process.kill(report.to.pid, 'SIGKILL');
+  return sampleOf(cell, FERRY, run, report);
 }
 
-function memAvailable(): number {
-  const match = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
-  return Number(match?.[1] ?? 0) * 1024;
+/**
+ * A CLI page server on b and a CLI dump on a that sends it the pages: the
+ * bare CRIU path. Resolves when both have finished, with when the dump
+ * started and ended (performance.now()).
+ */
+async function dumpToPageServer(
+  a: LabHost,
+  b: LabHost,
+  pid: number,
+  dirs: { source: string; destination: string },
+  options: { port: number; tls: boolean; leaveRunning: boolean },
+): Promise<{ started: number; ended: number }> {
+  const pageServer = spawn(
+    'nsenter',
+    inHost(b, [
+      'page-server',
+      '-D',
+      dirs.destination,
+      '--address',
+      b.address,
+      '--port',
+      String(options.port),
+      '-o',
+      'page-server.log',
+      // The page server checks a client certificate against its own address (see src/criu/client.ts).
+      ...(options.tls ? [...tlsArgs(b), '--tls-no-cn-verify'] : []),
+    ]),
+    { stdio: 'ignore' },
+  );
+  const pageServerDone = new Promise((resolve) => pageServer.once('exit', resolve));
+  await sleep(100); // the CLI page server has no readiness signal; outside the measured time
+  const started = performance.now();
+  await execFileAsync(
+    'nsenter',
+    inHost(a, [
+      'dump',
+      '-t',
+      String(pid),
+      '-D',
+      dirs.source,
+      ...(options.leaveRunning ? ['--leave-running'] : []),
+      '--page-server',
+      '--address',
+      b.address,
+      '--port',
+      String(options.port),
+      '-o',
+      'dump.log',
+      '-v4', // the TLS handshake line is info level
+      ...(options.tls ? tlsArgs(a) : []),
+    ]),
+  );
+  const ended = performance.now();
+  await pageServerDone;
+  return { started, ended };
 }
 
-/** Source, images and restored copy at once, and room for everything else. */
-function memoryNeeded(size: number): number {
-  return 3 * size + 2 * GiB;
+/** CRIU's TLS options for a lab host's identity. */
+function tlsArgs(host: LabHost): string[] {
+  const dir = host.tlsDir ?? '';
+  return [
+    '--tls',
+    '--tls-cacert',
+    join(dir, 'ca.pem'),
+    '--tls-cert',
+    join(dir, 'cert.pem'),
+    '--tls-key',
+    join(dir, 'key.pem'),
+  ];
 }
 
-async function labRuns(
-  matrix: MatrixOptions,
-  notes: string[],
-  samples: Sample[],
-  restore: { runs: number; waitS: number; restored: RestoreSample[] },
-): Promise<void> {
-  const strategies = matrix.strategies.filter((s) => s !== 'precopy');
-  if (strategies.length === 0 && restore.runs === 0) return;
+/** One dump of a running process to a page server on b, leaving it running: page transfer only. */
+interface Transfer {
+  ms: number;
+  bytes: number;
+}
+
+async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Transfer> {
+  const source = mkdtempSync(join(a.imagesDir, 'xfer-'));
+  const destination = mkdtempSync(join(b.imagesDir, 'xfer-'));
+  const dump = await dumpToPageServer(a, b, pid, { source, destination }, { port, tls, leaveRunning: true });
+  const ms = dump.ended - dump.started;
+  const handshake = readFileSync(join(source, 'dump.log'), 'utf8').includes('TLS handshake completed');
+  if (tls !== handshake) throw new Error(`the ${tls ? 'TLS' : 'plain'} dump ${handshake ? 'did' : 'did not'} use TLS`);
+  const bytes = pageBytes(destination);
+  rmSync(source, { recursive: true, force: true });
+  rmSync(destination, { recursive: true, force: true });
+  return { ms, bytes };
+}
+
+/** The same dump to a page server, plain and over CRIU's TLS, alternating on one 1 GiB process. */
+async function tlsCost(a: LabHost, b: LabHost): Promise<void> {
+  const memoryMb = 1024;
+  const { pid } = await startWorkload(a, 'tlscost', { memoryMb, hotPercent: 1, hotMb: 10, rate: 'low', tickMs: 200 });
+  const samples: Record<'plain' | 'tls', Transfer[]> = { plain: [], tls: [] };
+  for (let run = 0; run < runs; run++) {
+    for (const mode of ['plain', 'tls'] as const) {
+      const sample = await pageTransfer(a, b, pid, mode === 'tls', 27_100 + run * 2 + (mode === 'tls' ? 1 : 0));
+      samples[mode].push(sample);
+      process.stderr.write(
+        `  run ${run + 1} page transfer ${mode}: ${ms(sample.ms)} for ${formatBytes(sample.bytes)} (${rate(sample)})\n`,
+      );
+    }
+  }
+  await killNamespaceOf(a, 'counter');
+  const plain = median(samples.plain.map((s) => s.bytes / s.ms));
+  const tls = median(samples.tls.map((s) => s.bytes / s.ms));
+  process.stdout.write(`\npage transfer of a ${memoryMb} MiB process (dump to a page server, median of ${runs})\n`);
+  process.stdout.write(`  plain  ${formatBytes(plain * 1000)}/s\n`);
+  process.stdout.write(`  TLS    ${formatBytes(tls * 1000)}/s  (${((1 - tls / plain) * 100).toFixed(0)} % slower)\n`);
+}
+
+function rate(sample: Transfer): string {
+  return `${formatBytes((sample.bytes / sample.ms) * 1000)}/s`;
+}
+
+function pageBytes(dir: string): number {
+  let total = 0;
+  for (const name of readdirSync(dir)) if (/^pages-\d+\.img$/.test(name)) total += statSync(join(dir, name)).size;
+  return total;
+}
+
+async function killNamespaceOf(host: LabHost, exeSuffix: string): Promise<void> {
+  const { stdout } = await execFileAsync('ip', ['netns', 'pids', host.netns]);
+  for (const pid of stdout.split(/\s+/).filter(Boolean)) {
+    try {
+      if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]?.endsWith(exeSuffix))
+        process.kill(Number(pid), 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
+}
+
+function ms(n: number): string {
+  return `${Math.round(n)} ms`;
+}
+
+/** Sizes this machine can hold: the process, its page images on tmpfs and the restored copy, with room to spare. */
+function feasible(sizes: readonly number[]): number[] {
+  const available = Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) / 1024;
+  return sizes.filter((size) => {
+    const ok = size * 3.5 < available;
+    if (!ok)
+      process.stderr.write(
+        `bench: skipping ${size} MiB: ${Math.round(available)} MiB available, it needs about ${Math.round(size * 3.5)}\n`,
+      );
+    return ok;
+  });
+}
+
+/** Pre-copy needs a kernel that tracks dirty memory: it runs in the kernel lab, and comes back as samples. */
+async function kernelLab(): Promise<Sample[]> {
+  process.stderr.write(
+    'bench: pre-copy and stop-and-copy in the kernel lab (software-emulated: slower than this machine)\n',
+  );
+  const child = spawn(
+    'bash',
+    [join(projectRoot(), 'scripts', 'kernel-lab'), '--timeout', '3600', '--', 'node', 'dist/scripts/bench-precopy.js'],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: process.env,
+    },
+  );
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  const samples = out
+    .split('\n')
+    .filter((l) => l.startsWith('BENCH-SAMPLE '))
+    .map((l) => JSON.parse(l.slice('BENCH-SAMPLE '.length)) as Sample);
+  if (code !== 0) process.stderr.write(`bench: the kernel lab exited with ${code}; ${samples.length} samples kept\n`);
+  for (const s of samples) {
+    process.stderr.write(
+      `  ${s.method} ${s.memoryMb} MiB hot ${s.hotPercent} % ${s.rate}: downtime ${ms(s.downtimeMs)}, ${s.rounds} rounds\n`,
+    );
+  }
+  return samples;
+}
+
+async function main(): Promise<void> {
+  const sizes = feasible((process.env.BENCH_SIZES ?? '256,1024,4096').split(',').map(Number));
+  const matrix = cells(sizes);
+  process.stderr.write(
+    `bench: ${matrix.length} workloads (memory ${sizes.join('/')} MiB, hot ${[...new Set(matrix.map((c) => c.hotPercent))].join('/')} %, ` +
+      `dirty rate ${[...new Set(matrix.map((c) => c.rate))].join('/')}), ${runs} runs each of ${BARE} and ${FERRY}, lab hosts a → b\n`,
+  );
   await labDown(LAB);
   const lab = await labUp({ name: LAB });
   const [a, b] = lab.hosts as [LabHost, LabHost];
+  const samples: Sample[] = [];
+  let serial = 0;
   try {
-    const skipped = new Set<number>();
-    for (const w of workloads(matrix)) {
-      if (strategies.length === 0) break;
-      if (skipped.has(w.memoryBytes)) continue;
-      const free = memAvailable();
-      if (free < memoryNeeded(w.memoryBytes)) {
-        skipped.add(w.memoryBytes);
-        notes.push(
-          `${formatBytes(w.memoryBytes)} skipped: ${formatBytes(free)} of memory available, a migration of it needs about ${formatBytes(memoryNeeded(w.memoryBytes))} (source, images on tmpfs, restored copy)`,
-        );
-        log(`bench: ${notes.at(-1)}`);
-        continue;
-      }
-      for (let run = 1; run <= matrix.runs; run++) {
-        // Rotated, so that no strategy always runs first or right after another.
-        for (let i = 0; i < strategies.length; i++) {
-          const strategy = strategies[(i + run - 1) % strategies.length] as StrategyName;
-          const sample =
-            strategy === 'stop-and-copy'
-              ? await ferryRun(a, b, w, run, 'stop-and-copy', 'lab')
-              : await bareRun(a, b, w, run, strategy === 'bare-tls');
+    for (const cell of matrix) {
+      for (let run = 0; run < runs; run++) {
+        for (const fn of [bareCriu, ferry]) {
+          const sample = await fn(a, b, cell, run, serial++);
           samples.push(sample);
-          log(
-            `  ${describeWorkload(w)}, run ${run}: ${STRATEGY_LABELS[strategy]}: downtime ${Math.round(sample.downtimeMs)} ms, total ${Math.round(sample.totalMs)} ms ` +
-              `(${Object.entries(sample.parts)
-                .map(([k, v]) => `${k} ${Math.round(v)}`)
-                .join(', ')})`,
+          const parts = Object.entries(sample.parts)
+            .map(([k, v]) => `${k} ${ms(v)}`)
+            .join(', ');
+          process.stderr.write(
+            `  ${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${sample.method}: downtime ${ms(sample.downtimeMs)} (${parts})\n`,
           );
         }
       }
     }
-    if (restore.runs > 0) {
-      const sizes = matrix.sizes.filter((s) => !skipped.has(s) && memAvailable() > memoryNeeded(s));
-      const size = sizes.includes(GiB) ? GiB : (sizes.filter((s) => s <= GiB).at(-1) ?? sizes[0]);
-      if (size !== undefined) {
-        log(`bench: restore experiment, ${formatBytes(size)}, ${restore.runs} runs`);
-        restore.restored.push(
-          ...(await restoreExperiment(a, b, size, restore.runs, restore.waitS, (s) =>
-            log(`  restore, ${s.condition}, run ${s.run}: ${Math.round(s.restoreMs)} ms`),
-          )),
-        );
-      }
-    }
   } finally {
     await labDown(LAB);
-    removeScratch();
   }
-}
-
-/** Ferry's pre-copy and stop-and-copy in the kernel lab: its own run of the bench, in a qemu guest. */
-async function kernelLabRuns(
-  matrix: MatrixOptions,
-  guest: { sizes: number[]; matrixSizes: number[]; runs: number },
-  timeoutS: number,
-  notes: string[],
-): Promise<Sample[]> {
-  const args = [
-    join(projectRoot(), 'scripts', 'kernel-lab'),
-    '--timeout',
-    String(timeoutS),
-    '--',
-    'node',
-    'dist/scripts/bench-precopy.js',
-    '--sizes',
-    guest.sizes.map(mib).join(','),
-    '--matrix-sizes',
-    guest.matrixSizes.map(mib).join(','),
-    '--hot',
-    matrix.hot.join(','),
-    '--rates',
-    matrix.rates.join(','),
-    '--runs',
-    String(guest.runs),
-  ];
-  const child = spawn('bash', args, { stdio: ['ignore', 'pipe', 'inherit'] });
-  let result: string | undefined;
-  // The guest's console, line by line: progress goes on to stderr, the result line is kept.
-  createInterface({ input: child.stdout }).on('line', (line) => {
-    if (line.startsWith('BENCH-RESULT ')) result = line;
-    else if (line.trim() !== '') log(line);
-  });
-  const code = await new Promise<number>((resolve) => child.once('close', (c) => resolve(c ?? 1)));
-  if (result === undefined) {
-    notes.push(`pre-copy: the kernel lab ended (exit ${code}) without results; its output is above`);
-    return [];
-  }
-  const parsed = JSON.parse(result.slice('BENCH-RESULT '.length)) as { samples: Sample[]; notes: string[] };
-  notes.push(...parsed.notes);
-  return parsed.samples;
-}
-
-async function main(): Promise<void> {
-  program.parse();
-  const opts = program.opts<Options>();
-  const matrix = matrixFrom(opts);
-  const guestSizes = parseSizes(opts.guestSizes);
-  const guest = {
-    sizes: guestSizes,
-    matrixSizes: opts.guestMatrixSizes === 'all' ? guestSizes : parseSizes(opts.guestMatrixSizes),
-    runs: runCount(opts.guestRuns),
-  };
-  const restoreRuns = opts.restoreRuns === '0' ? 0 : runCount(opts.restoreRuns);
-  const restoreWaitS = Number(opts.restoreWait);
-  if (process.getuid?.() !== 0) throw new Error('the bench runs CRIU and lab hosts: run it as root');
-
-  const started = Date.now();
-  const loadBefore = loadAverage();
-  const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
-  const out = opts.out || join(projectRoot(), 'bench-results', stamp);
-  mkdirSync(out, { recursive: true });
-  const onHost = matrix.strategies.filter((s) => s !== 'precopy');
-  const shape = `hot ${matrix.hot.join(', ')} %; dirty rate ${matrix.rates.join(', ')}`;
-  if (onHost.length > 0)
-    log(
-      `bench: ${onHost.join(', ')} between lab hosts a → b, memory ${matrix.sizes.map(formatBytes).join(', ')} ` +
-        `(every hot set and rate at ${matrix.matrixSizes.map(formatBytes).join(', ')}); ${shape}; ${matrix.runs} runs`,
-    );
-  if (matrix.strategies.includes('precopy'))
-    log(
-      `bench: pre-copy and stop-and-copy in the kernel lab, memory ${guest.sizes.map(formatBytes).join(', ')} ` +
-        `(every hot set and rate at ${guest.matrixSizes.map(formatBytes).join(', ')}); ${shape}; ${guest.runs} runs`,
-    );
-  const notes: string[] = [];
-  const samples: Sample[] = [];
-  const restore = { runs: restoreRuns, waitS: restoreWaitS, restored: [] as RestoreSample[] };
-  await labRuns(matrix, notes, samples, restore);
-  if (matrix.strategies.includes('precopy')) {
-    log('bench: pre-copy in the kernel lab (a qemu guest under software emulation; slow)');
-    samples.push(...(await kernelLabRuns(matrix, guest, Number(opts.kernelLabTimeout), notes)));
-  }
+  if (process.env.BENCH_KERNEL_LAB !== '0') samples.push(...(await kernelLab()));
 
   const rows = summarize(samples);
-  const ref = reference(matrix);
-  const sections: string[] = [];
-  sections.push(
-    `Downtime (source frozen → running on the destination), total time and bytes sent (pages and other images), ` +
-      `median of the runs; rounds = copies of memory, the final one included. Sizes outside the matrix run ` +
-      `hot ${ref.hotPercent} %, ${ref.rate} dirty rate only. ` +
-      `Lab: two lab hosts on this machine. Kernel lab: a qemu guest under software emulation, ` +
-      `comparable only within itself.\n\n${resultsTable(rows)}`,
+  process.stdout.write(
+    `\nmedians of ${runs} runs on this machine (kernel lab: ${process.env.BENCH_KL_RUNS ?? 1}); downtime = frozen until running\n`,
   );
-  for (const where of ['lab', 'kernel-lab'] as const) {
-    if (!samples.some((s) => s.where === where && s.strategy === 'stop-and-copy')) continue;
-    const { text, ratios } = overhead(samples, where);
-    if (where === 'lab' && samples.some((s) => s.strategy === 'bare-tls')) {
-      const verdicts = [...ratios.entries()].map(
-        ([size, r]) =>
-          `${formatBytes(size)} ${r <= 1.15 ? 'within' : 'over'} 15 % (${r >= 1 ? '+' : ''}${Math.round((r - 1) * 100)} %)`,
-      );
-      sections.push(
-        `Overhead: Ferry stop-and-copy against the bare CRIU script with TLS, downtime split into steps ` +
-          `(medians over every run of a size). Bare: dump = CRIU freezing and dumping (pages to the page server), ` +
-          `copy = the other images to b, restore = criu restore; startup = CRIU starting before the freeze, ` +
-          `outside the downtime. Ferry: dump (source agent, freeze → dump written), stream (images agent to agent), ` +
-          `restore (destination agent, up to the held copy), commit (the source's CRIU ends its copy), resume ` +
-          `(destination lets its copy run), protocol = the rest of the downtime: messages and round trips between ` +
-          `the steps; preflight is before the freeze.\n\n${text}\n\nGoal, Ferry within 15 % of the bare script with TLS: ${verdicts.join('; ')}`,
-      );
-    } else if (where === 'kernel-lab') {
-      sections.push(`Kernel lab: where Ferry's stop-and-copy downtime goes\n\n${text}`);
-    }
-  }
-  if (restore.restored.length > 0) {
-    const reporting = pageReporting();
-    sections.push(
-      `${restoreTable(restore.restored)}\n` +
-        (reporting === undefined
-          ? 'This kernel does not report free memory to a hypervisor.'
-          : `This kernel reports free memory to its hypervisor (virtio free page reporting: ${reporting}).`),
+  process.stdout.write(table(rows, BARE, FERRY) + '\n');
+
+  // Where Ferry's stop-and-copy downtime goes, next to the bare script's, per memory size (medians over cells).
+  process.stdout.write(
+    '\noverhead of Ferry stop-and-copy against the bare script (medians over the hot sets and rates of each size)\n',
+  );
+  for (const size of sizes) {
+    const f = rows.filter((r) => r.method === FERRY && r.memoryMb === size);
+    const bare = rows.filter((r) => r.method === BARE && r.memoryMb === size);
+    const part = (rs: typeof rows, name: string): number => median(rs.map((r) => r.parts[name] ?? 0));
+    const fd = median(f.map((r) => r.downtimeMs));
+    const bd = median(bare.map((r) => r.downtimeMs));
+    process.stdout.write(
+      `  ${size} MiB: Ferry ${ms(fd)} = dump+stream ${ms(part(f, 'dump+stream'))} (of which streaming ${ms(part(f, 'stream'))}) + ` +
+        `restore ${ms(part(f, 'restore'))} + commit+resume ${ms(part(f, 'commit+resume'))} + round trips ${ms(part(f, 'round trips'))}; ` +
+        `bare ${ms(bd)} = dump ${ms(part(bare, 'dump'))} + copy ${ms(part(bare, 'copy'))} + restore ${ms(part(bare, 'restore'))}; ` +
+        `Ferry ${((fd / bd - 1) * 100).toFixed(0)} % ${fd >= bd ? 'over' : 'under'}\n`,
     );
   }
-  notes.push(
-    `load average (1 min) ${loadBefore} at the start, ${loadAverage()} at the end, on ${availableParallelism()} CPUs: ` +
-      'other work on the machine slows the runs it overlaps',
-  );
-  sections.push(`Notes\n${notes.map((n) => `  - ${n}`).join('\n')}`);
 
-  const files = {
-    runs: join(out, 'runs.csv'),
-    summary: join(out, 'summary.csv'),
-    plot: join(out, 'downtime.svg'),
-    report: join(out, 'report.txt'),
-  };
-  const text = sections.join('\n\n') + '\n';
-  writeFileSync(files.runs, runsCsv(samples));
-  writeFileSync(files.summary, summaryCsv(rows));
-  writeFileSync(files.plot, downtimePlot(rows, ref));
-  if (restore.restored.length > 0) writeFileSync(join(out, 'restore.json'), JSON.stringify(restore.restored, null, 2));
-  writeFileSync(files.report, text);
-  process.stdout.write(`\n${text}\n`);
-  process.stdout.write(
-    `bench finished in ${formatDuration(Date.now() - started)}\n` +
-      `  table and breakdown  ${files.report}\n  every run (CSV)      ${files.runs}\n` +
-      `  medians (CSV)        ${files.summary}\n  plot (SVG)           ${files.plot}\n`,
-  );
+  const out = resolve(process.env.BENCH_OUT ?? join(projectRoot(), 'bench-results'));
+  mkdirSync(out, { recursive: true });
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  writeFileSync(join(out, `bench-${stamp}.csv`), csv(samples));
+  writeFileSync(join(out, `bench-${stamp}.svg`), svg(rows));
+  process.stdout.write(`\nsamples: ${join(out, `bench-${stamp}.csv`)}\nplot:    ${join(out, `bench-${stamp}.svg`)}\n`);
+
+  const again = await labUp({ name: LAB });
+  try {
+    await tlsCost(again.hosts[0] as LabHost, again.hosts[1] as LabHost);
+  } finally {
+    await labDown(LAB);
+  }
 }
 
 await main();

@@ -19,7 +19,9 @@ function write(level: Level, message: string, fields: Fields = {}): void {
   for (const [key, value] of Object.entries(fields)) {
     if (value === undefined) continue;
     const text = typeof value === 'string' ? value : JSON.stringify(value);
-    parts.push(`${key}=${/[\s"]/.test(text) ? JSON.stringify(text) : text}`);
+    // Quoted when it could pass for more than one value: spaces, quotes, and
+    // control characters (a peer's name could otherwise forge lines or drive the terminal).
+    parts.push(`${key}=${/[\s"\p{Cc}]/u.test(text) ? JSON.stringify(text) : text}`);
   }
   process.stderr.write(parts.join(' ') + '\n');
 }

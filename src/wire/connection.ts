@@ -18,6 +18,11 @@ import {
 } from './messages.js';
 import { validateEnvelope } from './validate.js';
 
+/** Requests a peer may have waiting for answers at once: the parties ask one thing at a time, progress aside. */
+export const MAX_IN_FLIGHT = 64;
+/** Answers queued for a peer that does not read them, before it is cut off. */
+const MAX_UNREAD_BYTES = 8 * MAX_FRAME_BYTES;
+
 /** Answers one request: return the reply body, or throw (a FerryError becomes the peer's RemoteError). */
 export type RequestHandler = (envelope: EnvelopeMessage, connection: WireConnection) => Promise<Body>;
 
@@ -56,6 +61,7 @@ export class WireConnection {
   readonly #closeListeners: ((reason: PeerGoneError) => void)[] = [];
   #heartbeat: NodeJS.Timeout | undefined;
   #lastPong = Date.now();
+  #inFlight = 0;
   /** Set by the handshake: the peer's Hello (on a server) or Welcome (on a client). */
   peerName = '';
   /** Who the peer's certificate says it is; undefined on a plaintext (--insecure) connection. */
@@ -281,8 +287,11 @@ export class WireConnection {
       return;
     }
     if (envelope.failure) {
-      // A failure that answers nothing: the peer found us in violation and is closing.
+      // A failure that answers nothing: the peer found us in violation and is
+      // closing. Not waiting for it to: a peer that says so and stays would
+      // hold the socket open here for as long as it likes.
       this.#shutdown(new PeerGoneError(this.#label, `closed by the peer: ${envelope.failure.message ?? ''}`));
+      this.#ws.terminate();
       return;
     }
     if (envelope.progress) {
@@ -294,7 +303,19 @@ export class WireConnection {
       this.#violation(new WireProtocolError(`a ${bodyName(envelope)} that is neither a request nor an answer`));
       return;
     }
-    void this.#answer(id, envelope);
+    // Requests are answered concurrently; a peer that keeps asking without
+    // waiting, or without reading the answers, would have this side hold
+    // ever more of them in memory.
+    if (this.#inFlight >= MAX_IN_FLIGHT) {
+      this.#violation(new WireProtocolError(`more than ${MAX_IN_FLIGHT} requests in flight`));
+      return;
+    }
+    if (this.#ws.bufferedAmount > MAX_UNREAD_BYTES) {
+      this.#violation(new WireProtocolError(`over ${MAX_UNREAD_BYTES >> 20} MiB of answers left unread`));
+      return;
+    }
+    this.#inFlight++;
+    void this.#answer(id, envelope).finally(() => this.#inFlight--);
   }
 
   async #answer(id: number, envelope: EnvelopeMessage): Promise<void> {

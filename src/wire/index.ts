@@ -28,4 +28,15 @@ export {
 } from './messages.js';
 export { WireServer } from './server.js';
 export type { WireServerOptions } from './server.js';
-export { IMAGE_NAME, LABEL_KEY, MIGRATION_ID, ROUND_NAME, validateEnvelope, WORKLOAD_NAME } from './validate.js';
+export {
+  HOLD_MS,
+  IMAGE_NAME,
+  LABEL_KEY,
+  MAX_IMAGE_FILES,
+  MAX_PID,
+  MIGRATION_ID,
+  PEER_NAME,
+  ROUND_NAME,
+  validateEnvelope,
+  WORKLOAD_NAME,
+} from './validate.js';

@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { WireProtocolError } from './errors.js';
 import { bodyName, IMAGE_CHUNK_BYTES, PeerRole, type EnvelopeMessage } from './messages.js';
 
@@ -9,17 +10,27 @@ export const ROUND_NAME = /^(?:[0-9]{1,3}|final)$/;
 export const WORKLOAD_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 /** An image file name: one plain file name in the round's directory, never a path. */
 export const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** A party's name in Hello and Welcome: a node, host or controller name, printed in messages and logs. */
+export const PEER_NAME = /^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$/;
+
+/**
+ * How long an agent holds its side of a switchover (0: its default). The
+ * floor keeps a lease from spinning: an expired one asks the source again
+ * every hold period. The ceiling is a day, well inside what a timer can wait.
+ */
+export const HOLD_MS = { min: 1_000, max: 86_400_000 } as const;
+/** The largest PID Linux hands out (PID_MAX_LIMIT is 4194304, exclusive). */
+export const MAX_PID = 4_194_303;
+/** At most this many image files in one round's stream, and in one manifest. */
+export const MAX_IMAGE_FILES = 10_000;
 
 const MAX_STRING = 4096;
 const MAX_ARGV = 256;
-const MAX_FILES = 10_000;
-const MAX_PID = 4_194_304;
+const MAX_FILES = MAX_IMAGE_FILES;
 const MAX_LABELS = 32;
 /** A label key: what `ferry run --label` and `ferry rebalance --exclude` accept. */
 export const LABEL_KEY = /^[a-z0-9][a-z0-9._/-]{0,62}$/;
 const MAX_LABEL_VALUE = 256;
-/** A day: no hold lasts that long, so a larger frozen time is a broken peer. */
-const MAX_FROZEN_MS = 86_400_000;
 
 /**
  * Checks an envelope that arrived, beyond what decoding checks: exactly one
@@ -37,6 +48,12 @@ export function validateEnvelope(e: EnvelopeMessage): void {
   switch (name) {
     case 'hello':
       if (e.hello?.role !== PeerRole.CONTROLLER && e.hello?.role !== PeerRole.AGENT) fail('hello: unknown role');
+      pattern(e.hello.name ?? '', PEER_NAME, 'peer name');
+      short(e.hello.softwareVersion, 'software version');
+      break;
+    case 'welcome':
+      pattern(e.welcome?.agentName ?? '', PEER_NAME, 'agent name');
+      short(e.welcome?.softwareVersion, 'software version');
       break;
     case 'factsQuery':
       pid(e.factsQuery?.pid, true);
@@ -45,6 +62,8 @@ export function validateEnvelope(e: EnvelopeMessage): void {
     case 'facts':
       bytes(e.facts?.cpuinfo, 64 * 1024, 'cpuinfo');
       count(e.facts?.takenPids, 64, 'taken PIDs');
+      for (const taken of e.facts?.takenPids ?? []) pid(taken, false);
+      if (e.facts?.process) pid(e.facts.process.pid, false);
       for (const rate of [e.facts?.restoreBytesPerMs ?? 0, e.facts?.pageWriteBytesPerMs ?? 0]) {
         if (!Number.isFinite(rate) || rate < 0) fail('rate out of range');
       }
@@ -57,6 +76,8 @@ export function validateEnvelope(e: EnvelopeMessage): void {
     case 'prepareDestination':
       migration(e.prepareDestination?.migrationId);
       if (e.prepareDestination?.workload) workloadSpec(e.prepareDestination.workload);
+      agentUrl(e.prepareDestination?.sourceUrl, 'source URL');
+      hold(e.prepareDestination?.holdMs);
       break;
     case 'pageServerStart':
       migration(e.pageServerStart?.migrationId);
@@ -70,28 +91,45 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       round(r?.round);
       parent(r?.parent);
       pid(r?.pid, false);
-      if ((r?.pageServerPort ?? 0) > 65535) fail('page server port out of range');
+      address(r?.pageServerAddress, 'page server address');
+      port(r?.pageServerPort, 'page server port');
+      if (name === 'finalDump') {
+        agentUrl(e.finalDump?.destinationUrl, 'destination URL');
+        hold(e.finalDump?.holdMs);
+      }
       break;
     }
+    case 'pageServerStarted':
+      address(e.pageServerStarted?.address, 'page server address');
+      port(e.pageServerStarted?.port, 'page server port');
+      break;
     case 'imageChunk':
       migration(e.imageChunk?.migrationId);
       round(e.imageChunk?.round);
       pattern(e.imageChunk?.name ?? '', IMAGE_NAME, 'image file name');
       bytes(e.imageChunk?.data, IMAGE_CHUNK_BYTES, 'image chunk');
+      size(e.imageChunk?.offset, 'image offset');
       break;
     case 'imagesDone':
       migration(e.imagesDone?.migrationId);
       round(e.imagesDone?.round);
       count(e.imagesDone?.files, MAX_FILES, 'image files');
-      if ((e.imagesDone?.frozenMs ?? 0) > MAX_FROZEN_MS) fail('frozen time out of range');
       for (const f of e.imagesDone?.files ?? []) {
         pattern(f.name ?? '', IMAGE_NAME, 'image file name');
         pattern(f.sha256 ?? '', /^[0-9a-f]{64}$/, 'sha256');
+        size(f.size, 'image size');
       }
       break;
     case 'restore':
       migration(e.restore?.migrationId);
       round(e.restore?.round);
+      hold(e.restore?.holdMs);
+      break;
+    case 'restored':
+      pid(e.restored?.pid, false);
+      break;
+    case 'resumed':
+      pid(e.resumed?.pid, false);
       break;
     case 'commit':
     case 'resume':
@@ -107,8 +145,7 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       break;
     case 'runWorkload':
       pattern(e.runWorkload?.name ?? '', WORKLOAD_NAME, 'workload name');
-      count(e.runWorkload?.argv, MAX_ARGV, 'arguments');
-      if ((e.runWorkload?.argv?.length ?? 0) === 0) fail('a workload needs a command');
+      command(e.runWorkload?.argv);
       labels(e.runWorkload?.labels);
       break;
     case 'workloadList':
@@ -128,11 +165,20 @@ export function validateEnvelope(e: EnvelopeMessage): void {
 function workloadSpec(w: {
   name?: string | null;
   argv?: string[] | null;
+  logFile?: string | null;
   labels?: Record<string, string> | null;
 }): void {
   pattern(w.name ?? '', WORKLOAD_NAME, 'workload name');
-  count(w.argv, MAX_ARGV, 'arguments');
+  command(w.argv);
+  if ((w.logFile ?? '').includes('\0')) fail('a workload log path holds a NUL character');
   labels(w.labels);
+}
+
+/** A command line to exec: a program and its arguments, none of which can hold a NUL (execve ends strings there). */
+function command(argv: readonly string[] | null | undefined): void {
+  count(argv, MAX_ARGV, 'arguments');
+  if ((argv?.[0] ?? '') === '') fail('a workload needs a command');
+  if (argv?.some((arg) => arg.includes('\0'))) fail('an argument holds a NUL character');
 }
 
 function labels(value: Record<string, string> | null | undefined): void {
@@ -163,6 +209,55 @@ function parent(name: string | null | undefined): void {
 function pid(value: number | null | undefined, zeroAllowed: boolean): void {
   const n = value ?? 0;
   if (!Number.isInteger(n) || n < (zeroAllowed ? 0 : 1) || n > MAX_PID) fail(`PID out of range: ${n}`);
+}
+
+function hold(value: number | null | undefined): void {
+  const ms = value ?? 0;
+  if (ms !== 0 && (ms < HOLD_MS.min || ms > HOLD_MS.max)) {
+    fail(`hold out of range: ${ms} ms (0 for the default, else ${HOLD_MS.min} to ${HOLD_MS.max})`);
+  }
+}
+
+/** A 64-bit size or offset (protobufjs decodes those as Long): a whole number a double holds exactly. */
+function size(value: number | { toString(): string } | null | undefined, what: string): void {
+  const n = Number(value ?? 0);
+  if (!Number.isSafeInteger(n) || n < 0) fail(`${what} out of range`);
+}
+
+function port(value: number | null | undefined, what: string): void {
+  const n = value ?? 0;
+  if (!Number.isInteger(n) || n < 1 || n > 65535) fail(`${what} out of range: ${n}`);
+}
+
+/** CRIU's page server and its clients take numeric IP literals only. */
+function address(value: string | null | undefined, what: string): void {
+  if (isIP(value ?? '') === 0) fail(`${what} is not an IP address: ${JSON.stringify((value ?? '').slice(0, 80))}`);
+}
+
+/** Where one agent connects to another: ws:// or wss://, a host and a port, nothing more. */
+function agentUrl(value: string | null | undefined, what: string): void {
+  const text = value ?? '';
+  let url: URL | undefined;
+  try {
+    url = new URL(text);
+  } catch {
+    url = undefined;
+  }
+  const plain =
+    url !== undefined &&
+    (url.protocol === 'ws:' || url.protocol === 'wss:') &&
+    url.hostname !== '' &&
+    url.port !== '' &&
+    url.pathname === '/' &&
+    url.search === '' &&
+    url.hash === '' &&
+    url.username === '' &&
+    url.password === '';
+  if (!plain) fail(`${what} is not ws(s)://HOST:PORT: ${JSON.stringify(text.slice(0, 80))}`);
+}
+
+function short(value: string | null | undefined, what: string): void {
+  if ((value ?? '').length > 64 || /\p{Cc}/u.test(value ?? '')) fail(`bad ${what}`);
 }
 
 function pattern(value: string, re: RegExp, what: string): void {
