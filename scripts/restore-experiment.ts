@@ -53,6 +53,11 @@ interface Sample {
   condition: Condition;
   run: number;
   restoreMs: number;
+  /**
+   * CPU time of the restored process, nearly all of it spent restoring its memory (CRIU fills it in the
+   * process's own context): what the restore cost, less what other work on the machine made it wait.
+   */
+  cpuMs: number;
   /** /proc/vmstat over the restore, and reported_kib: memory given back to the hypervisor. */
   during: Record<string, number>;
   /** Memory given back to the hypervisor between the dump's end and the restore's start. */
@@ -88,7 +93,7 @@ function criu(host: LabHost, args: string[]): Promise<unknown> {
 let serial = 0;
 
 /** A counter holding `bytes` of memory on host a, once all of it is filled (it counts only after that). */
-async function startCounter(a: LabHost, bytes: number): Promise<number> {
+async function startCounter(a: LabHost, bytes: number): Promise<{ pid: number; state: string }> {
   const name = `rexp${++serial}`;
   const state = join(mkdtempSync(join(scratch, `${name}-`)), 'state');
   const w = await runWorkload(
@@ -99,7 +104,7 @@ async function startCounter(a: LabHost, bytes: number): Promise<number> {
   );
   for (;;) {
     const count = existsSync(state) ? Number(readFileSync(state, 'utf8').trim().split(/\s+/)[1] ?? 0) : 0;
-    if (count >= 2) return w.pid ?? 0;
+    if (count >= 2) return { pid: w.pid ?? 0, state };
     await sleep(50);
   }
 }
@@ -117,8 +122,25 @@ async function killCounters(host: LabHost): Promise<void> {
   }
 }
 
+/** utime + stime of the counter in a host whose state file is `state`, in ms. */
+async function cpuOf(host: LabHost, state: string): Promise<number> {
+  const { stdout } = await execFileAsync('ip', ['netns', 'pids', host.netns]);
+  for (const pid of stdout.split(/\s+/).filter(Boolean)) {
+    try {
+      const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      if (argv[0] !== counter || argv[1] !== state) continue;
+      const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
+      // Fields 14 and 15 of stat (utime, stime), counted from the state field (3), in clock ticks of 10 ms.
+      return (Number(fields[11]) + Number(fields[12])) * 10;
+    } catch {
+      // gone
+    }
+  }
+  return NaN;
+}
+
 async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition, run: number, waitS: number) {
-  const pid = await startCounter(a, bytes);
+  const { pid, state } = await startCounter(a, bytes);
   const dir = mkdtempSync(join(b.imagesDir, 'restore-'));
   try {
     const keep = condition === 'exists' || condition === 'exists-warm';
@@ -128,7 +150,7 @@ async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition,
     const dumped = counters();
     const waitStarted = performance.now();
     if (condition === 'exists-warm') {
-      const warm = await startCounter(a, bytes);
+      const { pid: warm } = await startCounter(a, bytes);
       process.kill(warm, 'SIGKILL');
       while (existsSync(`/proc/${warm}`)) await sleep(10);
     } else if (condition === 'ended-earlier') {
@@ -145,10 +167,12 @@ async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition,
     await criu(b, ['restore', '-d', '-D', dir, '-o', 'restore.log']);
     const restoreMs = performance.now() - started;
     const after = counters();
+    const cpuMs = await cpuOf(b, state);
     return {
       condition,
       run,
       restoreMs,
+      cpuMs,
       during: Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - (before[k] ?? 0)])),
       reportedBeforeKib:
         before.reported_kib === undefined ? undefined : before.reported_kib - (dumped.reported_kib ?? 0),
@@ -162,7 +186,10 @@ async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition,
 }
 
 function report(samples: readonly Sample[], bytes: number, runs: number): string {
-  const lines = [`restore of ${formatBytes(bytes)} with the CRIU command line (median of ${runs} runs)`];
+  const lines = [
+    `restore of ${formatBytes(bytes)} with the CRIU command line: wall time, and CPU time of the restored process ` +
+      `(median of ${runs} runs; each run wall/CPU)`,
+  ];
   for (const condition of CONDITIONS) {
     const mine = samples.filter((s) => s.condition === condition);
     const m = (k: string): number => median(mine.map((s) => s.during[k] ?? 0));
@@ -173,7 +200,8 @@ function report(samples: readonly Sample[], bytes: number, runs: number): string
       : '';
     lines.push(
       `  ${`${LABELS[condition]}${waited}`.padEnd(34)}${`${Math.round(median(mine.map((s) => s.restoreMs)))} ms`.padStart(9)}` +
-        `  (runs ${mine.map((s) => Math.round(s.restoreMs)).join(', ')}; page faults ${m('pgfault')}, THP faults ${m('thp_fault_alloc')}, ` +
+        `${`CPU ${Math.round(median(mine.map((s) => s.cpuMs)))} ms`.padStart(12)}` +
+        `  (runs ${mine.map((s) => `${Math.round(s.restoreMs)}/${Math.round(s.cpuMs)}`).join(', ')}; page faults ${m('pgfault')}, THP faults ${m('thp_fault_alloc')}, ` +
         `compaction stalls ${m('compact_stall')}, direct reclaim scans ${m('pgscan_direct')}${reported})`,
     );
   }
