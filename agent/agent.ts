@@ -4,6 +4,7 @@ import {
   constants,
   copyFileSync,
   existsSync,
+  lstatSync,
   mkdirSync,
   readdirSync,
   readFileSync,
@@ -13,11 +14,11 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import {
   CriuOperationError,
   CriuService,
@@ -30,7 +31,7 @@ import {
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { deferred } from '../src/deferred.js';
 import { log } from '../src/log.js';
-import { startTime } from '../src/proc.js';
+import { startTime, tcpListener } from '../src/proc.js';
 import { PAGE_SIZE } from '../src/units.js';
 import { pauseAt } from '../src/testpoints.js';
 import type { Identity } from '../src/tls/index.js';
@@ -48,7 +49,7 @@ import {
 } from '../src/wire/index.js';
 import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
-import { ImageReceiver, imagesToStream, streamImages } from './images.js';
+import { ImageReceiver, imagesToStream, logAttributes, sha256Of, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
@@ -93,9 +94,8 @@ const WORKLOAD_LOG = 'ferry-workload.log';
 const WORKLOAD_LOG_STAT = 'ferry-workload.stat';
 
 function sameContent(a: string, b: string): boolean {
-  if (statSync(a).size !== statSync(b).size) return false;
-  const digest = (file: string): string => createHash('sha256').update(readFileSync(file)).digest('hex');
-  return digest(a) === digest(b);
+  // A symlink where the log goes is replaced, not read through.
+  return lstatSync(a).isFile() && statSync(a).size === statSync(b).size && sha256Of(a) === sha256Of(b);
 }
 
 class MigrationStateError extends FerryError {
@@ -149,6 +149,8 @@ interface DestinationMigration {
   dir: string;
   workload: WorkloadSpec | undefined;
   receivers: Map<string, ImageReceiver>;
+  /** CRIU's page servers for its rounds: each waits for one dump, and for ever if none comes. */
+  pageServers: { pid: number; start: number | undefined }[];
   hold?: Hold;
   restore?: Promise<unknown>;
   restoreCancel?: AbortController;
@@ -294,8 +296,8 @@ export class Agent {
     if (e.pageServerStart) return this.#pageServer(e.pageServerStart);
     if (e.preDumpRound) return this.#preDump(e.preDumpRound, connection);
     if (e.finalDump) return this.#finalDump(e.finalDump, connection);
-    if (e.imageChunk) return this.#imageChunk(e.imageChunk);
-    if (e.imagesDone) return this.#imagesDone(e.imagesDone);
+    if (e.imageChunk) return this.#imageChunk(e.imageChunk, connection);
+    if (e.imagesDone) return this.#imagesDone(e.imagesDone, connection);
     if (e.restore) return this.#restore(e.restore, connection);
     if (e.commit) return this.#commit(e.commit.migrationId ?? '');
     if (e.resume) return this.#resume(e.resume.migrationId ?? '', e.resume.downtimeBeforeMs ?? 0);
@@ -330,12 +332,8 @@ export class Agent {
     if (existsSync(target) && sameContent(target, copy)) return;
     const temporary = `${target}.${m.id}.tmp`;
     copyFileSync(copy, temporary, constants.COPYFILE_EXCL);
-    const stat = JSON.parse(readFileSync(join(dir, WORKLOAD_LOG_STAT), 'utf8')) as {
-      mode: number;
-      uid: number;
-      gid: number;
-    };
-    chmodSync(temporary, stat.mode & 0o777);
+    const stat = logAttributes(join(dir, WORKLOAD_LOG_STAT));
+    chmodSync(temporary, stat.mode);
     chownSync(temporary, stat.uid, stat.gid);
     renameSync(temporary, target);
   }
@@ -454,6 +452,7 @@ export class Agent {
       dir,
       workload: p.workload ?? undefined,
       receivers: new Map(),
+      pageServers: [],
       sourceUrl: p.sourceUrl ?? '',
       holdMs: p.holdMs || 60_000,
     });
@@ -476,12 +475,15 @@ export class Agent {
     this.#strikeAt('destination.page-server');
     const dir = join(m.dir, p.round ?? '');
     mkdirSync(dir, { mode: 0o700 });
-    const { port } = await this.criu.pageServer({
+    const { port, pid } = await this.criu.pageServer({
       imagesDir: dir,
       address: this.advertise,
       parentImg: p.parent ? `../${p.parent}` : undefined,
       tls: p.plainPages === true ? undefined : this.#pageTls,
     });
+    const server = pid > 0 ? pid : tcpListener(port, 'page-server');
+    if (server !== undefined) m.pageServers.push({ pid: server, start: startTime(server) });
+    log.info('page server started', { migration: m.id, round: p.round, port, pid: server });
     return { pageServerStarted: { address: this.advertise, port } };
   }
 
@@ -653,15 +655,17 @@ export class Agent {
     return m.settling;
   }
 
-  async #imageChunk(c: BodyOf<'imageChunk'>): Promise<Body> {
+  async #imageChunk(c: BodyOf<'imageChunk'>, connection: WireConnection): Promise<Body> {
     const m = this.#destination(c.migrationId ?? '');
+    this.#fromSource(m, connection);
     if (Number(c.offset ?? 0) === 0) await pauseAt('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return { ack: {} };
   }
 
-  #imagesDone(d: BodyOf<'imagesDone'>): Body {
+  #imagesDone(d: BodyOf<'imagesDone'>, connection: WireConnection): Body {
     const m = this.#destination(d.migrationId ?? '');
+    this.#fromSource(m, connection);
     const victim = d.files?.find((f) => Number(f.size ?? 0) > 0)?.name;
     if (faultAt('destination.images-done') === 'corrupt' && victim) {
       const file = join(m.dir, d.round ?? '', victim);
@@ -973,6 +977,22 @@ export class Agent {
     return m;
   }
 
+  /**
+   * Another agent may stream a migration's images only if it is that
+   * migration's source: its certificate names the host of the source URL the
+   * controller gave (and checked when it connected there). Without this, any
+   * node's agent key could write the images a process is restored from here.
+   */
+  #fromSource(m: DestinationMigration, connection: WireConnection): void {
+    const peer = connection.certificate;
+    if (peer?.role !== 'agent') return;
+    const host = URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '';
+    const certificate = { subject: { CN: peer.name }, subjectaltname: peer.subjectAltName } as PeerCertificate;
+    if (host === '' || checkServerIdentity(host, certificate) !== undefined) {
+      throw new NotAllowedError(`${peer.name} is not the source of migration ${m.id}, whose images it sent`);
+    }
+  }
+
   #destination(id: string): DestinationMigration {
     const m = this.#migrations.get(id);
     if (m?.role !== 'destination') throw new MigrationStateError(`migration ${id} was not prepared here`);
@@ -994,6 +1014,16 @@ export class Agent {
   #forget(m: Migration, keepLogs = false): string | undefined {
     if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
     this.#migrations.delete(m.id);
+    // A page server no dump came to would wait for ever; one that served its dump has ended.
+    // The start time tells a page server still there from a process that took its PID since.
+    for (const server of m.role === 'destination' ? m.pageServers : []) {
+      if (server.start === undefined || startTime(server.pid) !== server.start) continue;
+      try {
+        process.kill(server.pid, 'SIGKILL');
+      } catch {
+        // ended meanwhile
+      }
+    }
     let kept: string | undefined;
     if (keepLogs && existsSync(m.dir)) {
       kept = join(this.options.dataDir, 'failed', m.id);

@@ -1,7 +1,17 @@
 import { createHash } from 'node:crypto';
-import { closeSync, constants, fstatSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  fstatSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { open } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { FerryError } from '../src/errors.js';
 import { formatBytes } from '../src/units.js';
 import {
@@ -162,7 +172,7 @@ export class ImageReceiver {
 }
 
 /** Read in chunks: an image may be larger than is reasonable to hold in memory at once. */
-function sha256Of(file: string): string {
+export function sha256Of(file: string): string {
   const hash = createHash('sha256');
   const fd = openSync(file, constants.O_RDONLY | constants.O_NOFOLLOW);
   try {
@@ -176,4 +186,19 @@ function sha256Of(file: string): string {
     closeSync(fd);
   }
   return hash.digest('hex');
+}
+
+/** A workload log's mode and owner as the source sent them: from a peer, so checked before chmod and chown see them. */
+export function logAttributes(file: string): { mode: number; uid: number; gid: number } {
+  const id = (n: unknown): n is number => Number.isInteger(n) && (n as number) >= 0 && (n as number) < 2 ** 32 - 1;
+  let stat: { mode?: unknown; uid?: unknown; gid?: unknown } | undefined;
+  try {
+    stat = statSync(file).size <= 4096 ? (JSON.parse(readFileSync(file, 'utf8')) as typeof stat) : undefined;
+  } catch {
+    stat = undefined;
+  }
+  if (stat === undefined || stat === null || !id(stat.mode) || !id(stat.uid) || !id(stat.gid)) {
+    throw new ImageTransferError(`${basename(file)}: not the mode and owner of a log file`);
+  }
+  return { mode: stat.mode & 0o777, uid: stat.uid, gid: stat.gid };
 }

@@ -51,7 +51,7 @@ interface SshCliOptions {
   json?: boolean;
 }
 
-export function registerInstallCommands(program: Command, softwareVersion: string): void {
+export function registerInstallCommands(program: Command, softwareVersion: string, signal: () => AbortSignal): void {
   sshOptions(
     program
       .command('install')
@@ -94,6 +94,7 @@ Example: ferry install ssh://root@10.0.0.5 web2=ssh://root@web2.example:2222`,
           parallel: opts.parallel,
           softwareVersion,
           onStep: (node, text) => process.stderr.write(`${node}: ${text}\n`),
+          signal: signal(),
         });
         if (opts.json === true) process.stdout.write(JSON.stringify(results, null, 2) + '\n');
         else process.stdout.write(summary(results, 'installed') + '\n');
@@ -122,6 +123,7 @@ node failed; the others are done anyway.
 Example: ferry uninstall web2 ssh://root@10.0.0.5`,
     )
     .action(async (targets: string[], opts: SshCliOptions & { prefix?: string; force?: boolean }) => {
+      const interrupted = signal();
       const resolved = targets.map((t) => {
         if (t.includes('ssh://'))
           return { target: parseTarget(t), prefix: opts.prefix ?? findNode(parseTarget(t).name)?.prefix };
@@ -150,6 +152,7 @@ Example: ferry uninstall web2 ssh://root@10.0.0.5`,
               parallel: opts.parallel,
               softwareVersion,
               onStep: (node, text) => process.stderr.write(`${node}: ${text}\n`),
+              signal: interrupted,
             },
           )),
         );

@@ -8,7 +8,7 @@ import { basename, join } from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { promisify } from 'node:util';
 import pLimit from 'p-limit';
-import { FerryError } from '../src/errors.js';
+import { AbortedError, FerryError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
 import { issueIdentity, loadAuthority } from '../src/tls/index.js';
 import { WireConnection } from '../src/wire/index.js';
@@ -59,6 +59,12 @@ export interface InstallOptions extends SshOptions {
   softwareVersion: string;
   /** One line per step, as it happens: "NODE: what". */
   onStep?: (node: string, step: string) => void;
+  /**
+   * Stops the work between steps, and during the copy of the bundle (the
+   * running installation is untouched until the copy is complete). A
+   * restart that has begun is finished: a node is not left without its agent.
+   */
+  signal?: AbortSignal | undefined;
 }
 
 /** done: changed something; unchanged: already right; verified: checked, nothing to change; failed. */
@@ -220,6 +226,7 @@ async function onNode(
   onStep: ((node: string, step: string) => void) | undefined,
   verb: 'install' | 'uninstall',
   work: (step: Step) => Promise<string | undefined>,
+  signal: AbortSignal | undefined,
 ): Promise<NodeResult> {
   const started = performance.now();
   const tasks: NodeResult['tasks'] = [];
@@ -228,6 +235,8 @@ async function onNode(
     onStep?.(target.name, `${{ done: '+', unchanged: '=', verified: '✓', failed: '!' }[state]} ${task}: ${detail}`);
   };
   try {
+    if (signal?.aborted === true)
+      throw new AbortedError(`${verb} on ${target.name}`, { hint: 'it had not begun there: nothing changed' });
     const url = await work(step);
     return { node: target.name, target: target.text, ok: true, tasks, url, ms: performance.now() - started };
   } catch (error) {
@@ -334,158 +343,183 @@ async function installOne(
 ): Promise<NodeResult> {
   const p = layout(options.prefix);
   let session: SshSession | undefined;
-  return onNode(target, options.onStep, 'install', async (step) => {
-    try {
-      const address = await agentAddress(target);
-      const url = agentUrl(address, options.agentPort);
-      const s = await SshSession.open(target, options);
-      session = s;
-      step(
-        'host key',
-        session.hostKey === 'known' ? 'unchanged' : 'done',
-        session.hostKey === 'known' ? 'matches known_hosts' : 'new host, added to known_hosts (--trust-new-hosts)',
-      );
-      const facts = await inspect(session, options.prefix, address);
-      checkSuitable(target, facts, address);
-      const { systemd } = facts;
-
-      // What would change, decided before anything does.
-      const bundleChanged = facts.installedHash !== b.hash || options.upgrade;
-      const remoteCert = await session.exec(`cat ${sh(`${p.tls}/cert.pem`)} ${sh(`${p.tls}/ca.pem`)} 2>/dev/null`);
-      const authority = loadAuthority(authorityDir());
-      const certChanged =
-        options.upgrade || !certificateFits(remoteCert.stdout, authority.certPem, address, target.name);
-      const command = agentCommand(options.prefix, target.name, address, options.agentPort);
-      const wanted = systemd ? systemdUnit(command) : supervisorScript(options.prefix, command);
-      const serviceFile = systemd ? UNIT : p.supervisor;
-      const current = (await session.exec(`cat ${sh(serviceFile)} 2>/dev/null`)).stdout;
-      const running = await agentRunning(session, options.prefix, systemd);
-      const restart = bundleChanged || certChanged || current !== wanted || !running;
-      if (restart && running) {
-        const open = await migrationsInFlight(listenUrlOf(current) ?? url, options.softwareVersion);
-        if (open !== undefined && open.length > 0) throw busy(target.name, open, 'restarting');
-      }
-
-      // 1. The bundle: unpacked beside the running one, swapped in once the agent is stopped.
-      if (bundleChanged) {
-        await session.run(
-          `rm -rf ${sh(`${p.app}.new`)} && mkdir -p ${sh(`${p.app}.new`)}`,
-          'preparing the bundle directory',
+  const cancelled = (): void => {
+    if (options.signal?.aborted === true)
+      throw new AbortedError(`install on ${target.name}`, { hint: 'its installation was left as it was' });
+  };
+  return onNode(
+    target,
+    options.onStep,
+    'install',
+    async (step) => {
+      try {
+        const address = await agentAddress(target);
+        const url = agentUrl(address, options.agentPort);
+        const s = await SshSession.open(target, options);
+        session = s;
+        step(
+          'host key',
+          session.hostKey === 'known' ? 'unchanged' : 'done',
+          session.hostKey === 'known' ? 'matches known_hosts' : 'new host, added to known_hosts (--trust-new-hosts)',
         );
-        await session.run(
-          `tar -xzf - -C ${sh(`${p.app}.new`)} --strip-components=1`,
-          'unpacking the bundle',
-          createReadStream(b.file).pipe(new Progress(b.bytes, (t) => options.onStep?.(target.name, `  ${t}`))),
-        );
-        step('bundle', 'done', `${MiB(b.bytes)} copied (${b.hash.slice(0, 12)})`);
-      } else {
-        step('bundle', 'unchanged', `already ${b.hash.slice(0, 12)}`);
-      }
+        cancelled();
+        const facts = await inspect(session, options.prefix, address);
+        checkSuitable(target, facts, address);
+        const { systemd } = facts;
 
-      // 2. The node's certificate: kept while it is this cluster's, names this address and is far from expiring.
-      if (certChanged) {
-        const local = mkdtempSync(join(tmpdir(), 'ferry-install-'));
-        try {
-          const identity = await issueIdentity(
-            authority,
-            { role: 'agent', name: target.name, hosts: [...new Set([address, target.host])] },
-            join(local, 'tls'),
-          );
-          // The key travels inside the SSH channel and is created 0600 (umask before the file exists).
-          for (const [file, content] of [
-            ['ca.pem', identity.ca],
-            ['cert.pem', identity.cert],
-            ['key.pem', identity.key],
-          ] as const) {
-            await session.run(
-              `umask 077 && mkdir -p ${sh(p.tls)} && cat >${sh(`${p.tls}/${file}.tmp`)} && ` +
-                `chmod ${file === 'key.pem' ? 600 : 644} ${sh(`${p.tls}/${file}.tmp`)} && mv ${sh(`${p.tls}/${file}.tmp`)} ${sh(`${p.tls}/${file}`)}`,
-              `writing ${file}`,
-              Readable.from([content]),
-            );
-          }
-          step(
-            'certificate',
-            'done',
-            `issued for ${target.name} (${address}), valid until ${identity.notAfter.toISOString().slice(0, 10)}`,
-          );
-        } finally {
-          rmSync(local, { recursive: true, force: true });
+        // What would change, decided before anything does.
+        const bundleChanged = facts.installedHash !== b.hash || options.upgrade;
+        const remoteCert = await session.exec(`cat ${sh(`${p.tls}/cert.pem`)} ${sh(`${p.tls}/ca.pem`)} 2>/dev/null`);
+        const authority = loadAuthority(authorityDir());
+        const certChanged =
+          options.upgrade || !certificateFits(remoteCert.stdout, authority.certPem, address, target.name);
+        const command = agentCommand(options.prefix, target.name, address, options.agentPort);
+        const wanted = systemd ? systemdUnit(command) : supervisorScript(options.prefix, command);
+        const serviceFile = systemd ? UNIT : p.supervisor;
+        const current = (await session.exec(`cat ${sh(serviceFile)} 2>/dev/null`)).stdout;
+        const running = await agentRunning(session, options.prefix, systemd);
+        const restart = bundleChanged || certChanged || current !== wanted || !running;
+        if (restart && running) {
+          const open = await migrationsInFlight(listenUrlOf(current) ?? url, options.softwareVersion);
+          if (open !== undefined && open.length > 0) throw busy(target.name, open, 'restarting');
         }
-      } else {
-        step('certificate', 'unchanged', 'valid, this cluster’s, names the address');
-      }
 
-      // 3. The service: systemd where it is the init, else the supervisor with a pid file.
-      if (restart) {
-        const killed = running && (await stopAgent(session, options.prefix, systemd));
-        if (killed) options.onStep?.(target.name, '  the agent did not stop within 10 s of SIGTERM: killed');
+        // 1. The bundle: unpacked beside the running one, swapped in once the agent is stopped.
+        cancelled();
         if (bundleChanged) {
           await session.run(
-            `rm -rf ${sh(`${p.app}.old`)}; if [ -d ${sh(p.app)} ]; then mv ${sh(p.app)} ${sh(`${p.app}.old`)}; fi; ` +
-              `mv ${sh(`${p.app}.new`)} ${sh(p.app)} && rm -rf ${sh(`${p.app}.old`)} && echo ${sh(b.hash)} >${sh(p.hash)}`,
-            'swapping the bundle in',
+            `rm -rf ${sh(`${p.app}.new`)} && mkdir -p ${sh(`${p.app}.new`)}`,
+            'preparing the bundle directory',
           );
+          // Cancelling ends the connection: the half-copied bundle stays beside the running one, unused.
+          const cut = (): void => s.close();
+          options.signal?.addEventListener('abort', cut, { once: true });
+          try {
+            await s.run(
+              `tar -xzf - -C ${sh(`${p.app}.new`)} --strip-components=1`,
+              'unpacking the bundle',
+              createReadStream(b.file).pipe(new Progress(b.bytes, (t) => options.onStep?.(target.name, `  ${t}`))),
+            );
+          } catch (error) {
+            cancelled();
+            throw error;
+          } finally {
+            options.signal?.removeEventListener('abort', cut);
+          }
+          step('bundle', 'done', `${MiB(b.bytes)} copied (${b.hash.slice(0, 12)})`);
+        } else {
+          step('bundle', 'unchanged', `already ${b.hash.slice(0, 12)}`);
         }
-        await session.run(
-          `mkdir -p ${sh(`${options.prefix}/bin`)} ${sh(`${options.prefix}/run`)} ${sh(`${options.prefix}/log`)} ${sh(p.data)} && ` +
-            `printf %s ${sh(wanted)} >${sh(serviceFile)} && chmod ${systemd ? 644 : 755} ${sh(serviceFile)}`,
-          'writing the service',
-        );
-        if (systemd) {
+
+        // 2. The node's certificate: kept while it is this cluster's, names this address and is far from expiring.
+        cancelled();
+        if (certChanged) {
+          const local = mkdtempSync(join(tmpdir(), 'ferry-install-'));
+          try {
+            const identity = await issueIdentity(
+              authority,
+              { role: 'agent', name: target.name, hosts: [...new Set([address, target.host])] },
+              join(local, 'tls'),
+            );
+            // The key travels inside the SSH channel and is created 0600 (umask before the file exists).
+            for (const [file, content] of [
+              ['ca.pem', identity.ca],
+              ['cert.pem', identity.cert],
+              ['key.pem', identity.key],
+            ] as const) {
+              await session.run(
+                `umask 077 && mkdir -p ${sh(p.tls)} && cat >${sh(`${p.tls}/${file}.tmp`)} && ` +
+                  `chmod ${file === 'key.pem' ? 600 : 644} ${sh(`${p.tls}/${file}.tmp`)} && mv ${sh(`${p.tls}/${file}.tmp`)} ${sh(`${p.tls}/${file}`)}`,
+                `writing ${file}`,
+                Readable.from([content]),
+              );
+            }
+            step(
+              'certificate',
+              'done',
+              `issued for ${target.name} (${address}), valid until ${identity.notAfter.toISOString().slice(0, 10)}`,
+            );
+          } finally {
+            rmSync(local, { recursive: true, force: true });
+          }
+        } else {
+          step('certificate', 'unchanged', 'valid, this cluster’s, names the address');
+        }
+
+        // 3. The service: systemd where it is the init, else the supervisor with a pid file. Past this
+        // point a cancel waits: the agent is stopped and started again as one step.
+        cancelled();
+        if (restart) {
+          const killed = running && (await stopAgent(session, options.prefix, systemd));
+          if (killed) options.onStep?.(target.name, '  the agent did not stop within 10 s of SIGTERM: killed');
+          if (bundleChanged) {
+            await session.run(
+              `rm -rf ${sh(`${p.app}.old`)}; if [ -d ${sh(p.app)} ]; then mv ${sh(p.app)} ${sh(`${p.app}.old`)}; fi; ` +
+                `mv ${sh(`${p.app}.new`)} ${sh(p.app)} && rm -rf ${sh(`${p.app}.old`)} && echo ${sh(b.hash)} >${sh(p.hash)}`,
+              'swapping the bundle in',
+            );
+          }
           await session.run(
-            'systemctl daemon-reload && systemctl enable ferry-agent.service && systemctl restart ferry-agent.service',
-            'starting the agent (systemd)',
+            `mkdir -p ${sh(`${options.prefix}/bin`)} ${sh(`${options.prefix}/run`)} ${sh(`${options.prefix}/log`)} ${sh(p.data)} && ` +
+              `printf %s ${sh(wanted)} >${sh(serviceFile)} && chmod ${systemd ? 644 : 755} ${sh(serviceFile)}`,
+            'writing the service',
+          );
+          if (systemd) {
+            await session.run(
+              'systemctl daemon-reload && systemctl enable ferry-agent.service && systemctl restart ferry-agent.service',
+              'starting the agent (systemd)',
+            );
+          } else {
+            // setsid: its own session, so it outlives this SSH session and one signal to its group stops it.
+            await session.run(`setsid -f sh ${sh(serviceFile)} </dev/null >/dev/null 2>&1`, 'starting the agent');
+          }
+          step(
+            'agent',
+            'done',
+            `${running ? 're' : ''}started ${systemd ? 'as systemd unit ferry-agent.service' : `under its supervisor (pid file ${p.pid})`}`,
           );
         } else {
-          // setsid: its own session, so it outlives this SSH session and one signal to its group stops it.
-          await session.run(`setsid -f sh ${sh(serviceFile)} </dev/null >/dev/null 2>&1`, 'starting the agent');
+          step('agent', 'unchanged', systemd ? 'systemd unit running' : 'running under its supervisor');
         }
-        step(
-          'agent',
-          'done',
-          `${running ? 're' : ''}started ${systemd ? 'as systemd unit ferry-agent.service' : `under its supervisor (pid file ${p.pid})`}`,
-        );
-      } else {
-        step('agent', 'unchanged', systemd ? 'systemd unit running' : 'running under its supervisor');
-      }
 
-      // 4. It answers, over mutual TLS, as the node it should be.
-      const answered = await waitForAgent(url, options.softwareVersion).catch(async (error: unknown) => {
-        throw new AgentNotAnsweringError(url, await logTail(s, options.prefix, systemd), {
-          hint: `its log: ${systemd ? 'journalctl -u ferry-agent.service' : p.log} on the node`,
-          cause: error,
+        // 4. It answers, over mutual TLS, as the node it should be.
+        const answered = await waitForAgent(url, options.softwareVersion).catch(async (error: unknown) => {
+          throw new AgentNotAnsweringError(url, await logTail(s, options.prefix, systemd), {
+            hint: `its log: ${systemd ? 'journalctl -u ferry-agent.service' : p.log} on the node`,
+            cause: error,
+          });
         });
-      });
-      if (answered !== target.name) {
-        throw new AgentNotAnsweringError(url, '', {
-          hint: `an agent calling itself ${answered} answers there, not ${target.name}: is the port taken by another installation?`,
-        });
-      }
-      step('answers', 'verified', `over mutual TLS at ${url}`);
+        if (answered !== target.name) {
+          throw new AgentNotAnsweringError(url, '', {
+            hint: `an agent calling itself ${answered} answers there, not ${target.name}: is the port taken by another installation?`,
+          });
+        }
+        step('answers', 'verified', `over mutual TLS at ${url}`);
 
-      const before = findNode(target.name);
-      const node = {
-        name: target.name,
-        ssh: target.text.replace(/^[^=]*=(?=ssh:)/, ''),
-        url,
-        prefix: options.prefix,
-        bundle: b.hash,
-      };
-      if (
-        before === undefined ||
-        JSON.stringify({ ...before, installedAt: '' }) !== JSON.stringify({ ...before, ...node, installedAt: '' })
-      ) {
-        upsertNode({ ...before, ...node, installedAt: new Date().toISOString() });
-        step('inventory', 'done', `${target.name} → ${url}`);
-      } else {
-        step('inventory', 'unchanged', `${target.name} → ${url}`);
+        const before = findNode(target.name);
+        const node = {
+          name: target.name,
+          ssh: target.text.replace(/^[^=]*=(?=ssh:)/, ''),
+          url,
+          prefix: options.prefix,
+          bundle: b.hash,
+        };
+        if (
+          before === undefined ||
+          JSON.stringify({ ...before, installedAt: '' }) !== JSON.stringify({ ...before, ...node, installedAt: '' })
+        ) {
+          upsertNode({ ...before, ...node, installedAt: new Date().toISOString() });
+          step('inventory', 'done', `${target.name} → ${url}`);
+        } else {
+          step('inventory', 'unchanged', `${target.name} → ${url}`);
+        }
+        return url;
+      } finally {
+        session?.close();
       }
-      return url;
-    } finally {
-      session?.close();
-    }
-  });
+    },
+    options.signal,
+  );
 }
 
 function certificateFits(pems: string, caPem: string, address: string, name: string): boolean {
@@ -573,65 +607,77 @@ export interface UninstallOptions extends SshOptions {
   parallel: number;
   softwareVersion: string;
   onStep?: (node: string, step: string) => void;
+  /** Stops the work on nodes not yet begun, and before the agent is stopped; not in the middle of a removal. */
+  signal?: AbortSignal | undefined;
 }
 
 async function uninstallOne(target: SshTarget, options: UninstallOptions): Promise<NodeResult> {
   const p = layout(options.prefix);
   let session: SshSession | undefined;
-  return onNode(target, options.onStep, 'uninstall', async (step) => {
-    try {
-      session = await SshSession.open(target, options);
-      const systemd = (await session.exec('test -d /run/systemd/system')).code === 0;
-      const service = (await session.exec(`cat ${sh(systemd ? UNIT : p.supervisor)} 2>/dev/null`)).stdout;
-      const running = await agentRunning(session, options.prefix, systemd);
-      const url = listenUrlOf(service) ?? findNode(target.name)?.url;
+  return onNode(
+    target,
+    options.onStep,
+    'uninstall',
+    async (step) => {
+      try {
+        session = await SshSession.open(target, options);
+        const systemd = (await session.exec('test -d /run/systemd/system')).code === 0;
+        const service = (await session.exec(`cat ${sh(systemd ? UNIT : p.supervisor)} 2>/dev/null`)).stdout;
+        const running = await agentRunning(session, options.prefix, systemd);
+        const url = listenUrlOf(service) ?? findNode(target.name)?.url;
 
-      if (!options.force && (running || service !== '')) {
-        // Only the agent knows what runs there; without an answer nothing is removed unless forced.
-        const unanswered = (why: string): AgentNotAnsweringError =>
-          new AgentNotAnsweringError(url ?? `${target.name} (no URL known)`, '', {
-            hint: `${why}, so Ferry cannot tell whether migrations are in flight or workloads run there: start it, or pass --force to remove it anyway (running workloads are then left without an agent)`,
-          });
-        if (!running || url === undefined) throw unanswered('the agent is not running');
-        const endpoint = { url, tls: controllerIdentity() };
-        const open = await migrationsInFlight(url, options.softwareVersion);
-        if (open === undefined) throw unanswered('it does not answer');
-        if (open.length > 0) throw busy(target.name, open, 'removing');
-        const workloads = (await listWorkloads(endpoint, options.softwareVersion)).filter((w) => w.state === 'running');
-        if (workloads.length > 0) {
-          throw new NodeBusyError(
-            `${target.name} runs ${workloads.length} workload(s): ${workloads.map((w) => `${w.name} (PID ${w.pid})`).join(', ')}`,
-            {
-              hint: `migrate them to another node (ferry migrate NAME --from ${target.name} --to NODE) or end them; --force removes the agent and leaves them running without one`,
-            },
+        if (!options.force && (running || service !== '')) {
+          // Only the agent knows what runs there; without an answer nothing is removed unless forced.
+          const unanswered = (why: string): AgentNotAnsweringError =>
+            new AgentNotAnsweringError(url ?? `${target.name} (no URL known)`, '', {
+              hint: `${why}, so Ferry cannot tell whether migrations are in flight or workloads run there: start it, or pass --force to remove it anyway (running workloads are then left without an agent)`,
+            });
+          if (!running || url === undefined) throw unanswered('the agent is not running');
+          const endpoint = { url, tls: controllerIdentity() };
+          const open = await migrationsInFlight(url, options.softwareVersion);
+          if (open === undefined) throw unanswered('it does not answer');
+          if (open.length > 0) throw busy(target.name, open, 'removing');
+          const workloads = (await listWorkloads(endpoint, options.softwareVersion)).filter(
+            (w) => w.state === 'running',
           );
+          if (workloads.length > 0) {
+            throw new NodeBusyError(
+              `${target.name} runs ${workloads.length} workload(s): ${workloads.map((w) => `${w.name} (PID ${w.pid})`).join(', ')}`,
+              {
+                hint: `migrate them to another node (ferry migrate NAME --from ${target.name} --to NODE) or end them; --force removes the agent and leaves them running without one`,
+              },
+            );
+          }
+          step('in use', 'verified', 'no migration in flight, no workload running');
         }
-        step('in use', 'verified', 'no migration in flight, no workload running');
-      }
 
-      if (running) {
-        const killed = await stopAgent(session, options.prefix, systemd);
-        step('agent', 'done', killed ? 'killed (it did not stop within 10 s of SIGTERM)' : 'stopped');
-      } else {
-        step('agent', 'unchanged', 'not running');
+        if (options.signal?.aborted === true)
+          throw new AbortedError(`uninstall on ${target.name}`, { hint: 'nothing was removed there' });
+        if (running) {
+          const killed = await stopAgent(session, options.prefix, systemd);
+          step('agent', 'done', killed ? 'killed (it did not stop within 10 s of SIGTERM)' : 'stopped');
+        } else {
+          step('agent', 'unchanged', 'not running');
+        }
+        if (systemd && service !== '') {
+          await session.exec(`systemctl disable ferry-agent.service; rm -f ${UNIT}; systemctl daemon-reload`);
+          step('service', 'done', `${UNIT} removed`);
+        }
+        const present = (await session.exec(`test -e ${sh(options.prefix)}`)).code === 0;
+        await session.run(
+          `rm -rf ${sh(options.prefix)} ${sh(`/dev/shm/ferry/${target.name}`)}`,
+          'removing the installation',
+        );
+        step('files', present ? 'done' : 'unchanged', present ? `${options.prefix} removed` : 'nothing installed');
+        const removed = removeNode(target.name);
+        step('inventory', removed ? 'done' : 'unchanged', `${target.name} ${removed ? 'removed' : 'was not there'}`);
+        return undefined;
+      } finally {
+        session?.close();
       }
-      if (systemd && service !== '') {
-        await session.exec(`systemctl disable ferry-agent.service; rm -f ${UNIT}; systemctl daemon-reload`);
-        step('service', 'done', `${UNIT} removed`);
-      }
-      const present = (await session.exec(`test -e ${sh(options.prefix)}`)).code === 0;
-      await session.run(
-        `rm -rf ${sh(options.prefix)} ${sh(`/dev/shm/ferry/${target.name}`)}`,
-        'removing the installation',
-      );
-      step('files', present ? 'done' : 'unchanged', present ? `${options.prefix} removed` : 'nothing installed');
-      const removed = removeNode(target.name);
-      step('inventory', removed ? 'done' : 'unchanged', `${target.name} ${removed ? 'removed' : 'was not there'}`);
-      return undefined;
-    } finally {
-      session?.close();
-    }
-  });
+    },
+    options.signal,
+  );
 }
 
 export async function uninstall(targets: SshTarget[], options: UninstallOptions): Promise<NodeResult[]> {

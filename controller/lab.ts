@@ -198,6 +198,13 @@ export async function labDown(name = DEFAULT_LAB): Promise<boolean> {
   }
   for (const netns of netnses) await ip('netns', 'del', netns).catch(() => undefined);
   await ip('link', 'del', `${name}-br`).catch(() => undefined);
+  // The kernel removes a deleted namespace's interfaces after `ip netns del`
+  // returns; a lab brought up again at once would find its veth names taken.
+  for (let i = 0; i < 100; i++) {
+    const links = await ipOut('-o', 'link', 'show').catch(() => '');
+    if (!links.split('\n').some((l) => l.includes(` ${name}-`))) break;
+    await sleep(50);
+  }
   for (const h of lab?.hosts ?? []) rmSync(h.imagesDir, { recursive: true, force: true });
   rmSync(join('/dev/shm', `ferry-lab-${name}`), { recursive: true, force: true });
   rmSync(dir, { recursive: true, force: true });

@@ -530,7 +530,7 @@ after it, the destination runs the copy (restored again from its kept images if 
     });
 
   registerFleetCommands(program, version, interruptSignal);
-  registerInstallCommands(program, version);
+  registerInstallCommands(program, version, interruptSignal);
 
   return program;
 }

@@ -307,12 +307,25 @@ async function main(): Promise<void> {
   const lab = await labUp({ name: LAB });
   const [a, b] = lab.hosts as [LabHost, LabHost];
   const samples: Sample[] = [];
+  const failures: string[] = [];
   let serial = 0;
   try {
     for (const cell of matrix) {
       for (let run = 0; run < runs; run++) {
         for (const fn of [bareCriu, ferry]) {
-          const sample = await fn(a, b, cell, run, serial++);
+          let sample: Sample;
+          try {
+            sample = await fn(a, b, cell, run, serial++);
+          } catch (error) {
+            // One failed run is reported and left out; it does not cost the others.
+            failures.push(
+              `${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${fn === bareCriu ? BARE : FERRY}: ${(error as Error).message.split('\n')[0]}`,
+            );
+            process.stderr.write(`  ${failures.at(-1)}\n`);
+            await killNamespaceOf(a, 'counter');
+            await killNamespaceOf(b, 'counter');
+            continue;
+          }
           samples.push(sample);
           const parts = Object.entries(sample.parts)
             .map(([k, v]) => `${k} ${ms(v)}`)
@@ -323,11 +336,15 @@ async function main(): Promise<void> {
         }
       }
     }
+    // The cost of TLS on the same two hosts, before the kernel lab takes the machine.
+    await tlsCost(a, b);
   } finally {
     await labDown(LAB);
   }
   if (process.env.BENCH_KERNEL_LAB !== '0') samples.push(...(await kernelLab()));
 
+  if (failures.length > 0)
+    process.stdout.write(`\n${failures.length} run(s) failed and are left out:\n  ${failures.join('\n  ')}\n`);
   const rows = summarize(samples);
   process.stdout.write(
     `\nmedians of ${runs} runs on this machine (kernel lab: ${process.env.BENCH_KL_RUNS ?? 1}); downtime = frozen until running\n`,
@@ -358,13 +375,6 @@ async function main(): Promise<void> {
   writeFileSync(join(out, `bench-${stamp}.csv`), csv(samples));
   writeFileSync(join(out, `bench-${stamp}.svg`), svg(rows));
   process.stdout.write(`\nsamples: ${join(out, `bench-${stamp}.csv`)}\nplot:    ${join(out, `bench-${stamp}.svg`)}\n`);
-
-  const again = await labUp({ name: LAB });
-  try {
-    await tlsCost(again.hosts[0] as LabHost, again.hosts[1] as LabHost);
-  } finally {
-    await labDown(LAB);
-  }
 }
 
 await main();

@@ -115,6 +115,8 @@ export interface Peer {
   name: string;
   role: Role;
   fingerprint: string;
+  /** The addresses and names the certificate is valid for, as Node spells them ("IP Address:10.0.0.1, DNS:n1"). */
+  subjectAltName: string;
 }
 
 /** Reads who is on the other end of an authorized TLS socket, or undefined if its certificate names no Ferry role. */
@@ -124,7 +126,12 @@ export function peerOf(socket: TLSSocket): Peer | undefined {
   const role = roleOf(Array.isArray(unit) ? unit[0] : unit);
   if (role === undefined) return undefined;
   const cn = certificate.subject.CN;
-  return { name: (Array.isArray(cn) ? cn[0] : cn) ?? '', role, fingerprint: certificate.fingerprint256 };
+  return {
+    name: (Array.isArray(cn) ? cn[0] : cn) ?? '',
+    role,
+    fingerprint: certificate.fingerprint256,
+    subjectAltName: certificate.subjectaltname ?? '',
+  };
 }
 
 /** TLS 1.3 only, mutual: Node refuses a client without a certificate from the cluster CA during the handshake. */

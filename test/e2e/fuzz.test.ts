@@ -42,7 +42,8 @@ import { sleep, waitFor } from '../helpers/wait.js';
  * FERRY_FUZZ_MESSAGES=N changes the count.
  */
 
-const LAB = 'fuzz';
+/** Labs are machine-wide; this one is this run's own (other suites may fuzz a lab of their own at the same time). */
+const LAB = `fz${process.pid % 100_000}`;
 const TOTAL = Number(process.env.FERRY_FUZZ_MESSAGES ?? 100_000);
 const SEED = Number(process.env.FERRY_FUZZ_SEED ?? Math.floor(Math.random() * 2 ** 31));
 /** Connections open at once. The agent is one Node process; more only queue. */
@@ -57,7 +58,7 @@ const ANSWER_MS = 15_000;
  * Every name that must be refused carries this token; no file or directory
  * with it may exist anywhere afterwards. Legitimate names never carry it.
  */
-const TOKEN = `fz${SEED.toString(36)}`;
+const TOKEN = `ferryfuzz${SEED}`;
 
 let lab: Lab;
 let a: LabHost;
@@ -177,13 +178,15 @@ function wellFormed(d: Draw): Body {
   }
   const forms: (() => Body)[] = [
     () => ({ commit: { migrationId: v.id() } }),
-    () => ({ resume: { migrationId: v.id() } }),
+    () => ({ resume: { migrationId: v.id(), downtimeBeforeMs: d.int(2 ** 32) } }),
     () => ({
       abort: { migrationId: d.pick([...LOWER]) + d.word(LOWER, 0, 20), reason: d.word('xyz \n\t"\\', 0, 300) },
     }),
     () => ({ outcomeQuery: { migrationId: v.id() } }),
     () => ({ restore: { migrationId: d.word(LOWER, 1, 10), round: v.round(), holdMs: v.hold() } }),
-    () => ({ pageServerStart: { migrationId: d.word(LOWER, 1, 10), round: v.round(), parent: '' } }),
+    () => ({
+      pageServerStart: { migrationId: d.word(LOWER, 1, 10), round: v.round(), parent: '', plainPages: d.chance(0.5) },
+    }),
     () => {
       const body = {
         migrationId: v.id(),
@@ -192,6 +195,7 @@ function wellFormed(d: Draw): Body {
         pid: v.absentPid(),
         pageServerAddress: d.pick(['127.0.0.1', '::1', a.address]),
         pageServerPort: 1 + d.int(65535),
+        plainPages: d.chance(0.5),
       };
       return d.chance(0.5)
         ? { preDumpRound: body }
@@ -564,16 +568,17 @@ function withToken(dir: string, depth: number, found: string[] = []): string[] {
   return found;
 }
 
-/** A CRIU process of host a: its page servers. */
-function criuProcesses(): number[] {
+/** CRIU's page servers in host a, waiting for a dump (CRIU retitles them "criu: page-server ..."). */
+function pageServers(): number[] {
   const pids: number[] = [];
   const netns = readlinkSync(`/proc/${a.pid}/ns/net`);
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       if (readlinkSync(`/proc/${entry}/ns/net`) !== netns) continue;
-      if (readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0')[0]?.endsWith('criu') === true)
-        pids.push(Number(entry));
+      // Started through the project's loader (ld-linux ... criu), the title is an argument of it.
+      const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      if (argv.some((arg) => arg.startsWith('criu: page-server'))) pids.push(Number(entry));
     } catch {
       // gone meanwhile
     }
@@ -590,12 +595,10 @@ describe('an agent under hostile input', () => {
     const endpoint = hostEndpoint(a);
 
     // Live image streams for the hostile chunks to land in: prepared destinations with page servers.
-    const c = await WireConnection.connect(
-      a.url,
-      { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
-      { tls: controller },
-    );
-    const criuBefore = criuProcesses().length;
+    const controllerConnection = (): Promise<WireConnection> =>
+      WireConnection.connect(a.url, { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' }, { tls: controller });
+    let c = await controllerConnection();
+    const serversBefore = pageServers().length;
     for (const migrationId of OPEN) {
       await c.request(
         { prepareDestination: { migrationId, sourceUrl: 'wss://127.0.0.1:1', holdMs: HOLD_MS.max } },
@@ -603,7 +606,8 @@ describe('an agent under hostile input', () => {
       );
       await c.request({ pageServerStart: { migrationId, round: 'final' } }, 'pageServerStarted');
     }
-    const criuFuzzing = criuProcesses().length;
+    const serversFuzzing = pageServers().length;
+    c.close();
     await sleep(500);
     const filesBefore = openFiles(agentPid);
     const before = memory(agentPid);
@@ -632,6 +636,7 @@ describe('an agent under hostile input', () => {
     const elapsed = performance.now() - started;
 
     // The fuzzing's own migrations are settled the way a controller would: abort.
+    c = await controllerConnection();
     for (const migrationId of prepared) await c.request({ abort: { migrationId, reason: 'fuzz' } }, 'ack');
     await c.request({ setDraining: { draining: false } }, 'nodeFacts');
     // A restore from a stream full of hostile chunks fails cleanly and takes its images with it.
@@ -648,7 +653,7 @@ describe('an agent under hostile input', () => {
         `(${Math.round(stats.sent / (elapsed / 1000)).toLocaleString('en')}/s) over ${stats.connections.toLocaleString('en')} connections: ` +
         `${stats.garbage.toLocaleString('en')} ended in garbage (${stats.violations.toLocaleString('en')} refused as violations), ` +
         `${stats.answered.toLocaleString('en')} answers, ${stats.refusedConnections} connections refused, ${stats.rawSockets} raw sockets; ` +
-        `slowest probe ${slowestProbe.toFixed(0)} ms; CRIU processes ${criuBefore} → ${criuFuzzing} (page servers) → ${criuProcesses().length}; agent RSS ${mib(before.rss)} → ${mib(halfway ?? 0)} (halfway) → ${mib(after.rss)}, ` +
+        `slowest probe ${slowestProbe.toFixed(0)} ms; page servers ${serversBefore} → ${serversFuzzing} → ${pageServers().length}; agent RSS ${mib(before.rss)} → ${mib(halfway ?? 0)} (halfway) → ${mib(after.rss)}, ` +
         `peak sampled ${mib(peakRss)}, high-water ${mib(after.hwm)}; open files ${filesBefore} → ${openFiles(agentPid)}`,
     );
 
@@ -679,8 +684,9 @@ describe('an agent under hostile input', () => {
       what: `the fuzzed migrations' images to go (${readdirSync(a.imagesDir).join(' ')})`,
     });
     expect(existsSync(join(a.dataDir, 'draining'))).toBe(false);
-    await waitFor(() => criuProcesses().length <= criuBefore, {
-      what: `page servers of aborted migrations to end (${criuProcesses().length} CRIU processes, ${criuBefore} before)`,
+    expect(serversFuzzing - serversBefore, 'page servers started for the fuzzing').toBe(OPEN.length);
+    await waitFor(() => pageServers().length <= serversBefore, {
+      what: `page servers of aborted migrations to end (${pageServers().length}, ${serversBefore} before)`,
     });
 
     // A real migration right after.
@@ -701,4 +707,62 @@ describe('an agent under hostile input', () => {
     if (readFileSync(`/proc/${report.to.pid}/cmdline`, 'utf8').includes('counter'))
       process.kill(report.to.pid, 'SIGKILL');
   }, 600_000);
+});
+
+describe('an agent holding a page server for a migration that goes nowhere', () => {
+  it('ends the page server no dump came to when the migration is aborted', async () => {
+    const c = await WireConnection.connect(
+      a.url,
+      { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
+      { tls: controller },
+    );
+    const before = pageServers();
+    await c.request(
+      { prepareDestination: { migrationId: 'm-nodump', sourceUrl: 'wss://127.0.0.1:1', holdMs: HOLD_MS.max } },
+      'ack',
+    );
+    await c.request({ pageServerStart: { migrationId: 'm-nodump', round: 'final' } }, 'pageServerStarted');
+    const waiting = pageServers().filter((pid) => !before.includes(pid));
+    expect(waiting).toHaveLength(1);
+    await c.request({ abort: { migrationId: 'm-nodump', reason: 'no dump will come' } }, 'ack');
+    c.close();
+    await waitFor(() => !pageServers().includes(waiting[0] ?? 0), { what: 'the page server to end' });
+  });
+});
+
+describe('a destination agent and the images it takes', () => {
+  it('takes a migration’s image stream from its source’s certificate only, not from any other agent’s', async () => {
+    const controllerSide = await WireConnection.connect(
+      a.url,
+      { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
+      { tls: controller },
+    );
+    const otherAgent = await WireConnection.connect(
+      a.url,
+      { role: 'agent', name: 'b', softwareVersion: 'fuzz' },
+      { tls: agentCert },
+    );
+    const chunk = (migrationId: string) => ({
+      imageChunk: { migrationId, round: 'final', name: 'core-1.img', offset: 0, data: Buffer.from('x') },
+    });
+    try {
+      for (const [migrationId, sourceUrl] of [
+        ['m-from-b', b.url],
+        ['m-from-elsewhere', 'wss://127.0.0.1:1'],
+      ] as const) {
+        await controllerSide.request({ prepareDestination: { migrationId, sourceUrl, holdMs: HOLD_MS.max } }, 'ack');
+        await controllerSide.request({ pageServerStart: { migrationId, round: 'final' } }, 'pageServerStarted');
+      }
+      await expect(otherAgent.request(chunk('m-from-b'), 'ack')).resolves.toBeDefined();
+      const refused = (await otherAgent.request(chunk('m-from-elsewhere'), 'ack').catch((e: unknown) => e)) as Error;
+      expect(refused).toMatchObject({ code: 'NOT_ALLOWED' });
+      expect(refused.message).toMatch(/b is not the source of migration m-from-elsewhere/);
+      expect(existsSync(join(a.imagesDir, 'm-from-elsewhere', 'final', 'core-1.img'))).toBe(false);
+    } finally {
+      for (const migrationId of ['m-from-b', 'm-from-elsewhere'])
+        await controllerSide.request({ abort: { migrationId, reason: 'test' } }, 'ack');
+      otherAgent.close();
+      controllerSide.close();
+    }
+  });
 });

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Inventory } from '../../controller/config.js';
-import type { NodeResult } from '../../controller/install.js';
+import { install, type NodeResult } from '../../controller/install.js';
+import { KnownHosts, parseTarget } from '../../controller/ssh.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
 import type { MigrationReport } from '../../controller/migration.js';
 import { projectRoot } from '../../src/paths.js';
@@ -44,6 +45,8 @@ const results = (r: CliResult): NodeResult[] => JSON.parse(r.stdout) as NodeResu
 
 /** The supervisor's PID on a node, from its pid file (in the node's own /opt). */
 const supervisorPid = (s: Sshd): number => Number(readFileSync(`${s.root}/opt/ferry/run/agent.pid`, 'utf8'));
+
+const installedHash = (s: Sshd): string => readFileSync(`${s.root}/opt/ferry/bundle.sha256`, 'utf8');
 
 /** The agent process its supervisor runs now, if any: a child running the node's own bundle. */
 function agentPid(s: Sshd): number | undefined {
@@ -204,6 +207,38 @@ describe('ferry install over SSH, to a real sshd', () => {
     expect(JSON.parse(ps.stdout)).toMatchObject([{ name: 'ticker', pid: ticker, state: 'running' }]);
     const now = count();
     await waitFor(() => count() > now, { what: 'the workload to count on after the upgrade' });
+  });
+
+  it('a cancelled install stops during the copy and leaves the node as it was', async () => {
+    const before = { supervisor: supervisorPid(n2), agent: agentPid(n2), hash: installedHash(n2) };
+    const cancel = new AbortController();
+    const saved = process.env.FERRY_CONFIG;
+    process.env.FERRY_CONFIG = config;
+    let result: NodeResult | undefined;
+    try {
+      [result] = await install([parseTarget(target('n2', n2))], {
+        knownHosts: new KnownHosts(knownHosts),
+        trustNewHosts: false,
+        identity: n1.clientKey,
+        prefix: '/opt/ferry',
+        agentPort: Number(PORT),
+        upgrade: true,
+        parallel: 1,
+        softwareVersion: 'test',
+        // As Ctrl-C would, a quarter into the copy.
+        onStep: (_, text) => {
+          if (text.includes('copying the bundle')) cancel.abort();
+        },
+        signal: cancel.signal,
+      });
+    } finally {
+      process.env.FERRY_CONFIG = saved;
+    }
+    expect(result?.ok).toBe(false);
+    expect(result?.error).toMatchObject({ code: 'ABORTED', message: 'install on n2 was cancelled' });
+    expect(result?.tasks.map((t) => t.task)).toEqual(['host key', 'install']);
+    expect({ supervisor: supervisorPid(n2), agent: agentPid(n2), hash: installedHash(n2) }).toEqual(before);
+    expect((await ferry('ps', '--on', 'n2')).code).toBe(0);
   });
 
   it('refuses a host whose key changed, even with --trust-new-hosts; the other hosts are done, and the summary says why each failed', async () => {

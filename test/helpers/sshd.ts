@@ -8,6 +8,26 @@ import { projectRoot } from '../../src/paths.js';
 import { waitFor } from './wait.js';
 
 /**
+ * An ed25519 key pair from ssh2, made again while it is malformed: ssh2
+ * strips the leading zero bytes of the public key, so about 1 in 256 pairs
+ * has a 31-byte key that neither ssh2 nor OpenSSH reads (mscdex/ssh2#1390).
+ */
+export function ed25519KeyPair(options?: { passphrase: string; cipher: string; rounds: number }): {
+  private: string;
+  public: string;
+} {
+  for (;;) {
+    const pair =
+      options === undefined ? utils.generateKeyPairSync('ed25519') : utils.generateKeyPairSync('ed25519', options);
+    if (
+      !(utils.parseKey(pair.public) instanceof Error) &&
+      !(utils.parseKey(pair.private, options?.passphrase) instanceof Error)
+    )
+      return pair;
+  }
+}
+
+/**
  * A real OpenSSH server (Debian's, from scripts/install-sshd) in a lab
  * host's network namespace. It runs in a private mount namespace where a
  * tmpfs /run holds its privilege-separation directory, a bind-mounted
@@ -31,7 +51,7 @@ export class Sshd {
 
   static async start(host: LabHost, dir: string, port = 2222): Promise<Sshd> {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const client = utils.generateKeyPairSync('ed25519');
+    const client = ed25519KeyPair();
     writeFileSync(join(dir, 'client_key'), client.private, { mode: 0o600 });
     writeFileSync(join(dir, 'authorized_keys'), client.public + '\n', { mode: 0o600 });
     const passwd = readFileSync('/etc/passwd', 'utf8');
@@ -49,7 +69,7 @@ export class Sshd {
 
   /** A new host key: what a reinstalled or impersonated machine shows. Takes effect at the next start. */
   newHostKey(): void {
-    const key = utils.generateKeyPairSync('ed25519');
+    const key = ed25519KeyPair();
     writeFileSync(join(this.dir, 'host_key'), key.private, { mode: 0o600 });
     this.hostKey = key.public;
   }
@@ -101,7 +121,7 @@ export class Sshd {
       const script =
         'mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd && mount -t tmpfs -o mode=755 tmpfs /opt && ' +
         'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && ' +
-        'mount --bind "$1" /etc/passwd && exec sleep infinity';
+        'mount --bind "$1" /etc/passwd && touch /run/node-ready && exec sleep infinity';
       const holder = spawn(
         'nsenter',
         [
@@ -122,7 +142,11 @@ export class Sshd {
       );
       holder.unref();
       this.#holder = holder.pid;
-      await waitFor(() => existsSync(`/proc/${holder.pid}/root/run/sshd`), { what: 'the node’s mount namespace' });
+      // The marker comes after the last mount: sshd must not start before its passwd entry is in place.
+      await waitFor(() => existsSync(`/proc/${holder.pid}/root/run/node-ready`), {
+        what: 'the node’s mount namespace',
+        timeoutMs: 30_000,
+      });
     }
     this.#child = spawn(
       'nsenter',
@@ -147,11 +171,18 @@ export class Sshd {
       log += d.toString();
       writeFileSync(join(this.dir, 'sshd.log'), log);
     });
-    await waitFor(() => this.#listening(), {
-      what: `sshd on ${this.host.address}:${this.port} (${existsSync(join(this.dir, 'sshd.log')) ? log.slice(-300) : 'no log'})`,
-      timeoutMs: 10_000,
-      intervalMs: 50,
-    });
+    const child = this.#child;
+    try {
+      // A loaded machine (the suite runs beside other work) can take a while; an sshd that exits fails at once.
+      await waitFor(async () => child.exitCode !== null || (await this.#listening()), {
+        what: `sshd on ${this.host.address}:${this.port}`,
+        timeoutMs: 30_000,
+        intervalMs: 50,
+      });
+    } catch (error) {
+      throw new Error(`${(error as Error).message}; its log: ${log.slice(-500) || '(empty)'}`);
+    }
+    if (child.exitCode !== null) throw new Error(`sshd exited (${child.exitCode}): ${log.slice(-500)}`);
   }
 
   #listening(): Promise<boolean> {

@@ -21,7 +21,8 @@ describe('command-line values', () => {
     expect(migrationTarget('4194303')).toEqual({ pid: 4194303 });
     expect(migrationTarget('00042')).toEqual({ pid: 42 });
     expect(migrationTarget('web-1')).toEqual({ workload: 'web-1' });
-    for (const bad of ['0', '4194304', '99999999999', '2147483648']) {
+    // 4294967297 would reach the agent as PID 1: protobuf's int32 keeps the low 32 bits.
+    for (const bad of ['0', '4194304', '99999999999', '2147483648', '4294967297']) {
       expect(() => migrationTarget(bad)).toThrow(InvalidInputError);
       expect(() => migrationTarget(bad)).toThrow(`${bad} is not a PID`);
     }

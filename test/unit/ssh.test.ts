@@ -4,9 +4,9 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { utils } from 'ssh2';
 import { listenUrlOf, supervisorScript, systemdUnit } from '../../controller/install.js';
 import { KnownHosts, parseTarget, readIdentity, sh } from '../../controller/ssh.js';
+import { ed25519KeyPair } from '../helpers/sshd.js';
 import { waitFor } from '../helpers/wait.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-ssh-unit-'));
@@ -140,8 +140,8 @@ describe('targets and the node side', () => {
 
 describe('the SSH key', () => {
   it('takes a private key, and refuses a public or passphrase-protected one as bad input', () => {
-    const plain = utils.generateKeyPairSync('ed25519');
-    const locked = utils.generateKeyPairSync('ed25519', { passphrase: 'secret', cipher: 'aes256-cbc', rounds: 16 });
+    const plain = ed25519KeyPair();
+    const locked = ed25519KeyPair({ passphrase: 'secret', cipher: 'aes256-cbc', rounds: 16 });
     writeFileSync(join(dir, 'id'), plain.private);
     writeFileSync(join(dir, 'id.pub'), plain.public);
     writeFileSync(join(dir, 'locked'), locked.private);
