@@ -10,7 +10,7 @@ import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep } from '../helpers/wait.js';
 
-const LAB = 'metrb';
+const LAB = `mb${process.pid % 100_000}`;
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-metrics-rollback-'));
 let a: LabHost;
 let breaksRestore: LabHost;

@@ -9,7 +9,7 @@ import { runWorkload } from '../../controller/workloads.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 
-const LAB = 'metr';
+const LAB = `mt${process.pid % 100_000}`;
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;

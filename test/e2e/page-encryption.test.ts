@@ -10,7 +10,7 @@ import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';
 
-const LAB = 'pages';
+const LAB = `pg${process.pid % 100_000}`;
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;

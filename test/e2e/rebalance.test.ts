@@ -15,7 +15,7 @@ import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning } from '../helpers/workload.js';
 
-const LAB = 'rebal';
+const LAB = `rb${process.pid % 100_000}`;
 const MiB = 1024 * 1024;
 const counter = join(projectRoot(), 'dist', 'examples', 'counter');
 let lab: Lab;

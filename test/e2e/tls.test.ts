@@ -12,7 +12,7 @@ import { ferryCli } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';
 
-const LAB = 'tls';
+const LAB = `tl${process.pid % 100_000}`;
 let lab: Lab;
 let a: LabHost;
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-tls-'));
@@ -56,7 +56,8 @@ describe('agents speak mutual TLS only', () => {
     const c = await connectAs(loadIdentity(lab.controllerTls ?? ''));
     expect(c.certificate).toMatchObject({ name: 'a', role: 'agent' });
     c.close();
-    await waitFor(() => /connected role=controller name=probe .*certificate=lab-tls fingerprint=/.test(agentLog()), {
+    const logged = new RegExp(`connected role=controller name=probe .*certificate=lab-${LAB} fingerprint=`);
+    await waitFor(() => logged.test(agentLog()), {
       what: 'the agent to log the connection',
     });
     const workloads = await listWorkloads(hostEndpoint(a), 'test');
