@@ -55,3 +55,13 @@ export function directory(text: string): string {
   if (text.trim() === '' || text.includes('\0')) throw new InvalidArgumentError('expected a directory');
   return resolve(text);
 }
+
+/** A parser for a whole number from min to max (default: the largest safe integer). */
+export function wholeNumberIn(min: number, max = Number.MAX_SAFE_INTEGER): (text: string) => number {
+  const range = max === Number.MAX_SAFE_INTEGER ? `of ${min} or more` : `from ${min} to ${max}`;
+  return (text) => {
+    const n = /^\d+$/.test(text) ? Number(text) : NaN;
+    if (!(n >= min && n <= max)) throw new InvalidArgumentError(`expected a whole number ${range}`);
+    return n;
+  };
+}

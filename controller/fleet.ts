@@ -1,9 +1,11 @@
 import { join } from 'node:path';
 import { Option, type Command } from 'commander';
 import { InvalidInputError } from '../src/errors.js';
+import { wholeNumberIn } from './arguments.js';
 import { formatBytes, formatDuration } from '../src/units.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
 import { configDir, readInventory } from './config.js';
+import { renderTable } from './output.js';
 import { DEFAULT_LAB, readLab } from './lab.js';
 import {
   applyPlan,
@@ -54,11 +56,6 @@ export function fleetNodes(options: FleetOptions): NodeRef[] {
   return names.map((name) => ({ name, endpoint: resolveAgent(name, options) }));
 }
 
-function table(rows: string[][]): string {
-  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-  return rows.map((r) => r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ')).join('\n');
-}
-
 const pct = (p: number): string => `${Math.round(p * 100)} %`;
 
 export function renderNodes(nodes: readonly NodeState[]): string {
@@ -74,7 +71,7 @@ export function renderNodes(nodes: readonly NodeState[]): string {
       n.draining ? 'draining' : 'ready',
     ]);
   }
-  return table(rows);
+  return renderTable(rows);
 }
 
 export function renderPlan(p: Plan): string {
@@ -85,7 +82,7 @@ export function renderPlan(p: Plan): string {
     p.moves.forEach((m, i) =>
       rows.push([String(i + 1), m.workload, m.from, m.to, formatBytes(m.residentBytes), m.reason]),
     );
-    lines.push(table(rows));
+    lines.push(renderTable(rows));
   }
   for (const s of p.stays) lines.push(`stays: ${s.workload} on ${s.node}: ${s.reason}`);
   lines.push('');
@@ -98,7 +95,7 @@ export function renderPlan(p: Plan): string {
       n.draining ? 'draining' : '',
     ]);
   }
-  lines.push(table(rows));
+  lines.push(renderTable(rows));
   return lines.join('\n');
 }
 
@@ -164,7 +161,7 @@ export function registerFleetCommands(program: Command, softwareVersion: string,
         .description('Plan moves that bring every node under a memory threshold, and with --apply make them')
         .option('--plan', 'print the plan only (the default)')
         .option('--apply', 'make the moves: live migrations, at most one per node at a time')
-        .option('--max-failures <N>', 'stop starting moves after N failures in a row', positiveInt, 3),
+        .option('--max-failures <N>', 'stop starting moves after N failures in a row', wholeNumberIn(1), 3),
     ),
   )
     .addHelpText(
@@ -221,7 +218,7 @@ Example: ferry rebalance --threshold 70% --exclude tier=db --apply`,
       .command('drain')
       .description('Mark a node draining (it takes no workloads) and move every workload off it')
       .argument('<NODE>', 'the node to empty (an AGENT)')
-      .option('--max-failures <N>', 'stop starting moves after N failures in a row', positiveInt, 3),
+      .option('--max-failures <N>', 'stop starting moves after N failures in a row', wholeNumberIn(1), 3),
   )
     .addHelpText(
       'after',
@@ -271,7 +268,7 @@ places nothing there. Pinned workloads stay and are listed. The other nodes are 
         .option(
           '--max-failures <N>',
           'after N failed moves in a row, stop applying (plan only) and say so',
-          positiveInt,
+          wholeNumberIn(1),
           3,
         )
         .option(
@@ -317,9 +314,4 @@ systemd timer or a CronJob (docs/rebalancing.md has both).`,
         });
       },
     );
-}
-
-function positiveInt(value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) < 1) throw new InvalidInputError(`${value} is not a whole number above 0`);
-  return Number(value);
 }

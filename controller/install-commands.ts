@@ -1,15 +1,10 @@
 import { Option, type Command } from 'commander';
 import { InvalidInputError } from '../src/errors.js';
 import { formatDuration } from '../src/units.js';
+import { wholeNumberIn } from './arguments.js';
 import { findNode } from './config.js';
 import { AGENT_PORT, DEFAULT_PREFIX, install, uninstall, type NodeResult } from './install.js';
 import { defaultKnownHosts, KnownHosts, parseTarget, readIdentity, type SshTarget } from './ssh.js';
-
-function positiveInt(value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 65535)
-    throw new InvalidInputError(`${value} is not a whole number from 1 to 65535`);
-  return Number(value);
-}
 
 function summary(results: readonly NodeResult[], verb: string): string {
   const rows = [['NODE', 'RESULT', 'TIME', 'DETAIL']];
@@ -40,7 +35,7 @@ const sshOptions = (command: Command): Command =>
       '--trust-new-hosts',
       'accept and record the key of a host never seen before (a changed key is always refused)',
     )
-    .option('--parallel <N>', 'nodes worked on at once', positiveInt, 4)
+    .option('--parallel <N>', 'nodes worked on at once', wholeNumberIn(1, 65535), 4)
     .option('--json', 'print the results as one JSON document');
 
 interface SshCliOptions {
@@ -59,7 +54,9 @@ export function registerInstallCommands(program: Command, softwareVersion: strin
       .argument('<TARGET...>', 'ssh://USER@HOST[:PORT], or NAME=ssh://USER@HOST[:PORT] to name the node')
       .option('--prefix <DIR>', 'installation directory on the nodes', DEFAULT_PREFIX)
       .addOption(
-        new Option('--agent-port <PORT>', 'port the agents listen on').argParser(positiveInt).default(AGENT_PORT),
+        new Option('--agent-port <PORT>', 'port the agents listen on')
+          .argParser(wholeNumberIn(1, 65535))
+          .default(AGENT_PORT),
       )
       .option('--upgrade', 'copy the bundle and reissue the certificate even if unchanged, and restart the agent'),
   )

@@ -12,7 +12,7 @@ import { parseBytes } from '../src/units.js';
 import { projectRoot } from '../src/paths.js';
 import { LABEL_KEY, PEER_NAME, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
-import { directory, holdMs, migrationTarget, nodeName } from './arguments.js';
+import { directory, holdMs, migrationTarget, nodeName, wholeNumberIn } from './arguments.js';
 import { configDir } from './config.js';
 import { registerFleetCommands } from './fleet.js';
 import { registerInstallCommands } from './install-commands.js';
@@ -21,7 +21,7 @@ import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
 import { DEFAULT_LAB, labDown, labExec, labUp, LAB_NAME } from './lab.js';
 import { migrate } from './migration.js';
-import { ExitCode, reportError } from './output.js';
+import { ExitCode, renderTable, reportError } from './output.js';
 import { renderEvent, renderReport } from './report.js';
 import { listWorkloads, migrationRecords, runWorkload } from './workloads.js';
 
@@ -56,12 +56,6 @@ function label(value: string, previous: Record<string, string> = {}): Record<str
   if (!LABEL_KEY.test(key) || rest.length === 0)
     throw new InvalidArgumentError('expected KEY=VALUE (keys: lower-case letters, digits, . _ / -)');
   return { ...previous, [key]: rest.join('=') };
-}
-
-function roundCount(value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) < 1 || Number(value) > 100)
-    throw new InvalidArgumentError('expected a whole number from 1 to 100');
-  return Number(value);
 }
 
 function positiveNumber(value: string): number {
@@ -194,7 +188,7 @@ client check it. \`ferry install\` does all this for you over SSH.`,
       '--plain-pages',
       'send memory pages unencrypted, only on a network you trust: CRIU’s TLS cuts the page rate several times (docs/security.md); the control connections stay mutual TLS',
     )
-    .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', roundCount, 8)
+    .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', wholeNumberIn(1, 100), 8)
     .option('--max-traffic <X>', 'stop pre-copy once it sent X times the resident memory', positiveNumber, 3)
     .option('--precopy-timeout <ms>', 'stop pre-copy rounds after this long (default: no limit)', positiveNumber)
     .option(
@@ -324,9 +318,7 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
       const rows = [['NAME', 'PID', 'STATE', 'AGENT', 'COMMAND']];
       for (const w of workloads)
         rows.push([w.name ?? '', String(w.pid ?? ''), w.state ?? '', w.agent ?? '', (w.argv ?? []).join(' ')]);
-      const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-      for (const r of rows)
-        process.stdout.write(r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ') + '\n');
+      process.stdout.write(renderTable(rows) + '\n');
     });
 
   const collect = (value: string, previous: string[] = []): string[] => [...previous, value];

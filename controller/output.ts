@@ -33,3 +33,9 @@ export function reportError(error: unknown, json: boolean): number {
 export function progress(line: string): void {
   process.stderr.write(line + '\n');
 }
+
+/** Rows as aligned columns, two spaces apart; the last column is not padded (it may be long). */
+export function renderTable(rows: readonly (readonly string[])[]): string {
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
+  return rows.map((r) => r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ')).join('\n');
+}

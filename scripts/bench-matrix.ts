@@ -3,7 +3,14 @@
  * shared by the host part (scripts/bench.ts) and the kernel-lab part
  * (scripts/bench-precopy.ts).
  */
+import { mkdtempSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { hostEndpoint } from '../controller/agents.js';
+import type { LabHost } from '../controller/lab.js';
 import type { MigrationReport } from '../controller/migration.js';
+import { runWorkload } from '../controller/workloads.js';
+import { projectRoot } from '../src/paths.js';
 
 export type Rate = 'low' | 'high';
 
@@ -56,6 +63,29 @@ export function cells(sizes: readonly number[]): Cell[] {
  * image streaming), the destination's restore, commit and resume; the rest
  * is the protocol's round trips between those steps.
  */
+/**
+ * Starts a cell's counter on lab host a and waits while it faults its memory
+ * in (msPerMib of it: emulation is slower), so the migration measures a
+ * process with its memory resident.
+ */
+export async function startWorkload(
+  a: LabHost,
+  name: string,
+  cell: Cell,
+  fault: { minMs: number; msPerMib: number },
+): Promise<{ pid: number; dir: string }> {
+  const dir = mkdtempSync(join(a.dataDir, `${name}-`));
+  const counter = join(projectRoot(), 'dist', 'examples', 'counter');
+  const w = await runWorkload(
+    hostEndpoint(a),
+    name,
+    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
+    'bench',
+  );
+  await sleep(Math.max(fault.minMs, cell.memoryMb * fault.msPerMib));
+  return { pid: w.pid ?? 0, dir };
+}
+
 export function sampleOf(cell: Cell, method: string, run: number, report: MigrationReport): Sample {
   const measured = report.final.heldMs + report.final.restoreMs + report.phasesMs.commit;
   return {

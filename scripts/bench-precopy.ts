@@ -7,30 +7,17 @@
  * Environment: BENCH_KL_SIZES (MiB, "64,256"), BENCH_HOT (percent, "1,10,50"),
  * BENCH_KL_RATES ("high": under emulation every run is slow), BENCH_KL_RUNS (1).
  */
-import { mkdtempSync } from 'node:fs';
-import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
 import { migrate, type Strategy } from '../controller/migration.js';
-import { runWorkload } from '../controller/workloads.js';
-import { projectRoot } from '../src/paths.js';
-import { cells, sampleOf, type Cell } from './bench-matrix.js';
+import { cells, sampleOf, startWorkload, type Cell } from './bench-matrix.js';
 
 const sizes = (process.env.BENCH_KL_SIZES ?? '64,256').split(',').map(Number);
 const runs = Number(process.env.BENCH_KL_RUNS ?? 1);
-const counter = join(projectRoot(), 'dist', 'examples', 'counter');
 
 async function one(a: LabHost, b: LabHost, cell: Cell, strategy: Strategy, run: number): Promise<void> {
   const name = `${strategy === 'precopy' ? 'pc' : 'sc'}${cell.memoryMb}h${cell.hotPercent}${cell.rate}${run}`;
-  const dir = mkdtempSync('/tmp/bench-');
-  const w = await runWorkload(
-    hostEndpoint(a),
-    name,
-    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
-    'bench',
-  );
-  await sleep(Math.max(2000, cell.memoryMb * 20));
+  const w = await startWorkload(a, name, cell, { minMs: 2000, msPerMib: 20 });
   try {
     const report = await migrate({
       workload: name,
@@ -46,7 +33,7 @@ async function one(a: LabHost, b: LabHost, cell: Cell, strategy: Strategy, run: 
   } catch (error) {
     process.stderr.write(`bench: ${name} failed: ${(error as Error).message}\n`);
     try {
-      process.kill(w.pid ?? 0, 'SIGKILL');
+      process.kill(w.pid, 'SIGKILL');
     } catch {
       // gone
     }

@@ -21,37 +21,35 @@ import { promisify } from 'node:util';
 import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
 import { migrate } from '../controller/migration.js';
-import { runWorkload } from '../controller/workloads.js';
 import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';
-import { cells, csv, median, sampleOf, summarize, svg, table, type Cell, type Sample } from './bench-matrix.js';
+import {
+  cells,
+  csv,
+  median,
+  sampleOf,
+  startWorkload,
+  summarize,
+  svg,
+  table,
+  type Cell,
+  type Sample,
+} from './bench-matrix.js';
 
 const execFileAsync = promisify(execFile);
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const LAB = 'fbench';
 const BARE = 'bare CRIU script (TLS)';
+/** Time for a workload to fault its memory in before it is measured. */
+const FAULT_IN = { minMs: 1000, msPerMib: 3 };
 const FERRY = 'Ferry stop-and-copy';
 
 const criu = resolveCriuBinary().path;
-const counter = join(projectRoot(), 'dist', 'examples', 'counter');
 
 /** Runs CRIU in a lab host's agent namespaces (network and mount), as the agent's own CRIU would. */
 function inHost(host: LabHost, args: string[]): string[] {
   return ['-t', String(host.pid), '-n', '-m', '--', criu, ...args];
-}
-
-async function startWorkload(a: LabHost, name: string, cell: Cell): Promise<{ pid: number; dir: string }> {
-  const dir = mkdtempSync(join(a.dataDir, `${name}-`));
-  const w = await runWorkload(
-    hostEndpoint(a),
-    name,
-    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
-    'bench',
-  );
-  // Let it fault in its memory before measuring.
-  await sleep(Math.max(1000, cell.memoryMb * 3));
-  return { pid: w.pid ?? 0, dir };
 }
 
 /**
@@ -60,7 +58,7 @@ async function startWorkload(a: LabHost, name: string, cell: Cell): Promise<{ pi
  * baseline of Ferry's stop-and-copy.
  */
 async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
-  const { pid } = await startWorkload(a, `bare${serial}`, cell);
+  const { pid } = await startWorkload(a, `bare${serial}`, cell, FAULT_IN);
   const source = mkdtempSync(join(a.imagesDir, 'bare-'));
   const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
   const dump = await dumpToPageServer(
@@ -105,7 +103,7 @@ async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial:
 }
 
 async function ferry(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
-  await startWorkload(a, `ferry${serial}`, cell);
+  await startWorkload(a, `ferry${serial}`, cell, FAULT_IN);
   const report = await migrate({
     workload: `ferry${serial}`,
     from: hostEndpoint(a),
@@ -209,7 +207,12 @@ async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, p
 /** The same dump to a page server, plain and over CRIU's TLS, alternating on one 1 GiB process. */
 async function tlsCost(a: LabHost, b: LabHost): Promise<void> {
   const memoryMb = 1024;
-  const { pid } = await startWorkload(a, 'tlscost', { memoryMb, hotPercent: 1, hotMb: 10, rate: 'low', tickMs: 200 });
+  const { pid } = await startWorkload(
+    a,
+    'tlscost',
+    { memoryMb, hotPercent: 1, hotMb: 10, rate: 'low', tickMs: 200 },
+    FAULT_IN,
+  );
   const samples: Record<'plain' | 'tls', Transfer[]> = { plain: [], tls: [] };
   for (let run = 0; run < runs; run++) {
     for (const mode of ['plain', 'tls'] as const) {
