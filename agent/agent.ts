@@ -15,6 +15,7 @@ import {
 } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { createConnection } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -51,6 +52,8 @@ import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, logAttributes, sha256Of, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
+import { lazyPagesCopied, lazyPortFromLog, startLazyPagesDaemon, firstCriuError, type LazyPagesDaemon } from '../src/criu/lazy.js';
+import { probePostcopy, type PostcopySupport } from './postcopy.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
 import { Workloads } from './workloads.js';
@@ -141,6 +144,15 @@ interface SourceMigration {
   leaseTimer?: NodeJS.Timeout;
   /** Set once the hold is being released, whichever way: the decision is taken once. */
   settling?: Promise<'committed' | 'aborted'>;
+  /** Post-copy: the destination whose word ends or continues the stopped source. */
+  lazy?: {
+    destinationUrl: string;
+    sent?: { files: number; bytes: number };
+    streamMs?: number;
+    /** The controller rolled back before the destination ran: continue without asking. */
+    aborted?: boolean;
+    committing?: boolean;
+  };
 }
 
 interface DestinationMigration {
@@ -159,6 +171,12 @@ interface DestinationMigration {
   sourceUrl: string;
   holdMs: number;
   settling?: Promise<'resumed' | 'discarded'>;
+  /** Post-copy: the daemon fetching the memory from the source, and how it ended. */
+  lazy?: {
+    daemon: LazyPagesDaemon;
+    resumedAt?: number;
+    result?: { ok: boolean; detail: string; ms: number; pages: number };
+  };
 }
 
 type Migration = SourceMigration | DestinationMigration;
@@ -177,6 +195,7 @@ export class Agent {
   readonly rates: LearnedRates;
   readonly metrics = new AgentMetrics();
   #metricsServer: MetricsServer | undefined;
+  #postcopyProbe: Promise<PostcopySupport> | undefined;
   #recoveryTimer: NodeJS.Timeout | undefined;
 
   private constructor(
@@ -299,10 +318,10 @@ export class Agent {
     if (e.imageChunk) return this.#imageChunk(e.imageChunk, connection);
     if (e.imagesDone) return this.#imagesDone(e.imagesDone, connection);
     if (e.restore) return this.#restore(e.restore, connection);
-    if (e.commit) return this.#commit(e.commit.migrationId ?? '');
+    if (e.commit) return this.#commit(e.commit.migrationId ?? '', e.commit.settled === true);
     if (e.resume) return this.#resume(e.resume.migrationId ?? '', e.resume.downtimeBeforeMs ?? 0);
     if (e.abort) return this.#abort(e.abort.migrationId ?? '', e.abort.reason ?? '');
-    if (e.outcomeQuery) return { outcome: { state: await this.#outcome(e.outcomeQuery.migrationId ?? '') } };
+    if (e.outcomeQuery) return { outcome: await this.#outcomeOf(e.outcomeQuery.migrationId ?? '') };
     if (e.recover) return { migrationList: { migrations: (await this.recover()).map(record) } };
     if (e.statusQuery) return { migrationList: { migrations: this.journal.list().map(record) } };
     throw new MigrationStateError('this request is not answered by an agent');
@@ -411,7 +430,36 @@ export class Agent {
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
       restoreBytesPerMs: this.rates.get('restore'),
       pageWriteBytesPerMs: this.rates.get('pageWrite'),
+      postcopy: q.probePostcopy === true ? await this.#postcopySupport() : null,
     };
+  }
+
+  /**
+   * The post-copy probe's answer: a success is reused for ten minutes, a
+   * failure is probed again next time (a fix on the node shows at once).
+   */
+  #postcopySupport(): Promise<PostcopySupport> {
+    const last = this.#postcopyProbe;
+    if (last !== undefined) return last;
+    const probe = probePostcopy({
+      criu: this.criu,
+      criuBinary: this.service.binary.path,
+      scratchRoot: this.imagesRoot,
+      address: this.advertise,
+      tls: this.#pageTls,
+      nodeName: this.options.name,
+    }).then((support) => {
+      log.info(support.works ? 'post-copy probe: works' : 'post-copy probe: does not work', {
+        reason: support.reason,
+        ms: support.probeMs,
+      });
+      if (!support.works) this.#postcopyProbe = undefined;
+      else setTimeout(() => (this.#postcopyProbe = undefined), 10 * 60_000).unref();
+      return support;
+    });
+    this.#postcopyProbe = probe;
+    probe.catch(() => (this.#postcopyProbe = undefined));
+    return probe;
   }
 
   async #cpuCheck(cpuinfo: Uint8Array): Promise<Body> {
@@ -446,6 +494,8 @@ export class Agent {
     }
     const dir = join(this.imagesRoot, id);
     mkdirSync(dir, { mode: 0o700 });
+    // Post-copy's final round has no page server to make its directory.
+    if (p.postcopy === true) mkdirSync(join(dir, 'final'), { mode: 0o700 });
     this.#migrations.set(id, {
       role: 'destination',
       id,
@@ -547,6 +597,7 @@ export class Agent {
         source: this.options.name,
         ...extra,
       });
+    if (p.lazy === true) return this.#finalDumpLazy(m, p, dir, round, progress);
 
     m.dump = this.criu
       .dump({
@@ -568,30 +619,8 @@ export class Agent {
           }
           if (event.script === 'query-ext-files') this.#strikeAt('source.frozen');
           if (event.script !== 'post-dump') return true;
-          progress('dump written; streaming images to the destination');
-          const streamStarted = performance.now();
-          const names = imagesToStream(dir);
-          // The workload's log is a file it holds open, so CRIU needs it on the destination, at its size
-          // now (frozen): it travels with the images and the destination puts it in place.
-          const logFile = m.workload === undefined ? undefined : this.workloads.find(m.workload)?.logFile;
-          if (logFile !== undefined && logFile !== '' && existsSync(logFile)) {
-            // CRIU checks the file's size, mode and owner on restore: all three travel.
-            const { mode, uid, gid } = statSync(logFile);
-            copyFileSync(logFile, join(dir, WORKLOAD_LOG));
-            writeFileSync(join(dir, WORKLOAD_LOG_STAT), JSON.stringify({ mode: mode & 0o7777, uid, gid }));
-            names.push(WORKLOAD_LOG, WORKLOAD_LOG_STAT);
-          }
-          const peer = await this.#connectPeer(p.destinationUrl ?? '', 'destination');
-          let sent;
-          try {
-            sent = await streamImages(peer, { migrationId: m.id, round }, dir, names);
-          } finally {
-            peer.close();
-          }
-          progress(`streamed ${sent.files} image files`, { bytes: sent.bytes });
+          const { sent, streamStarted } = await this.#streamFinal(m, dir, round, p.destinationUrl ?? '', progress);
           this.metrics.phaseSeconds.observe({ phase: 'dump' }, (streamStarted - frozenAt) / 1000);
-          this.metrics.phaseSeconds.observe({ phase: 'stream' }, (performance.now() - streamStarted) / 1000);
-          this.metrics.bytesSent.inc(sent.bytes);
           const decision = deferred<boolean>();
           m.hold = { release: decision.resolve };
           this.journal.update(m.id, { state: 'held' });
@@ -622,6 +651,162 @@ export class Agent {
       // CRIU has already resumed the process (a failed dump thaws it).
       this.journal.update(m.id, { state: 'aborted', action: 'the dump failed; the process resumed' });
       throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
+    }
+  }
+
+  /**
+   * Streams the final dump's images (and the workload's log) to the
+   * destination while the process is frozen.
+   */
+  async #streamFinal(
+    m: SourceMigration,
+    dir: string,
+    round: string,
+    destinationUrl: string,
+    progress: (message: string, extra?: { bytes?: number }) => void,
+  ): Promise<{ sent: { files: number; bytes: number }; streamStarted: number }> {
+    progress('dump written; streaming images to the destination');
+    const streamStarted = performance.now();
+    // Post-copy: the pages CRIU does not serve lazily (not anonymous private memory) are written here.
+    const names = imagesToStream(dir, { pages: m.lazy !== undefined });
+    // The workload's log is a file it holds open, so CRIU needs it on the destination, at its size
+    // now (frozen): it travels with the images and the destination puts it in place.
+    const logFile = m.workload === undefined ? undefined : this.workloads.find(m.workload)?.logFile;
+    if (logFile !== undefined && logFile !== '' && existsSync(logFile)) {
+      // CRIU checks the file's size, mode and owner on restore: all three travel.
+      const { mode, uid, gid } = statSync(logFile);
+      copyFileSync(logFile, join(dir, WORKLOAD_LOG));
+      writeFileSync(join(dir, WORKLOAD_LOG_STAT), JSON.stringify({ mode: mode & 0o7777, uid, gid }));
+      names.push(WORKLOAD_LOG, WORKLOAD_LOG_STAT);
+    }
+    const peer = await this.#connectPeer(destinationUrl, 'destination');
+    let sent;
+    try {
+      sent = await streamImages(peer, { migrationId: m.id, round }, dir, names);
+    } finally {
+      peer.close();
+    }
+    progress(`streamed ${sent.files} image files`, { bytes: sent.bytes });
+    this.metrics.phaseSeconds.observe({ phase: 'stream' }, (performance.now() - streamStarted) / 1000);
+    this.metrics.bytesSent.inc(sent.bytes);
+    return { sent, streamStarted };
+  }
+
+  /**
+   * The post-copy final dump: CRIU freezes the process, writes everything
+   * but its memory, then serves the memory on a port until the
+   * destination's lazy-pages daemon has fetched it all. The answer goes out
+   * once the server listens. CRIU leaves the process stopped when the
+   * transfer ends (leave_stopped): it is killed only when the destination
+   * confirms every page arrived, and continued otherwise. A transfer that
+   * fails makes CRIU resume it at once.
+   */
+  async #finalDumpLazy(
+    m: SourceMigration,
+    p: BodyOf<'finalDump'>,
+    dir: string,
+    round: string,
+    progress: (message: string, extra?: { bytes?: number }) => void,
+  ): Promise<Body> {
+    let frozenAt = 0;
+    const serving = deferred<BodyOf<'dumpHeld'>>();
+    m.lazy = { destinationUrl: p.destinationUrl ?? '' };
+    m.dump = this.criu
+      .dump({
+        pid: m.pid,
+        imagesDir: dir,
+        parentImg: p.parent ? `../${p.parent}` : undefined,
+        trackMem: p.parent ? true : undefined,
+        lazyPages: { port: 0, tls: p.plainPages === true ? undefined : this.#pageTls },
+        leaveStopped: true,
+        timeoutMs: 0,
+        onNotify: async (event) => {
+          if (event.script === 'pre-dump') {
+            frozenAt = performance.now();
+            progress('freezing and dumping all but the memory');
+          }
+          if (event.script === 'query-ext-files') this.#strikeAt('source.frozen');
+          if (event.script === 'post-dump') {
+            const { sent, streamStarted } = await this.#streamFinal(m, dir, round, p.destinationUrl ?? '', progress);
+            this.metrics.phaseSeconds.observe({ phase: 'dump' }, (streamStarted - frozenAt) / 1000);
+            m.lazy!.sent = sent;
+            m.lazy!.streamMs = Math.round(performance.now() - streamStarted);
+          }
+          if (event.script === 'status-ready') {
+            const port = lazyPortFromLog(join(dir, 'dump.log'));
+            if (port === undefined) throw new Error('CRIU did not log its lazy page server’s port');
+            this.journal.update(m.id, { state: 'held', action: `serving memory on port ${port}` });
+            progress(`serving memory to the destination on port ${port}`);
+            serving.resolve({
+              imageFiles: m.lazy?.sent?.files ?? 0,
+              imageBytes: m.lazy?.sent?.bytes ?? 0,
+              frozenMs: Math.round(performance.now() - frozenAt),
+              streamMs: m.lazy?.streamMs ?? 0,
+              lazyPort: port,
+            });
+          }
+          return true;
+        },
+      })
+      .catch((error: unknown) => {
+        serving.reject(error);
+        throw error;
+      });
+    m.dump.catch(() => undefined);
+    // The transfer's end decides the source copy, whether or not a controller is still there.
+    m.settling = this.#settleLazySource(m);
+    try {
+      return { dumpHeld: await serving.promise };
+    } catch (error) {
+      await m.settling;
+      throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
+    }
+  }
+
+  /**
+   * The end of a post-copy source. CRIU's transfer failing resumes the
+   * process (CRIU does it); a transfer that ended leaves it stopped, and
+   * only the destination's word ends it: "committed" once every page
+   * arrived there, "aborted" once its copy is gone. Without an answer the
+   * process stays stopped and the source keeps asking: ending it on a guess
+   * could lose the process, continuing it could run it twice.
+   */
+  async #settleLazySource(m: SourceMigration): Promise<'committed' | 'aborted'> {
+    const lazy = m.lazy!;
+    try {
+      await m.dump;
+    } catch (error) {
+      this.journal.update(m.id, {
+        state: 'aborted',
+        action: `the memory transfer failed (${(error as Error).message.slice(0, 200)}); CRIU resumed the process here`,
+      });
+      log.warn('post-copy transfer failed: the source process resumed', { migration: m.id });
+      this.#forget(m, true);
+      return 'aborted';
+    }
+    for (;;) {
+      const outcome = lazy.aborted ? 'aborted' : await this.#askPeer(m.id, lazy.destinationUrl, 'destination');
+      if (outcome === 'committed' || outcome === 'aborted' || outcome === 'unknown') {
+        const go = outcome === 'committed';
+        this.journal.update(m.id, { state: go ? 'committing' : 'aborted' });
+        try {
+          process.kill(m.pid, go ? 'SIGKILL' : 'SIGCONT');
+        } catch {
+          // gone already
+        }
+        if (go) {
+          this.journal.update(m.id, { state: 'committed' });
+          if (m.workload !== undefined) this.workloads.forget(m.workload);
+          log.info('post-copy done: every page arrived; source process ended', { migration: m.id, pid: m.pid });
+          this.#forget(m);
+          return 'committed';
+        }
+        this.journal.update(m.id, { state: 'aborted', action: 'the destination has no copy; the process resumed here' });
+        log.info('post-copy abandoned: source process continued', { migration: m.id, pid: m.pid });
+        this.#forget(m, true);
+        return 'aborted';
+      }
+      await sleep(1_000);
     }
   }
 
@@ -687,10 +872,29 @@ export class Agent {
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.options.name });
     const reachedHold = deferred<number>();
+    if (r.lazyPort) {
+      // Post-copy: the daemon that will fetch the memory listens before the restore hands it the process.
+      const daemon = startLazyPagesDaemon({
+        binary: this.service.binary.path,
+        imagesDir: dir,
+        address: r.lazyAddress ?? '',
+        port: r.lazyPort,
+        tls: r.plainPages === true ? undefined : this.#pageTls,
+      });
+      m.lazy = { daemon };
+      try {
+        await daemon.ready;
+      } catch (error) {
+        daemon.kill();
+        this.journal.update(m.id, { state: 'discarded', action: 'the lazy-pages daemon did not start' });
+        throw new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) });
+      }
+    }
     m.restoreCancel = new AbortController();
     m.restore = this.criu
       .restore({
         imagesDir: dir,
+        lazyPages: m.lazy !== undefined ? true : undefined,
         signal: m.restoreCancel.signal,
         timeoutMs: 0,
         onNotify: async (event) => {
@@ -719,6 +923,7 @@ export class Agent {
       return { restored: { pid, restoreMs, pageImageBytes: bytes } };
     } catch (error) {
       // Before any commit: nothing to keep.
+      m.lazy?.daemon.kill();
       this.journal.update(m.id, { state: 'discarded', action: 'the restore failed' });
       throw new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) });
     }
@@ -753,12 +958,17 @@ export class Agent {
         await m.restore;
         const pid = m.restoredPid ?? 0;
         if (m.workload !== undefined) this.workloads.adopt(m.workload, pid);
+        if (m.lazy !== undefined) {
+          this.#awaitLazyPages(m, pid);
+          return 'resumed';
+        }
         this.journal.update(m.id, { state: 'resumed', pid, pidStart: startTime(pid) });
         this.#forget(m);
         log.info('resumed', { migration: m.id, pid });
         return 'resumed';
       }
       m.restoreCancel?.abort(); // CRIU kills the half-restored copy
+      m.lazy?.daemon.kill();
       await m.restore?.catch(() => undefined);
       this.journal.update(m.id, { state: 'discarded', action: 'the restored copy was discarded' });
       this.#forget(m, true);
@@ -767,8 +977,55 @@ export class Agent {
     return m.settling;
   }
 
-  async #commit(id: string): Promise<Body> {
+  /**
+   * Post-copy after the resume: the copy runs here while the daemon fetches
+   * the rest of its memory. When it has all of it, the migration is done;
+   * when it ends without (the source or the link lost), the copy here has
+   * holes in its memory and must not run on: it is killed, and the source
+   * hears that it has no copy here.
+   */
+  #awaitLazyPages(m: DestinationMigration, pid: number): void {
+    const lazy = m.lazy!;
+    lazy.resumedAt = performance.now();
+    this.journal.update(m.id, { state: 'resuming', pid, pidStart: startTime(pid), action: 'fetching memory' });
+    void lazy.daemon.exited.then(({ code, signal }) => {
+      const ms = Math.round(performance.now() - (lazy.resumedAt ?? 0));
+      const logPath = join(m.dir, 'final', 'lazy-pages.log');
+      if (code === 0) {
+        lazy.result = { ok: true, detail: 'every page arrived', ms, pages: lazyPagesCopied(logPath) };
+        this.metrics.pagesSent.inc(lazy.result.pages);
+        this.journal.update(m.id, { state: 'resumed', pid, pidStart: startTime(pid), action: '' });
+        log.info('post-copy: every page arrived', { migration: m.id, pid, ms });
+      } else {
+        const why = `criu lazy-pages ended with ${signal ?? `exit code ${code}`}: ${firstCriuError(logPath) ?? 'no error logged'}`;
+        lazy.result = { ok: false, detail: why, ms, pages: lazyPagesCopied(logPath) };
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone already
+        }
+        if (m.workload?.name) this.workloads.forget(m.workload.name);
+        this.journal.update(m.id, { state: 'discarded', action: `post-copy failed, the copy here was killed: ${why}` });
+        log.error('post-copy failed: the copy here was killed', { migration: m.id, pid, reason: why });
+      }
+      // Kept for a while: the source and the controller ask how it ended.
+      setTimeout(() => this.#forget(m, !lazy.result?.ok), 60_000).unref();
+    });
+  }
+
+  async #commit(id: string, settled: boolean): Promise<Body> {
     const m = this.#migrations.get(id);
+    if (m?.role === 'source' && m.lazy !== undefined) return this.#commitLazy(m, settled);
+    if (settled) {
+      const entry = this.journal.read(id);
+      if (entry?.role === 'source' && entry.state === 'committed') {
+        const stats = await readDumpStats(join(entry.dir, 'final')).catch(() => undefined);
+        return { committed: { stats: stats === undefined ? null : statsMessage(stats) } };
+      }
+      if (entry?.role === 'source' && entry.state === 'aborted') {
+        throw new MigrationStateError(`migration ${id} ended without its copy: ${entry.action ?? 'aborted'}`);
+      }
+    }
     if (m?.role !== 'source' || m.hold === undefined || m.dump === undefined) {
       throw new MigrationStateError(`migration ${id} is not held here, nothing to commit`);
     }
@@ -781,6 +1038,27 @@ export class Agent {
     this.metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
     this.#forget(m);
     return { committed: { stats: statsMessage(stats) } };
+  }
+
+  /**
+   * Post-copy commit, in two steps: first (before the destination runs) the
+   * source promises never to continue the process on its own say; then,
+   * with settled, the answer waits until the destination has every page
+   * and the source copy has ended.
+   */
+  async #commitLazy(m: SourceMigration, settled: boolean): Promise<Body> {
+    const lazy = m.lazy!;
+    if (lazy.aborted) throw new MigrationStateError(`migration ${m.id} was already rolled back here`);
+    if (!settled) {
+      lazy.committing = true;
+      this.journal.update(m.id, { state: 'committing', action: 'the destination runs; serving its memory' });
+      return { committed: {} };
+    }
+    const outcome = await m.settling;
+    if (outcome !== 'committed') {
+      throw new MigrationStateError(`migration ${m.id} did not complete: ${this.journal.read(m.id)?.action ?? outcome}`);
+    }
+    return { committed: { stats: statsMessage(await readDumpStats(join(m.dir, m.finalRound ?? 'final'))) } };
   }
 
   async #resume(id: string, downtimeBeforeMs: number): Promise<Body> {
@@ -805,7 +1083,12 @@ export class Agent {
     const m = this.#migrations.get(id);
     if (m === undefined) return { ack: {} };
     log.warn('aborting', { migration: id, role: m.role, reason });
-    if (m.role === 'source') {
+    if (m.role === 'source' && m.lazy !== undefined) {
+      if (m.lazy.committing) throw new MigrationStateError(`migration ${id} is already committed here`);
+      m.lazy.aborted = true;
+      await this.#stopServing(m);
+      await m.settling;
+    } else if (m.role === 'source') {
       if ((await this.#settleSource(m, false)) === 'committed') {
         throw new MigrationStateError(`migration ${id} is already committed here`);
       }
@@ -815,9 +1098,54 @@ export class Agent {
     return { ack: {} };
   }
 
+  /**
+   * A lazy dump serves one connection and waits for it as long as it takes:
+   * with no destination coming, a connection that ends at once ends the
+   * wait (CRIU then resumes the process, or leaves it stopped for
+   * #settleLazySource to continue it).
+   */
+  async #stopServing(m: SourceMigration): Promise<void> {
+    const port = lazyPortFromLog(join(m.dir, m.finalRound ?? 'final', 'dump.log'));
+    if (port === undefined) return;
+    await new Promise<void>((done) => {
+      const socket = createConnection({ host: this.advertise, port }, () => socket.end());
+      socket.on('error', () => done());
+      socket.on('close', () => done());
+    });
+  }
+
+  /** Outcome answers; a post-copy destination answers for itself, with how long its fetch took. */
+  async #outcomeOf(id: string): Promise<BodyOf<'outcome'>> {
+    const m = this.#migrations.get(id);
+    if (m?.role === 'destination' && m.lazy !== undefined) {
+      const result = m.lazy.result;
+      if (m.settling !== undefined && (await Promise.race([m.settling, 'pending'])) === 'discarded') {
+        return { state: 'aborted', detail: 'the copy here was discarded' };
+      }
+      if (result === undefined) return { state: 'pending' };
+      return {
+        state: result.ok ? 'committed' : 'aborted',
+        detail: result.detail,
+        postcopyMs: result.ms,
+        postcopyPages: result.pages,
+      };
+    }
+    if (m === undefined) {
+      const entry = this.journal.read(id);
+      if (entry?.role === 'destination') {
+        if (entry.state === 'resumed') return { state: 'committed' };
+        if (entry.state === 'discarded') return { state: 'aborted', detail: entry.action ?? '' };
+      }
+    }
+    return { state: await this.#outcome(id) };
+  }
+
   /** The source's answer to "did it commit?": from the journal, and from the process itself after a restart. */
   async #outcome(id: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown'> {
     const m = this.#migrations.get(id);
+    if (m?.role === 'source' && m.lazy !== undefined) {
+      return m.lazy.committing ? 'committed' : m.lazy.aborted ? 'aborted' : 'pending';
+    }
     if (m?.role === 'source') return m.settling === undefined ? 'pending' : await m.settling;
     const entry = this.journal.read(id);
     if (entry === undefined || entry.role !== 'source') return 'unknown';
@@ -909,9 +1237,17 @@ export class Agent {
     );
   }
 
-  async #askSource(id: string, url: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown' | 'unreachable'> {
+  #askSource(id: string, url: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown' | 'unreachable'> {
+    return this.#askPeer(id, url, 'source');
+  }
+
+  async #askPeer(
+    id: string,
+    url: string,
+    role: 'source' | 'destination',
+  ): Promise<'committed' | 'aborted' | 'pending' | 'unknown' | 'unreachable'> {
     try {
-      const source = await this.#connectPeer(url, 'source', 3_000);
+      const source = await this.#connectPeer(url, role, 3_000);
       try {
         const state = (await source.request({ outcomeQuery: { migrationId: id } }, 'outcome', { timeoutMs: 30_000 }))
           .state;
@@ -920,7 +1256,7 @@ export class Agent {
         source.close();
       }
     } catch (error) {
-      log.warn('cannot ask the source for the outcome', { migration: id, url, error: (error as Error).message });
+      log.warn(`cannot ask the ${role} for the outcome`, { migration: id, url, error: (error as Error).message });
       return 'unreachable';
     }
   }
@@ -1050,6 +1386,7 @@ function statsMessage(s: DumpStats): DumpStatsMessage {
     memdumpTimeUs: s.memdumpTimeUs,
     memwriteTimeUs: s.memwriteTimeUs,
     freezingTimeUs: s.freezingTimeUs,
+    pagesLazy: s.pagesLazy,
   };
 }
 

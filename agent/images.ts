@@ -32,9 +32,9 @@ export class ImageTransferError extends FerryError {
  * everything the dump wrote on the source except page data (sent through the
  * page server), logs and statistics.
  */
-export function imagesToStream(dir: string): string[] {
+export function imagesToStream(dir: string, options: { pages?: boolean } = {}): string[] {
   return readdirSync(dir)
-    .filter((name) => name.endsWith('.img') && !/^pages-\d+\.img$/.test(name))
+    .filter((name) => name.endsWith('.img') && (options.pages === true || !/^pages-\d+\.img$/.test(name)))
     .sort();
 }
 

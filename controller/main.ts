@@ -20,7 +20,7 @@ import { certificate, initCluster } from './init.js';
 import { printCheck, runCheck } from './check.js';
 import { runDemo } from './demo.js';
 import { DEFAULT_LAB, labDown, labExec, labUp, LAB_NAME } from './lab.js';
-import { migrate } from './migration.js';
+import { migrate, POSTCOPY_RISK } from './migration.js';
 import { ExitCode, renderTable, reportError } from './output.js';
 import { renderEvent, renderReport } from './report.js';
 import { listWorkloads, migrationRecords, runWorkload } from './workloads.js';
@@ -174,7 +174,7 @@ client check it. \`ferry install\` does all this for you over SSH.`,
     .requiredOption('--to <AGENT>', 'the agent to move it to')
     .addOption(
       new Option('--strategy <S>', 'how memory is copied')
-        .choices(['auto', 'precopy', 'stop-and-copy'])
+        .choices(['auto', 'precopy', 'stop-and-copy', 'postcopy'])
         .default('auto'),
     )
     .option(
@@ -213,7 +213,14 @@ Pre-copy stops, in this order, when: the predicted downtime fits --max-downtime;
 the one before); --max-rounds; --max-traffic; --precopy-timeout. The prediction is
 switchover cost + restore of the resident memory + the pages expected dirty at the switchover
 over the measured bandwidth; progress shows it after every round and the report compares it with
-the downtime measured. Over budget, Ferry goes ahead and says so, unless --strict-downtime.`,
+the downtime measured. Over budget, Ferry goes ahead and says so, unless --strict-downtime.
+
+--strategy postcopy moves everything but the memory, starts the process on the destination at
+once, and lets it fetch its memory from the source on demand and in the background: the
+downtime does not grow with the memory. Only where a probe on both agents (a small lazy
+migration on each) worked; never chosen by auto. The risk: ${POSTCOPY_RISK}.
+The source keeps the process frozen and serving until every page has arrived; only then is
+its copy ended. docs/postcopy.md.`,
     )
     .action(
       async (
@@ -221,7 +228,7 @@ the downtime measured. Over budget, Ferry goes ahead and says so, unless --stric
         opts: {
           from: string;
           to: string;
-          strategy: 'auto' | 'precopy' | 'stop-and-copy';
+          strategy: 'auto' | 'precopy' | 'stop-and-copy' | 'postcopy';
           maxDowntime: number;
           strictDowntime?: boolean;
           plainPages?: boolean;

@@ -25,8 +25,14 @@ import {
   type SwitchoverCost,
 } from './convergence.js';
 
-export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'rollback' | 'done';
-export type Strategy = 'precopy' | 'stop-and-copy';
+export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'postcopy' | 'rollback' | 'done';
+export type Strategy = 'precopy' | 'stop-and-copy' | 'postcopy';
+
+/** What post-copy risks, said wherever post-copy is offered or reported. */
+export const POSTCOPY_RISK =
+  'while the destination fetches the memory, the process lives on both machines: losing the source ' +
+  'or the link then kills the copy on the destination, and the source continues from the switchover, ' +
+  'or is lost with the source';
 
 export interface MigrationEvent {
   /** Milliseconds since the migration started. */
@@ -109,6 +115,8 @@ export interface MigrationReport {
   totalMs: number;
   /** From the source's freeze to the destination's copy running. */
   downtimeMs: number;
+  /** Post-copy: the memory fetched after the copy started running. */
+  postcopy?: { fetchMs: number; lazyPages: number; lazyBytes: number; risk: string } | undefined;
 }
 
 /** A migration that failed with the source process still running where it was. */
@@ -139,6 +147,15 @@ export class PreflightRefusedError extends InvalidInputError {
 }
 
 const HOLD_MS = 60_000;
+
+/**
+ * Post-copy ended without every page on the destination: its copy was
+ * killed (its memory had holes), and the source continued from the
+ * switchover.
+ */
+export class PostcopyFailedError extends FerryError {
+  readonly code = 'POSTCOPY_FAILED';
+}
 
 /** --strict-downtime refused to go over the budget: the process still runs on the source. */
 export class DowntimeBudgetError extends FerryError {
@@ -192,9 +209,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   let prepared = false;
   try {
     // 1. Preflight: facts from both, and every reason to refuse before touching the process.
+    const probePostcopy = options.strategy === 'postcopy';
+    if (probePostcopy) emit('preflight', 'controller', 'probing post-copy on both agents (a small lazy migration on each)');
     const sourceFacts = await source.request(
-      { factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '' } },
+      { factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '', probePostcopy } },
       'facts',
+      { timeoutMs: 120_000 },
     );
     const proc = sourceFacts.process;
     if (!proc?.exists) {
@@ -203,7 +223,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       });
     }
     const pid = proc.pid ?? 0;
-    const destinationFacts = await destination.request({ factsQuery: { pid } }, 'facts');
+    const destinationFacts = await destination.request({ factsQuery: { pid, probePostcopy } }, 'facts', {
+      timeoutMs: 120_000,
+    });
     emit(
       'preflight',
       'controller',
@@ -219,7 +241,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       });
     }
     await pauseAt('controller.after-preflight');
-    const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts);
+    const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts, destinationFacts, {
+      source: sourceName,
+      destination: destinationName,
+    });
     emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
     const preflightMs = elapsed();
 
@@ -230,6 +255,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           migrationId,
           sourceUrl: options.from.url,
           holdMs,
+          postcopy: strategy === 'postcopy',
           workload: proc.workload
             ? {
                 name: proc.workload,
@@ -263,9 +289,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const samples: RoundSample[] = [];
     let roundsStopReason: string | undefined;
     let rule: StopRule | undefined;
-    let prediction = estimate([], { residentBytes, cost });
+    // Post-copy's downtime does not include the memory: it arrives after the copy runs.
+    const switchedBytes = strategy === 'postcopy' ? 0 : residentBytes;
+    let prediction = estimate([], { residentBytes: switchedBytes, cost });
     let parent = '';
-    const floor = floorMs({ residentBytes, cost });
+    const floor = floorMs({ residentBytes: switchedBytes, cost });
     if (strict && floor > limits.maxDowntimeMs) {
       throw new DowntimeBudgetError(
         `no strategy can keep the downtime within ${limits.maxDowntimeMs} ms: switching over and restoring ` +
@@ -351,11 +379,18 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
 
     // 3. Switchover: final dump held frozen at the source, images to the destination, restore held.
     phase = 'switchover';
-    const ps = await destination.request(
-      { pageServerStart: { migrationId, round: 'final', parent, plainPages: options.plainPages === true } },
-      'pageServerStarted',
+    const lazy = strategy === 'postcopy';
+    const ps = lazy
+      ? { address: '', port: 0 }
+      : await destination.request(
+          { pageServerStart: { migrationId, round: 'final', parent, plainPages: options.plainPages === true } },
+          'pageServerStarted',
+        );
+    emit(
+      'switchover',
+      'controller',
+      lazy ? 'final dump without the memory (post-copy)' : `page server ready on ${ps.address}:${ps.port}; final dump`,
     );
-    emit('switchover', 'controller', `page server ready on ${ps.address}:${ps.port}; final dump`);
     const held = await source.request(
       {
         finalDump: {
@@ -368,6 +403,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           destinationUrl: options.to.url,
           holdMs,
           plainPages: options.plainPages === true,
+          lazy,
         },
       },
       'dumpHeld',
@@ -375,10 +411,18 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     );
     const heldAt = performance.now();
     await pauseAt('controller.after-held');
-    emit('switchover', sourceName, `source frozen and held; ${held.imageFiles} image files streamed`, {
-      bytes: Number(held.imageBytes ?? 0),
-    });
-    const restored = await destination.request({ restore: { migrationId, round: 'final', holdMs } }, 'restored', {
+    emit(
+      'switchover',
+      sourceName,
+      lazy
+        ? `source frozen; ${held.imageFiles} image files streamed; its memory is served on port ${held.lazyPort}`
+        : `source frozen and held; ${held.imageFiles} image files streamed`,
+      { bytes: Number(held.imageBytes ?? 0) },
+    );
+    const lazyRestore = lazy
+      ? { lazyAddress: sourceFacts.address ?? '', lazyPort: held.lazyPort ?? 0, plainPages: options.plainPages === true }
+      : {};
+    const restored = await destination.request({ restore: { migrationId, round: 'final', holdMs, ...lazyRestore } }, 'restored', {
       timeoutMs: 0,
       signal: options.signal,
     });
@@ -398,7 +442,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         cause: error,
       });
     }
-    emit('commit', sourceName, 'committed: the source copy has ended');
+    emit(
+      'commit',
+      sourceName,
+      lazy
+        ? 'committed: the source copy stays frozen, serving memory, until the destination has all of it'
+        : 'committed: the source copy has ended',
+    );
     await pauseAt('controller.after-commit');
     let resumedPid: number;
     let resumer = destination;
@@ -431,6 +481,24 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       if (resumer !== destination) resumer.close();
     }
     const downtimeMs = (held.frozenMs ?? 0) + (performance.now() - heldAt);
+    let postcopy: MigrationReport['postcopy'];
+    if (lazy) {
+      emit('postcopy', destinationName, `running as PID ${resumedPid}; fetching its memory from ${sourceName}`);
+      phase = 'postcopy';
+      const fetched = await awaitPostcopy(options, connect, destinationName, sourceName, migrationId, emit);
+      try {
+        finalStats = (await source.request({ commit: { migrationId, settled: true } }, 'committed', { timeoutMs: 0 }))
+          .stats;
+      } catch (error) {
+        throw new OutcomeUnknownError(`${sourceName} did not confirm the end of its copy: ${(error as Error).message}`, {
+          hint: `every page arrived on ${destinationName}; check the source with \`ferry status --on ${sourceName}\``,
+          cause: error,
+        });
+      }
+      // CRIU 4.1 resets the dump's statistics when its lazy page server starts: the destination counts.
+      const lazyPages = fetched.pages;
+      postcopy = { fetchMs: fetched.ms, lazyPages, lazyBytes: lazyPages * PAGE_SIZE, risk: POSTCOPY_RISK };
+    }
     emit('done', destinationName, `running as PID ${resumedPid}`);
     const commitMs = elapsed() - preflightMs - precopyMs - switchoverMs;
 
@@ -461,16 +529,17 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         meetsBudget,
       },
       final,
-      bytesSent: rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes,
+      bytesSent: rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes + (postcopy?.lazyBytes ?? 0),
       pageImageBytes: Number(restored.pageImageBytes ?? 0),
       residentBytes: Number(proc.residentBytes ?? 0),
       phasesMs: { preflight: preflightMs, precopy: precopyMs, switchover: switchoverMs, commit: commitMs },
       totalMs: elapsed(),
       downtimeMs: Math.round(downtimeMs),
+      postcopy,
     };
   } catch (caught) {
     const error = localized(caught);
-    if (committed || error instanceof OutcomeUnknownError) throw error;
+    if (committed || error instanceof OutcomeUnknownError || error instanceof PostcopyFailedError) throw error;
     if (!prepared && error instanceof FerryError && error instanceof InvalidInputError) throw error;
     // Rollback: the source resumes (or never stopped), the destination discards its copy and images.
     emit('rollback', 'controller', `rolling back: ${(error as Error).message}`);
@@ -513,8 +582,36 @@ function refuseIfUnfit(source: Facts, destination: Facts, destinationName: strin
   }
 }
 
-/** Pre-copy needs dirty-memory tracking where the process runs now: the source decides. */
-function chooseStrategy(requested: 'auto' | Strategy, source: Facts): { strategy: Strategy; reason: string } {
+/**
+ * Pre-copy needs dirty-memory tracking where the process runs now: the
+ * source decides. Post-copy is never chosen for the user (it risks the
+ * process on the source's survival) and only where both agents' probes
+ * showed a lazy migration working.
+ */
+function chooseStrategy(
+  requested: 'auto' | Strategy,
+  source: Facts,
+  destination: Facts,
+  names: { source: string; destination: string },
+): { strategy: Strategy; reason: string } {
+  if (requested === 'postcopy') {
+    const failed = [
+      { name: names.source, support: source.postcopy },
+      { name: names.destination, support: destination.postcopy },
+    ].filter((a) => a.support?.works !== true);
+    if (failed.length > 0) {
+      const first = failed[0]!;
+      throw new PreflightRefusedError(
+        `post-copy does not work on ${failed.map((f) => f.name).join(' and ')}: ` +
+          failed.map((f) => f.support?.reason || 'the agent did not probe post-copy').join('; '),
+        { hint: `${first.support?.hint || 'upgrade the agent'}; or use --strategy stop-and-copy (or auto)` },
+      );
+    }
+    return {
+      strategy: 'postcopy',
+      reason: `requested with --strategy; probes on both agents showed lazy migration working. Risk: ${POSTCOPY_RISK}`,
+    };
+  }
   const tracks = source.memTrack === true;
   if (requested === 'stop-and-copy') return { strategy: 'stop-and-copy', reason: 'requested with --strategy' };
   if (requested === 'precopy' && !tracks) {
@@ -548,4 +645,53 @@ function roundReport(round: string, stats: DumpStatsMessage | null | undefined, 
     bytes: pagesWritten * PAGE_SIZE,
     durationMs,
   };
+}
+
+/**
+ * Waits until the destination has every page (its outcome "committed"),
+ * telling the operator how long it has been. A failure there means its copy
+ * was killed and the source continued.
+ */
+async function awaitPostcopy(
+  options: MigrateOptions,
+  connect: (endpoint: AgentEndpoint) => Promise<WireConnection>,
+  destinationName: string,
+  sourceName: string,
+  migrationId: string,
+  emit: (phase: Phase, from: string, message: string) => void,
+): Promise<{ ms: number; pages: number }> {
+  const started = performance.now();
+  let lastSaid = started;
+  let peer: WireConnection | undefined;
+  try {
+    for (;;) {
+      try {
+        peer ??= await connect(options.to);
+        const outcome = await peer.request({ outcomeQuery: { migrationId } }, 'outcome', { timeoutMs: 30_000 });
+        if (outcome.state === 'committed') {
+          const ms = outcome.postcopyMs ?? Math.round(performance.now() - started);
+          emit('postcopy', destinationName, `every page arrived from ${sourceName} in ${ms} ms`);
+          return { ms, pages: Number(outcome.postcopyPages ?? 0) };
+        }
+        if (outcome.state === 'aborted' || outcome.state === 'unknown') {
+          throw new PostcopyFailedError(
+            `post-copy failed: ${outcome.detail || 'the destination has no copy'}. The copy on ${destinationName} was killed ` +
+              `(its memory was incomplete); the process continues on ${sourceName} from the switchover`,
+            { hint: `check it with \`ferry ps --on ${sourceName}\`; work it did on ${destinationName} since the switchover is lost` },
+          );
+        }
+      } catch (error) {
+        if (!(error instanceof PeerGoneError || error instanceof AgentUnreachableError)) throw error;
+        peer?.close();
+        peer = undefined;
+      }
+      if (performance.now() - lastSaid > 2_000) {
+        lastSaid = performance.now();
+        emit('postcopy', 'controller', `fetching memory: ${Math.round((lastSaid - started) / 1000)} s so far`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  } finally {
+    peer?.close();
+  }
 }

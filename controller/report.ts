@@ -24,14 +24,23 @@ export function renderReport(r: MigrationReport): string {
     );
   }
   if (r.roundsStopReason !== undefined) lines.push(`  rounds       stopped (${r.policy.rule}): ${r.roundsStopReason}`);
+  if (r.postcopy !== undefined) {
+    lines.push(
+      `  post-copy    ${r.postcopy.lazyPages} pages (${formatBytes(r.postcopy.lazyBytes)}) fetched by the destination ` +
+        `after it started, in ${formatDuration(r.postcopy.fetchMs)}`,
+      `  risk taken   ${r.postcopy.risk}`,
+    );
+  }
   lines.push(
-    `  final dump   ${r.final.pagesWritten} pages written, ${r.final.pagesSkipped} unchanged (${formatBytes(r.final.bytes)}); ` +
-      `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
+    r.postcopy !== undefined
+      ? `  final dump   all but the memory: ${r.final.imageFiles} image files (${formatBytes(r.final.imageBytes)})`
+      : `  final dump   ${r.final.pagesWritten} pages written, ${r.final.pagesSkipped} unchanged (${formatBytes(r.final.bytes)}); ` +
+        `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
     `  sent         ${formatBytes(r.bytesSent)} (resident ${formatBytes(r.residentBytes)})`,
     `  time         ${formatDuration(r.totalMs)} in all: preflight ${formatDuration(r.phasesMs.preflight)}, ` +
       (r.strategy === 'precopy' ? `pre-copy ${formatDuration(r.phasesMs.precopy)}, ` : '') +
       `switchover ${formatDuration(r.phasesMs.switchover)}, ` +
-      `commit ${formatDuration(r.phasesMs.commit)}`,
+      `commit ${formatDuration(r.phasesMs.commit)}${r.postcopy !== undefined ? ' (with the post-copy fetch)' : ''}`,
     `  downtime     ${formatDuration(r.downtimeMs)} (frozen on ${r.from.agent} until running on ${r.to.agent})`,
     `  predicted    ${r.policy.prediction}; budget ${formatDuration(r.policy.budgetMs)}: ${r.policy.meetsBudget ? 'predicted to fit' : 'not met'}`,
   );

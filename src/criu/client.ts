@@ -130,12 +130,22 @@ export interface DumpOptions extends PreDumpOptions {
   trackMem?: boolean | undefined;
   /** Keep the process running after a successful dump (default: CRIU kills it). */
   leaveRunning?: boolean | undefined;
+  /** Leave the process stopped (SIGSTOP) after a successful dump instead of killing it. */
+  leaveStopped?: boolean | undefined;
+  /**
+   * Post-copy: dump everything but the memory, then serve the memory on
+   * this port (0: CRIU picks one and logs it) until a lazy-pages daemon
+   * has fetched it all; the call returns then. pageServer is ignored.
+   */
+  lazyPages?: { port: number; tls?: PageTls | undefined } | undefined;
   onNotify?: NotifyHandler | undefined;
 }
 
 export interface RestoreOptions extends ImageOptions, ProcessTreeOptions {
   /** Leave the restored tree stopped (SIGSTOP) instead of running. */
   leaveStopped?: boolean | undefined;
+  /** Post-copy: memory comes from a lazy-pages daemon already listening in imagesDir. */
+  lazyPages?: boolean | undefined;
   onNotify?: NotifyHandler | undefined;
 }
 
@@ -323,6 +333,13 @@ export class CriuClient {
     const opts: RpcOptions = { ...processOpts(options), pid: options.pid, ...pageServerOpts(options) };
     if (options.trackMem !== undefined) opts.trackMem = options.trackMem;
     if (options.leaveRunning !== undefined) opts.leaveRunning = options.leaveRunning;
+    if (options.leaveStopped !== undefined) opts.leaveStopped = options.leaveStopped;
+    if (options.lazyPages !== undefined) {
+      // In lazy mode CRIU takes only the port from ps and listens on every address.
+      opts.lazyPages = true;
+      opts.ps = { port: options.lazyPages.port };
+      if (options.lazyPages.tls !== undefined) Object.assign(opts, tlsOpts(options.lazyPages.tls));
+    }
     const resp = await this.#withImages(RequestType.DUMP, options, opts, options.onNotify);
     return { restored: resp.dump?.restored === true };
   }
@@ -330,6 +347,7 @@ export class CriuClient {
   async restore(options: RestoreOptions): Promise<RestoreResult> {
     const opts: RpcOptions = { ...processOpts(options) };
     if (options.leaveStopped !== undefined) opts.leaveStopped = options.leaveStopped;
+    if (options.lazyPages === true) opts.lazyPages = true;
     const resp = await this.#withImages(RequestType.RESTORE, options, opts, options.onNotify);
     const pid = resp.restore?.pid;
     if (pid === undefined || pid <= 0) throw new CriuProtocolError('CRIU answered RESTORE without a PID', 'RESTORE');

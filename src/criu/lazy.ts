@@ -3,7 +3,10 @@
  * userfaultfd, which FEATURE_CHECK reports. docs/postcopy.md has the
  * evidence.
  */
-import { readFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 /**
  * CRIU 4.1's lazy page server tees every requested page through a pipe it
@@ -36,4 +39,108 @@ export function lazyPipeLimits(): LazyPipeLimits {
     neededBytes: LAZY_PIPE_BYTES,
     ok: capSysResource || pipeMaxSize >= LAZY_PIPE_BYTES,
   };
+}
+
+export interface LazyPagesDaemonOptions {
+  binary: string;
+  /** The restore's images directory: the daemon and the restore meet on a socket there. */
+  imagesDir: string;
+  /** The source's lazy page server. */
+  address: string;
+  port: number;
+  tls?: { cacert: string; cert: string; key: string } | undefined;
+  logFile?: string | undefined;
+}
+
+export interface LazyPagesDaemon {
+  readonly pid: number;
+  /** Resolves when the daemon ends: code 0 once every page has arrived. */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Resolves when the daemon listens for the restore; rejects if it ends first. */
+  readonly ready: Promise<void>;
+  kill(): void;
+}
+
+/** The socket `criu lazy-pages` listens on, in its working (images) directory. */
+export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
+
+/**
+ * Starts `criu lazy-pages --page-server`: the destination's half of
+ * post-copy, which CRIU's RPC does not offer. It takes the restored
+ * process's userfaultfds from the restore and fetches its memory from the
+ * source, on demand and in the background, then exits. It runs in its own
+ * session, so that it outlives an agent restart: the process needs it.
+ */
+export function startLazyPagesDaemon(options: LazyPagesDaemonOptions): LazyPagesDaemon {
+  const args = [
+    'lazy-pages',
+    '--page-server',
+    '--address',
+    options.address,
+    '--port',
+    String(options.port),
+    '-D',
+    options.imagesDir,
+    '-o',
+    options.logFile ?? 'lazy-pages.log',
+    '-v4',
+  ];
+  if (options.tls !== undefined) {
+    args.push('--tls', '--tls-cacert', options.tls.cacert, '--tls-cert', options.tls.cert, '--tls-key', options.tls.key);
+  }
+  const child = spawn(options.binary, args, { stdio: 'ignore', detached: true, cwd: options.imagesDir });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('error', () => resolve({ code: -1, signal: null }));
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+  const socket = join(options.imagesDir, LAZY_PAGES_SOCKET);
+  const ready = (async () => {
+    const deadline = Date.now() + 10_000;
+    let ended = false;
+    void exited.then(() => (ended = true));
+    while (!existsSync(socket)) {
+      if (ended) throw new Error(`criu lazy-pages ended before it listened: ${lazyLogExcerpt(options)}`);
+      if (Date.now() > deadline) throw new Error('criu lazy-pages did not listen within 10 s');
+      await sleep(10);
+    }
+  })();
+  ready.catch(() => undefined);
+  return {
+    pid: child.pid ?? 0,
+    exited,
+    ready,
+    kill: () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    },
+  };
+}
+
+function lazyLogExcerpt(options: LazyPagesDaemonOptions): string {
+  return firstCriuError(join(options.imagesDir, options.logFile ?? 'lazy-pages.log')) ?? 'no error in its log';
+}
+
+/** CRIU's first "Error" line in a log, without its timestamp; undefined when none. */
+export function firstCriuError(logPath: string): string | undefined {
+  if (!existsSync(logPath)) return undefined;
+  const line = readFileSync(logPath, 'utf8')
+    .split('\n')
+    .find((l) => l.includes('Error (') && !l.includes('RLIMIT_NOFILE'));
+  return line?.replace(/^\(\s*[\d.]+\)\s*/, '');
+}
+
+/** The port CRIU autobound for a lazy dump's page server, from its log ("Using N port"). */
+export function lazyPortFromLog(logPath: string): number | undefined {
+  if (!existsSync(logPath)) return undefined;
+  const match = /Using (\d+) port/.exec(readFileSync(logPath, 'utf8'));
+  return match === null ? undefined : Number(match[1]);
+}
+
+/** Pages a lazy-pages daemon copied in, summed over the processes of its log ("UFFD transferred pages: (N/M)"). */
+export function lazyPagesCopied(logPath: string): number {
+  if (!existsSync(logPath)) return 0;
+  let total = 0;
+  for (const match of readFileSync(logPath, 'utf8').matchAll(/UFFD transferred pages: \((\d+)\/\d+\)/g)) {
+    total += Number(match[1]);
+  }
+  return total;
 }

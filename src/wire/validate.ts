@@ -91,14 +91,19 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       round(r?.round);
       parent(r?.parent);
       pid(r?.pid, false);
-      address(r?.pageServerAddress, 'page server address');
-      port(r?.pageServerPort, 'page server port');
+      if (name === 'preDumpRound' || e.finalDump?.lazy !== true) {
+        address(r?.pageServerAddress, 'page server address');
+        port(r?.pageServerPort, 'page server port');
+      }
       if (name === 'finalDump') {
         agentUrl(e.finalDump?.destinationUrl, 'destination URL');
         hold(e.finalDump?.holdMs);
       }
       break;
     }
+    case 'dumpHeld':
+      if (e.dumpHeld?.lazyPort) port(e.dumpHeld.lazyPort, 'lazy page server port');
+      break;
     case 'pageServerStarted':
       address(e.pageServerStarted?.address, 'page server address');
       port(e.pageServerStarted?.port, 'page server port');
@@ -124,6 +129,10 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       migration(e.restore?.migrationId);
       round(e.restore?.round);
       hold(e.restore?.holdMs);
+      if (e.restore?.lazyPort) {
+        address(e.restore.lazyAddress, 'lazy page server address');
+        port(e.restore.lazyPort, 'lazy page server port');
+      }
       break;
     case 'restored':
       pid(e.restored?.pid, false);

@@ -1,0 +1,124 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { hostEndpoint } from '../../controller/agents.js';
+import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
+import type { MigrationReport } from '../../controller/migration.js';
+import { listWorkloads, runWorkload } from '../../controller/workloads.js';
+import { LAZY_PIPE_BYTES } from '../../src/criu/lazy.js';
+import { projectRoot } from '../../src/paths.js';
+import { runFerry, type CliResult } from '../helpers/cli.js';
+import { requireRoot } from '../helpers/root.js';
+import { waitFor } from '../helpers/wait.js';
+
+/**
+ * Post-copy between two lab hosts, with the real CRIU and kernel. What
+ * decides whether it works on this kernel is fs.pipe-max-size (CRIU 4.1's
+ * lazy page server needs 4 MiB pipes and has no CAP_SYS_RESOURCE here:
+ * docs/postcopy.md), a machine-wide setting: the test sets it both ways
+ * and puts the original back.
+ */
+const LAB = `pc${process.pid % 100_000}`;
+const PIPE_MAX_SIZE = '/proc/sys/fs/pipe-max-size';
+let lab: Lab;
+let a: LabHost;
+let b: LabHost;
+let original: string;
+const scratch = mkdtempSync(join(tmpdir(), 'ferry-postcopy-'));
+const ferry = (...args: string[]): Promise<CliResult> => runFerry(args, { FERRY_LAB: LAB });
+
+beforeAll(async () => {
+  requireRoot();
+  original = readFileSync(PIPE_MAX_SIZE, 'utf8').trim();
+  lab = await labUp({ name: LAB });
+  [a, b] = lab.hosts as [LabHost, LabHost];
+}, 120_000);
+
+afterAll(async () => {
+  writeFileSync(PIPE_MAX_SIZE, original);
+  await labDown(LAB);
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+/** A counter of MEMORY MiB that reads back all of its memory every half second ("corrupt" if a page lost it). */
+async function startCounter(name: string, memoryMb: number): Promise<string> {
+  const state = join(scratch, `${name}.state`);
+  const counter = join(projectRoot(), 'dist', 'examples', 'counter');
+  await runWorkload(hostEndpoint(a), name, [counter, state, '20', String(memoryMb), '1', '0', '25'], 'test');
+  await waitFor(() => count(state) > 30, { what: `${name} to fault its memory in and count`, timeoutMs: 60_000 });
+  return state;
+}
+
+function count(state: string): number {
+  try {
+    return Number(/^\d+ (\d+)/.exec(readFileSync(state, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
+function corrupt(state: string): boolean {
+  return readFileSync(state, 'utf8').includes('corrupt');
+}
+
+describe('post-copy', () => {
+  it('is refused in preflight, with the reason, where the probe shows it failing; the process runs on', async () => {
+    writeFileSync(PIPE_MAX_SIZE, String(1024 * 1024));
+    const state = await startCounter('refused', 16);
+    const result = await ferry('migrate', 'refused', '--from', 'a', '--to', 'b', '--strategy', 'postcopy');
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain('post-copy does not work on a and b');
+    expect(result.stderr).toContain('fs.pipe-max-size is 1048576');
+    expect(result.stderr).toContain('splice: -1: Bad file descriptor');
+    expect(result.stderr).toContain(`sysctl -w fs.pipe-max-size=${LAZY_PIPE_BYTES}`);
+    // Nothing moved: the workload is still a's, and counts on.
+    const before = count(state);
+    await waitFor(() => count(state) > before + 5, { what: 'the counter to go on counting on a' });
+    expect((await listWorkloads(hostEndpoint(a))).map((w) => w.name)).toContain('refused');
+    expect((await listWorkloads(hostEndpoint(b))).map((w) => w.name)).not.toContain('refused');
+    expect(corrupt(state)).toBe(false);
+  }, 120_000);
+
+  it('moves 256 MiB and 1 GiB with a downtime that does not grow with the memory, every page intact', async () => {
+    writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
+    const reports: MigrationReport[] = [];
+    const states: string[] = [];
+    for (const [name, memoryMb] of [
+      ['small', 256],
+      ['large', 1024],
+    ] as const) {
+      const state = await startCounter(name, memoryMb);
+      states.push(state);
+      const result = await ferry('migrate', name, '--from', 'a', '--to', 'b', '--strategy', 'postcopy', '--json');
+      expect(result.code, result.stderr).toBe(0);
+      const report = JSON.parse(result.stdout) as MigrationReport;
+      reports.push(report);
+      expect(report.strategy).toBe('postcopy');
+      expect(result.stderr).toContain('probes on both agents showed lazy migration working');
+      expect(result.stderr).toContain('every page arrived from a');
+      // The memory went after the switchover, not in it.
+      expect(report.postcopy?.lazyPages).toBeGreaterThan(((memoryMb * 1024 * 1024) / 4096) * 0.9);
+      expect(report.final.imageBytes).toBeLessThan(8 * 1024 * 1024);
+      expect(report.postcopy?.risk).toContain('losing the source');
+      // The copy on b counts on from where a stopped, and reads all its memory back intact.
+      const after = count(state);
+      await waitFor(() => count(state) > after + 50 || corrupt(state), { what: `${name} to count on b` });
+      expect(corrupt(state)).toBe(false);
+      expect((await listWorkloads(hostEndpoint(b))).map((w) => w.name)).toContain(name);
+      expect((await listWorkloads(hostEndpoint(a))).map((w) => w.name)).not.toContain(name);
+    }
+    const [small, large] = reports as [MigrationReport, MigrationReport];
+    console.log(
+      `post-copy downtime: 256 MiB ${small.downtimeMs} ms (memory fetched in ${small.postcopy?.fetchMs} ms), ` +
+        `1 GiB ${large.downtimeMs} ms (fetched in ${large.postcopy?.fetchMs} ms)`,
+    );
+    // Four times the memory: stop-and-copy's downtime grows about fourfold; post-copy's must not grow with it.
+    expect(large.downtimeMs).toBeLessThan(small.downtimeMs * 2 + 250);
+    // The fetch does grow: that is where the memory went.
+    expect(large.postcopy!.fetchMs).toBeGreaterThan(small.postcopy!.fetchMs);
+    await sleep(600);
+    for (const state of states) expect(corrupt(state)).toBe(false);
+  }, 300_000);
+});
