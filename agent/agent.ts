@@ -8,6 +8,7 @@ import {
   mkdirSync,
   readdirSync,
   readFileSync,
+  readlinkSync,
   renameSync,
   rmSync,
   statSync,
@@ -23,10 +24,15 @@ import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import {
   CriuOperationError,
   CriuService,
+  firstCriuError,
+  lazyPagesCopied,
+  lazyPortFromLog,
   readDumpStats,
   resolveCriuBinary,
+  startLazyPagesDaemon,
   type CriuClient,
   type DumpStats,
+  type LazyPagesDaemon,
   type PageTls,
 } from '../src/criu/index.js';
 import { FerryError, InvalidInputError } from '../src/errors.js';
@@ -52,7 +58,6 @@ import { faultAt } from './faults.js';
 import { isFinal, Journal, sameProcess, tracerOf, type JournalEntry } from './journal.js';
 import { ImageReceiver, imagesToStream, logAttributes, sha256Of, streamImages } from './images.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
-import { lazyPagesCopied, lazyPortFromLog, startLazyPagesDaemon, firstCriuError, type LazyPagesDaemon } from '../src/criu/lazy.js';
 import { probePostcopy, type PostcopySupport } from './postcopy.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { LearnedRates } from './rates.js';
@@ -597,7 +602,7 @@ export class Agent {
         source: this.options.name,
         ...extra,
       });
-    if (p.lazy === true) return this.#finalDumpLazy(m, p, dir, round, progress);
+    if (p.lazy === true) return this.#finalDumpLazy(m, p, dir, round, connection, progress);
 
     m.dump = this.criu
       .dump({
@@ -706,6 +711,7 @@ export class Agent {
     p: BodyOf<'finalDump'>,
     dir: string,
     round: string,
+    connection: WireConnection,
     progress: (message: string, extra?: { bytes?: number }) => void,
   ): Promise<Body> {
     let frozenAt = 0;
@@ -756,7 +762,19 @@ export class Agent {
     // The transfer's end decides the source copy, whether or not a controller is still there.
     m.settling = this.#settleLazySource(m);
     try {
-      return { dumpHeld: await serving.promise };
+      const held = await serving.promise;
+      // Until the commit a lease holds: no commit in time, or no controller any more, and the source rolls back.
+      const rollBack = (why: string): void => {
+        if (m.lazy?.committing === true || m.lazy?.aborted === true) return;
+        log.warn(why, { migration: m.id });
+        void this.#abandonLazy(m);
+      };
+      m.leaseTimer = setTimeout(
+        () => rollBack('no commit within the hold time: resuming the source'),
+        p.holdMs || 60_000,
+      );
+      connection.onClose(() => rollBack('the controller went away before the commit: resuming the source'));
+      return { dumpHeld: held };
     } catch (error) {
       await m.settling;
       throw unchanged(new StepFailedError(error, { from: m.dir, to: this.#forget(m, true) }));
@@ -801,7 +819,10 @@ export class Agent {
           this.#forget(m);
           return 'committed';
         }
-        this.journal.update(m.id, { state: 'aborted', action: 'the destination has no copy; the process resumed here' });
+        this.journal.update(m.id, {
+          state: 'aborted',
+          action: 'the destination has no copy; the process resumed here',
+        });
         log.info('post-copy abandoned: source process continued', { migration: m.id, pid: m.pid });
         this.#forget(m, true);
         return 'aborted';
@@ -968,7 +989,10 @@ export class Agent {
         return 'resumed';
       }
       m.restoreCancel?.abort(); // CRIU kills the half-restored copy
-      m.lazy?.daemon.kill();
+      if (m.lazy !== undefined) {
+        m.lazy.result ??= { ok: false, detail: 'the copy here was discarded before it ran', ms: 0, pages: 0 };
+        m.lazy.daemon.kill();
+      }
       await m.restore?.catch(() => undefined);
       this.journal.update(m.id, { state: 'discarded', action: 'the restored copy was discarded' });
       this.#forget(m, true);
@@ -1050,13 +1074,16 @@ export class Agent {
     const lazy = m.lazy!;
     if (lazy.aborted) throw new MigrationStateError(`migration ${m.id} was already rolled back here`);
     if (!settled) {
+      if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
       lazy.committing = true;
       this.journal.update(m.id, { state: 'committing', action: 'the destination runs; serving its memory' });
       return { committed: {} };
     }
     const outcome = await m.settling;
     if (outcome !== 'committed') {
-      throw new MigrationStateError(`migration ${m.id} did not complete: ${this.journal.read(m.id)?.action ?? outcome}`);
+      throw new MigrationStateError(
+        `migration ${m.id} did not complete: ${this.journal.read(m.id)?.action ?? outcome}`,
+      );
     }
     return { committed: { stats: statsMessage(await readDumpStats(join(m.dir, m.finalRound ?? 'final'))) } };
   }
@@ -1085,9 +1112,7 @@ export class Agent {
     log.warn('aborting', { migration: id, role: m.role, reason });
     if (m.role === 'source' && m.lazy !== undefined) {
       if (m.lazy.committing) throw new MigrationStateError(`migration ${id} is already committed here`);
-      m.lazy.aborted = true;
-      await this.#stopServing(m);
-      await m.settling;
+      await this.#abandonLazy(m);
     } else if (m.role === 'source') {
       if ((await this.#settleSource(m, false)) === 'committed') {
         throw new MigrationStateError(`migration ${id} is already committed here`);
@@ -1096,6 +1121,24 @@ export class Agent {
       await this.#settleDestination(m, false);
     }
     return { ack: {} };
+  }
+
+  /**
+   * Rolls a post-copy source back before its commit: the process continues
+   * here. CRIU's lazy server is told to stop (#stopServing); if it is still
+   * serving a destination that does not let go, its worker is killed, which
+   * releases the process as well.
+   */
+  async #abandonLazy(m: SourceMigration): Promise<void> {
+    m.lazy!.aborted = true;
+    if (m.leaseTimer !== undefined) clearTimeout(m.leaseTimer);
+    await this.#stopServing(m);
+    const settled = await Promise.race([m.settling, sleep(10_000).then(() => undefined)]);
+    if (settled !== undefined) return;
+    const worker = criuWorkerIn(this.service.pid, join(m.dir, m.finalRound ?? 'final'));
+    log.warn('the lazy page server did not stop: ending its CRIU worker', { migration: m.id, worker });
+    if (worker !== undefined) process.kill(worker, 'SIGKILL');
+    await m.settling;
   }
 
   /**
@@ -1119,9 +1162,6 @@ export class Agent {
     const m = this.#migrations.get(id);
     if (m?.role === 'destination' && m.lazy !== undefined) {
       const result = m.lazy.result;
-      if (m.settling !== undefined && (await Promise.race([m.settling, 'pending'])) === 'discarded') {
-        return { state: 'aborted', detail: 'the copy here was discarded' };
-      }
       if (result === undefined) return { state: 'pending' };
       return {
         state: result.ok ? 'committed' : 'aborted',
@@ -1422,4 +1462,20 @@ function record(e: JournalEntry): MigrationRecord {
     updatedAtMs: e.updatedAtMs,
     action: e.action ?? '',
   };
+}
+
+/** The CRIU service's worker working in dir (CRIU works in the images directory), if any. */
+function criuWorkerIn(servicePid: number | undefined, dir: string): number | undefined {
+  if (servicePid === undefined) return undefined;
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === servicePid && readlinkSync(`/proc/${name}/cwd`) === dir) return Number(name);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return undefined;
 }

@@ -12,8 +12,15 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { CriuClient, PageTls } from '../src/criu/index.js';
-import { firstCriuError, lazyPipeLimits, lazyPortFromLog, startLazyPagesDaemon, LAZY_PIPE_BYTES } from '../src/criu/lazy.js';
+import {
+  firstCriuError,
+  lazyPipeLimits,
+  lazyPortFromLog,
+  startLazyPagesDaemon,
+  LAZY_PIPE_BYTES,
+  type CriuClient,
+  type PageTls,
+} from '../src/criu/index.js';
 import { deferred } from '../src/deferred.js';
 import { projectRoot } from '../src/paths.js';
 
@@ -128,7 +135,8 @@ async function oneLazyMigration(context: ProbeContext, dir: string): Promise<str
       })
       .then(
         () => undefined,
-        (error: unknown) => `the lazy dump failed: ${firstCriuError(join(images, 'dump.log')) ?? (error as Error).message}`,
+        (error: unknown) =>
+          `the lazy dump failed: ${firstCriuError(join(images, 'dump.log')) ?? (error as Error).message}`,
       );
     const early = await Promise.race([serving.promise.then(() => undefined), dump]);
     if (early !== undefined) return early;

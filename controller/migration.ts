@@ -210,7 +210,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   try {
     // 1. Preflight: facts from both, and every reason to refuse before touching the process.
     const probePostcopy = options.strategy === 'postcopy';
-    if (probePostcopy) emit('preflight', 'controller', 'probing post-copy on both agents (a small lazy migration on each)');
+    if (probePostcopy)
+      emit('preflight', 'controller', 'probing post-copy on both agents (a small lazy migration on each)');
     const sourceFacts = await source.request(
       { factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '', probePostcopy } },
       'facts',
@@ -420,12 +421,20 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       { bytes: Number(held.imageBytes ?? 0) },
     );
     const lazyRestore = lazy
-      ? { lazyAddress: sourceFacts.address ?? '', lazyPort: held.lazyPort ?? 0, plainPages: options.plainPages === true }
+      ? {
+          lazyAddress: sourceFacts.address ?? '',
+          lazyPort: held.lazyPort ?? 0,
+          plainPages: options.plainPages === true,
+        }
       : {};
-    const restored = await destination.request({ restore: { migrationId, round: 'final', holdMs, ...lazyRestore } }, 'restored', {
-      timeoutMs: 0,
-      signal: options.signal,
-    });
+    const restored = await destination.request(
+      { restore: { migrationId, round: 'final', holdMs, ...lazyRestore } },
+      'restored',
+      {
+        timeoutMs: 0,
+        signal: options.signal,
+      },
+    );
     emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);
     await pauseAt('controller.after-restored');
     const switchoverMs = elapsed() - preflightMs - precopyMs;
@@ -490,10 +499,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         finalStats = (await source.request({ commit: { migrationId, settled: true } }, 'committed', { timeoutMs: 0 }))
           .stats;
       } catch (error) {
-        throw new OutcomeUnknownError(`${sourceName} did not confirm the end of its copy: ${(error as Error).message}`, {
-          hint: `every page arrived on ${destinationName}; check the source with \`ferry status --on ${sourceName}\``,
-          cause: error,
-        });
+        throw new OutcomeUnknownError(
+          `${sourceName} did not confirm the end of its copy: ${(error as Error).message}`,
+          {
+            hint: `every page arrived on ${destinationName}; check the source with \`ferry status --on ${sourceName}\``,
+            cause: error,
+          },
+        );
       }
       // CRIU 4.1 resets the dump's statistics when its lazy page server starts: the destination counts.
       const lazyPages = fetched.pages;
@@ -529,7 +541,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         meetsBudget,
       },
       final,
-      bytesSent: rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes + (postcopy?.lazyBytes ?? 0),
+      bytesSent:
+        rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes + (postcopy?.lazyBytes ?? 0),
       pageImageBytes: Number(restored.pageImageBytes ?? 0),
       residentBytes: Number(proc.residentBytes ?? 0),
       phasesMs: { preflight: preflightMs, precopy: precopyMs, switchover: switchoverMs, commit: commitMs },
@@ -677,7 +690,9 @@ async function awaitPostcopy(
           throw new PostcopyFailedError(
             `post-copy failed: ${outcome.detail || 'the destination has no copy'}. The copy on ${destinationName} was killed ` +
               `(its memory was incomplete); the process continues on ${sourceName} from the switchover`,
-            { hint: `check it with \`ferry ps --on ${sourceName}\`; work it did on ${destinationName} since the switchover is lost` },
+            {
+              hint: `check it with \`ferry ps --on ${sourceName}\`; work it did on ${destinationName} since the switchover is lost`,
+            },
           );
         }
       } catch (error) {

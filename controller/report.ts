@@ -35,7 +35,7 @@ export function renderReport(r: MigrationReport): string {
     r.postcopy !== undefined
       ? `  final dump   all but the memory: ${r.final.imageFiles} image files (${formatBytes(r.final.imageBytes)})`
       : `  final dump   ${r.final.pagesWritten} pages written, ${r.final.pagesSkipped} unchanged (${formatBytes(r.final.bytes)}); ` +
-        `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
+          `${r.final.imageFiles} other image files (${formatBytes(r.final.imageBytes)}); CRIU frozen ${formatDuration(r.final.frozenMs)}`,
     `  sent         ${formatBytes(r.bytesSent)} (resident ${formatBytes(r.residentBytes)})`,
     `  time         ${formatDuration(r.totalMs)} in all: preflight ${formatDuration(r.phasesMs.preflight)}, ` +
       (r.strategy === 'precopy' ? `pre-copy ${formatDuration(r.phasesMs.precopy)}, ` : '') +

@@ -18,7 +18,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveCriuBinary } from '../src/criu/binary.js';
-import { lazyPipeLimits } from '../src/criu/lazy.js';
+import { lazyPipeLimits } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 
 const args = process.argv.slice(2);
@@ -59,17 +59,43 @@ try {
   say(`counter: PID ${pid}, ${memoryMb} MiB, count ${count(state)}`);
 
   const port = await freePort();
-  const dump = spawn(criu, ['dump', '-t', String(pid), '-D', images, '--lazy-pages', '--port', String(port), '-v4', '-o', 'dump.log'], {
-    stdio: 'ignore',
-  });
+  const dump = spawn(
+    criu,
+    ['dump', '-t', String(pid), '-D', images, '--lazy-pages', '--port', String(port), '-v4', '-o', 'dump.log'],
+    {
+      stdio: 'ignore',
+    },
+  );
   const dumpExit = exitOf(dump);
-  await waitUntil(() => logHas(join(images, 'dump.log'), 'Starting page server') || dump.exitCode !== null, 'the lazy dump');
+  await waitUntil(
+    () => logHas(join(images, 'dump.log'), 'Starting page server') || dump.exitCode !== null,
+    'the lazy dump',
+  );
   say(`criu dump --lazy-pages: serving on port ${port}`);
-  const lazy = spawn(criu, ['lazy-pages', '--page-server', '--address', '127.0.0.1', '--port', String(port), '-D', images, '-v4', '-o', 'lazy.log'], {
-    stdio: 'ignore',
-  });
+  const lazy = spawn(
+    criu,
+    [
+      'lazy-pages',
+      '--page-server',
+      '--address',
+      '127.0.0.1',
+      '--port',
+      String(port),
+      '-D',
+      images,
+      '-v4',
+      '-o',
+      'lazy.log',
+    ],
+    {
+      stdio: 'ignore',
+    },
+  );
   const lazyExit = exitOf(lazy);
-  await waitUntil(() => existsSync(join(images, 'lazy-pages.socket')) || lazy.exitCode !== null, 'the lazy-pages daemon');
+  await waitUntil(
+    () => existsSync(join(images, 'lazy-pages.socket')) || lazy.exitCode !== null,
+    'the lazy-pages daemon',
+  );
   const restore = spawnSync(criu, ['restore', '-D', images, '--lazy-pages', '-d', '-v4', '-o', 'restore.log']);
   say(`criu restore --lazy-pages: exit ${restore.status}`);
   const [lazyCode, dumpCode] = await Promise.all([lazyExit, dumpExit]);

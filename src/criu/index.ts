@@ -36,6 +36,16 @@ export {
   mainReason,
   ProcessNotFoundError,
 } from './errors.js';
+export {
+  firstCriuError,
+  LAZY_PAGES_SOCKET,
+  LAZY_PIPE_BYTES,
+  lazyPagesCopied,
+  lazyPipeLimits,
+  lazyPortFromLog,
+  startLazyPagesDaemon,
+} from './lazy.js';
+export type { LazyPagesDaemon, LazyPagesDaemonOptions, LazyPipeLimits } from './lazy.js';
 export { readLogExcerpt } from './log.js';
 export { CriuService } from './service.js';
 export type { CriuServiceEvent, CriuServiceOptions, CriuServiceState } from './service.js';

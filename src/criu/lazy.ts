@@ -86,7 +86,15 @@ export function startLazyPagesDaemon(options: LazyPagesDaemonOptions): LazyPages
     '-v4',
   ];
   if (options.tls !== undefined) {
-    args.push('--tls', '--tls-cacert', options.tls.cacert, '--tls-cert', options.tls.cert, '--tls-key', options.tls.key);
+    args.push(
+      '--tls',
+      '--tls-cacert',
+      options.tls.cacert,
+      '--tls-cert',
+      options.tls.cert,
+      '--tls-key',
+      options.tls.key,
+    );
   }
   const child = spawn(options.binary, args, { stdio: 'ignore', detached: true, cwd: options.imagesDir });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {

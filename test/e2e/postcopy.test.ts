@@ -1,4 +1,5 @@
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -7,9 +8,9 @@ import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
 import type { MigrationReport } from '../../controller/migration.js';
 import { listWorkloads, runWorkload } from '../../controller/workloads.js';
-import { LAZY_PIPE_BYTES } from '../../src/criu/lazy.js';
+import { LAZY_PIPE_BYTES } from '../../src/criu/index.js';
 import { projectRoot } from '../../src/paths.js';
-import { runFerry, type CliResult } from '../helpers/cli.js';
+import { FERRY_BIN, runFerry, type CliResult } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -51,6 +52,10 @@ async function startCounter(name: string, memoryMb: number): Promise<string> {
   return state;
 }
 
+async function names(host: LabHost): Promise<string[]> {
+  return (await listWorkloads(hostEndpoint(host), 'test')).map((w) => w.name ?? '');
+}
+
 function count(state: string): number {
   try {
     return Number(/^\d+ (\d+)/.exec(readFileSync(state, 'utf8'))?.[1] ?? 0);
@@ -76,8 +81,8 @@ describe('post-copy', () => {
     // Nothing moved: the workload is still a's, and counts on.
     const before = count(state);
     await waitFor(() => count(state) > before + 5, { what: 'the counter to go on counting on a' });
-    expect((await listWorkloads(hostEndpoint(a))).map((w) => w.name)).toContain('refused');
-    expect((await listWorkloads(hostEndpoint(b))).map((w) => w.name)).not.toContain('refused');
+    expect(await names(a)).toContain('refused');
+    expect(await names(b)).not.toContain('refused');
     expect(corrupt(state)).toBe(false);
   }, 120_000);
 
@@ -106,8 +111,8 @@ describe('post-copy', () => {
       const after = count(state);
       await waitFor(() => count(state) > after + 50 || corrupt(state), { what: `${name} to count on b` });
       expect(corrupt(state)).toBe(false);
-      expect((await listWorkloads(hostEndpoint(b))).map((w) => w.name)).toContain(name);
-      expect((await listWorkloads(hostEndpoint(a))).map((w) => w.name)).not.toContain(name);
+      expect(await names(b)).toContain(name);
+      expect(await names(a)).not.toContain(name);
     }
     const [small, large] = reports as [MigrationReport, MigrationReport];
     console.log(
@@ -121,4 +126,50 @@ describe('post-copy', () => {
     await sleep(600);
     for (const state of states) expect(corrupt(state)).toBe(false);
   }, 300_000);
+
+  it('losing the fetch after the switchover kills the incomplete copy and the source continues', async () => {
+    writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
+    const state = await startCounter('cut', 1024);
+    const child = spawn(FERRY_BIN, ['migrate', 'cut', '--from', 'a', '--to', 'b', '--strategy', 'postcopy'], {
+      env: { ...process.env, FERRY_LAB: LAB },
+    });
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const code = new Promise<number | null>((resolve) => child.once('exit', resolve));
+    await waitFor(() => stderr.includes('fetching its memory from a'), { what: 'the copy on b to run' });
+    // The daemon fetching b's memory dies mid-way (as with a lost link or source).
+    const killed = spawnSync('pkill', ['-KILL', '-f', `lazy-pages .*${b.imagesDir}`]);
+    expect(killed.status).toBe(0);
+    expect(await code).toBe(1);
+    expect(stderr).toContain('post-copy failed');
+    expect(stderr).toContain('the process continues on a from the switchover');
+    // The copy on b had holes in its memory: gone. The source copy counts on, its memory whole.
+    expect(await names(b)).not.toContain('cut');
+    expect(await names(a)).toContain('cut');
+    const before = count(state);
+    await waitFor(() => count(state) > before + 50 || corrupt(state), { what: 'the source copy to count on' });
+    expect(corrupt(state)).toBe(false);
+  }, 180_000);
+
+  it('a controller lost before the commit: the source stops serving and its process runs on', async () => {
+    writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
+    const state = await startCounter('orphan', 64);
+    const pause = join(scratch, 'pause');
+    mkdirSync(pause, { recursive: true });
+    writeFileSync(join(pause, 'armed'), 'controller.after-held');
+    const child = spawn(FERRY_BIN, ['migrate', 'orphan', '--from', 'a', '--to', 'b', '--strategy', 'postcopy'], {
+      env: { ...process.env, FERRY_LAB: LAB, FERRY_TEST_PAUSE_DIR: pause },
+      stdio: 'ignore',
+    });
+    // The source froze the process and serves its memory; the controller dies there.
+    await waitFor(() => existsSync(join(pause, 'controller.after-held')), { what: 'the source to serve' });
+    const frozen = count(state);
+    await sleep(300);
+    expect(count(state)).toBe(frozen);
+    child.kill('SIGKILL');
+    await waitFor(() => count(state) > frozen + 20, { what: 'the source process to run on', timeoutMs: 30_000 });
+    expect(corrupt(state)).toBe(false);
+    expect(await names(a)).toContain('orphan');
+    expect(await names(b)).not.toContain('orphan');
+  }, 120_000);
 });

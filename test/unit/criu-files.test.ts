@@ -100,3 +100,32 @@ describe('which CRIU runs', () => {
     expect(() => parseCriuVersion('criu: command not found')).toThrow(CriuNotFoundError);
   });
 });
+
+describe('lazy pages logs', () => {
+  it('reads the autobound port, the pages copied and the first error, as CRIU 4.1 logs them', async () => {
+    const { firstCriuError, lazyPagesCopied, lazyPortFromLog } = await import('../../src/criu/index.js');
+    const dump = join(dir, 'lazy-dump.log');
+    writeFileSync(
+      dump,
+      [
+        "(00.027590) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted",
+        '(00.046236) Starting page server on port 0',
+        '(00.046240) Using 38781 port',
+        '(02.541590) Error (criu/page-pipe.c:424): page-pipe: splice: -1: Bad file descriptor',
+        '(02.541754) Error (criu/cr-dump.c:2019): Lazy pages transfer FAILED.',
+      ].join('\n'),
+    );
+    expect(lazyPortFromLog(dump)).toBe(38781);
+    // The RLIMIT line is CRIU's noise on every run here, not the failure.
+    expect(firstCriuError(dump)).toBe('Error (criu/page-pipe.c:424): page-pipe: splice: -1: Bad file descriptor');
+    const lazy = join(dir, 'lazy-pages.log');
+    writeFileSync(
+      lazy,
+      'uffd: 1-1: UFFD transferred pages: (65536/65600)\nuffd: 1-4: UFFD transferred pages: (12/12)\n',
+    );
+    expect(lazyPagesCopied(lazy)).toBe(65548);
+    expect(lazyPortFromLog(join(dir, 'missing.log'))).toBeUndefined();
+    expect(lazyPagesCopied(join(dir, 'missing.log'))).toBe(0);
+    expect(firstCriuError(lazy)).toBeUndefined();
+  });
+});

@@ -88,6 +88,20 @@ describe('an agent refuses', () => {
     expect(refusal({ id: 1, finalDump: { ...finalDump, holdMs: 999 } })).toMatch(/hold out of range/);
   });
 
+  it('a post-copy restore whose lazy page server is not an IP literal (it becomes criu lazy-pages --address) or port', () => {
+    const restore = { migrationId, round: 'final', holdMs: 60_000, lazyPort: 4000 };
+    expect(refusal({ id: 1, restore: { ...restore, lazyAddress: '--tls-key=/etc/shadow' } })).toMatch(
+      /lazy page server address is not an IP address/,
+    );
+    expect(refusal({ id: 1, restore: { ...restore, lazyAddress: '10.0.0.1', lazyPort: 70_000 } })).toMatch(
+      /lazy page server port out of range/,
+    );
+    expect(refusal({ replyTo: 1, dumpHeld: { lazyPort: 65_536 } })).toMatch(/lazy page server port out of range/);
+    // A post-copy final dump names no page server (the source serves its own memory).
+    const lazyDump = { ...finalDump, pageServerAddress: '', pageServerPort: 0, lazy: true };
+    expect(() => validateEnvelope(arrived({ id: 1, finalDump: lazyDump }))).not.toThrow();
+  });
+
   it('a hold over a day, past which a timer fires at once instead', () => {
     expect(refusal({ id: 1, restore: { migrationId, round: 'final', holdMs: 2 ** 31 } })).toMatch(/hold out of range/);
   });
