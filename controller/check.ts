@@ -1,10 +1,22 @@
-import { CriuService, resolveCriuBinary, type CriuFeatures, type CriuSource } from '../src/criu/index.js';
+import {
+  CriuService,
+  LAZY_PIPE_BYTES,
+  lazyPipeLimits,
+  resolveCriuBinary,
+  type CriuFeatures,
+  type CriuSource,
+} from '../src/criu/index.js';
 
 export interface CheckReport {
   criu: { path: string; source: CriuSource; version: string };
   features: CriuFeatures;
   /** What Ferry can do on this machine, with the reason. */
   strategies: { precopy: boolean; stopAndCopy: boolean; reason: string };
+  /**
+   * Whether post-copy can work here, from what is known to break it; a
+   * migration's preflight still probes it for real (docs/postcopy.md).
+   */
+  postcopy: { possible: boolean; reason: string };
 }
 
 /** Which CRIU Ferry uses here, whether it works, and what this kernel supports. */
@@ -26,10 +38,28 @@ export async function runCheck(options: { criu?: string | undefined; signal?: Ab
           ? 'the kernel tracks dirty memory: live pre-copy is available'
           : 'the kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY): only stop-and-copy',
       },
+      postcopy: postcopyOutlook(features),
     };
   } finally {
     await service.stop();
   }
+}
+
+function postcopyOutlook(features: CriuFeatures): CheckReport['postcopy'] {
+  if (!features.lazyPages) return { possible: false, reason: 'no non-cooperative userfaultfd in this kernel' };
+  const limits = lazyPipeLimits();
+  if (!limits.ok) {
+    return {
+      possible: false,
+      reason:
+        `CRIU's lazy page server needs ${LAZY_PIPE_BYTES}-byte pipes; fs.pipe-max-size is ${limits.pipeMaxSize} ` +
+        `and there is no CAP_SYS_RESOURCE (sysctl -w fs.pipe-max-size=${LAZY_PIPE_BYTES} fixes it)`,
+    };
+  }
+  return {
+    possible: true,
+    reason: 'userfaultfd and pipe sizes allow it; `ferry migrate --strategy postcopy` probes it for real',
+  };
 }
 
 export function printCheck(report: CheckReport): void {
@@ -41,6 +71,7 @@ export function printCheck(report: CheckReport): void {
     `lazy_pages  ${yes(report.features.lazyPages)}`,
     `pidfd_store ${yes(report.features.pidfdStore)}`,
     `strategies  ${report.strategies.precopy ? 'precopy, ' : ''}stop-and-copy: ${report.strategies.reason}`,
+    `post-copy   ${report.postcopy.possible ? 'possible' : 'not here'}: ${report.postcopy.reason}`,
   ];
   process.stdout.write(lines.join('\n') + '\n');
 }
