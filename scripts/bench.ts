@@ -11,7 +11,8 @@
  * hold are skipped, and said so), BENCH_HOT (percent, "1,10,50"),
  * BENCH_RATES ("low,high"), BENCH_RUNS (3), BENCH_KERNEL_LAB (1; 0 skips the
  * pre-copy part), BENCH_KL_SIZES ("64,256"), BENCH_KL_RUNS (1),
- * BENCH_OUT (bench-results).
+ * BENCH_POSTCOPY (1; 0 skips the post-copy rows, which also need a machine
+ * where post-copy works: docs/postcopy.md), BENCH_OUT (bench-results).
  */
 import { execFile, spawn } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -21,7 +22,7 @@ import { promisify } from 'node:util';
 import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
 import { migrate } from '../controller/migration.js';
-import { resolveCriuBinary } from '../src/criu/index.js';
+import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';
 import {
@@ -44,6 +45,7 @@ const BARE = 'bare CRIU script (TLS)';
 /** Time for a workload to fault its memory in before it is measured. */
 const FAULT_IN = { minMs: 1000, msPerMib: 3 };
 const FERRY = 'Ferry stop-and-copy';
+const POSTCOPY = 'Ferry post-copy';
 
 const criu = resolveCriuBinary().path;
 
@@ -112,6 +114,20 @@ async function ferry(a: LabHost, b: LabHost, cell: Cell, run: number, serial: nu
   });
   process.kill(report.to.pid, 'SIGKILL');
   return sampleOf(cell, FERRY, run, report);
+}
+
+/** Post-copy: the downtime leaves the memory out; the report's post-copy fetch is in the total. */
+async function ferryPostcopy(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+  await startWorkload(a, `lazy${serial}`, cell, FAULT_IN);
+  const report = await migrate({
+    workload: `lazy${serial}`,
+    from: hostEndpoint(a),
+    to: hostEndpoint(b),
+    strategy: 'postcopy',
+    softwareVersion: 'bench',
+  });
+  process.kill(report.to.pid, 'SIGKILL');
+  return sampleOf(cell, POSTCOPY, run, report);
 }
 
 /**
@@ -306,6 +322,15 @@ async function main(): Promise<void> {
     `bench: ${matrix.length} workloads (memory ${sizes.join('/')} MiB, hot ${[...new Set(matrix.map((c) => c.hotPercent))].join('/')} %, ` +
       `dirty rate ${[...new Set(matrix.map((c) => c.rate))].join('/')}), ${runs} runs each of ${BARE} and ${FERRY}, lab hosts a → b\n`,
   );
+  const methods = [bareCriu, ferry];
+  const lazy = lazyPipeLimits();
+  if (process.env.BENCH_POSTCOPY === '0') process.stderr.write('bench: post-copy rows skipped (BENCH_POSTCOPY=0)\n');
+  else if (!lazy.ok) {
+    process.stderr.write(
+      `bench: post-copy rows skipped: fs.pipe-max-size is ${lazy.pipeMaxSize}, CRIU's lazy page server needs ${LAZY_PIPE_BYTES} ` +
+        `(as root: sysctl -w fs.pipe-max-size=${LAZY_PIPE_BYTES}; docs/postcopy.md)\n`,
+    );
+  } else methods.push(ferryPostcopy);
   await labDown(LAB);
   const lab = await labUp({ name: LAB });
   const [a, b] = lab.hosts as [LabHost, LabHost];
@@ -315,14 +340,14 @@ async function main(): Promise<void> {
   try {
     for (const cell of matrix) {
       for (let run = 0; run < runs; run++) {
-        for (const fn of [bareCriu, ferry]) {
+        for (const fn of methods) {
           let sample: Sample;
           try {
             sample = await fn(a, b, cell, run, serial++);
           } catch (error) {
             // One failed run is reported and left out; it does not cost the others.
             failures.push(
-              `${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${fn === bareCriu ? BARE : FERRY}: ${(error as Error).message.split('\n')[0]}`,
+              `${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${fn === bareCriu ? BARE : fn === ferry ? FERRY : POSTCOPY}: ${(error as Error).message.split('\n')[0]}`,
             );
             process.stderr.write(`  ${failures.at(-1)}\n`);
             await killNamespaceOf(a, 'counter');
