@@ -1175,6 +1175,8 @@ export class Agent {
       if (entry?.role === 'destination') {
         if (entry.state === 'resumed') return { state: 'committed' };
         if (entry.state === 'discarded') return { state: 'aborted', detail: entry.action ?? '' };
+        // Not settled here yet (a restart in between): a copy may run, so never "no copy".
+        return { state: 'pending' };
       }
     }
     return { state: await this.#outcome(id) };

@@ -700,6 +700,11 @@ async function awaitPostcopy(
         peer?.close();
         peer = undefined;
       }
+      if (options.signal?.aborted === true) {
+        throw new OutcomeUnknownError(`interrupted while ${destinationName} fetches its memory from ${sourceName}`, {
+          hint: `the process runs on ${destinationName}; the source keeps serving until every page arrived (\`ferry status --on ${sourceName}\`)`,
+        });
+      }
       if (performance.now() - lastSaid > 2_000) {
         lastSaid = performance.now();
         emit('postcopy', 'controller', `fetching memory: ${Math.round((lastSaid - started) / 1000)} s so far`);
