@@ -1042,10 +1042,8 @@ export class Agent {
     if (m?.role === 'source' && m.lazy !== undefined) return this.#commitLazy(m, settled);
     if (settled) {
       const entry = this.journal.read(id);
-      if (entry?.role === 'source' && entry.state === 'committed') {
-        const stats = await readDumpStats(join(entry.dir, 'final')).catch(() => undefined);
-        return { committed: { stats: stats === undefined ? null : statsMessage(stats) } };
-      }
+      // A post-copy source that settled before this question came: its images are gone, its journal says.
+      if (entry?.role === 'source' && entry.state === 'committed') return { committed: {} };
       if (entry?.role === 'source' && entry.state === 'aborted') {
         throw new MigrationStateError(`migration ${id} ended without its copy: ${entry.action ?? 'aborted'}`);
       }
@@ -1085,7 +1083,8 @@ export class Agent {
         `migration ${m.id} did not complete: ${this.journal.read(m.id)?.action ?? outcome}`,
       );
     }
-    return { committed: { stats: statsMessage(await readDumpStats(join(m.dir, m.finalRound ?? 'final'))) } };
+    // No statistics: CRIU 4.1 resets them when its lazy page server starts (the destination counts the pages).
+    return { committed: {} };
   }
 
   async #resume(id: string, downtimeBeforeMs: number): Promise<Body> {

@@ -121,4 +121,16 @@ describe('pre-copy in the kernel lab (Linux 6.1 with dirty-memory tracking)', ()
     expect(strict?.runsOnSource).toBe(true);
     expect(strict?.sourceGone).toBe(false);
   });
+
+  it('post-copy works on Linux 6.1 without changing fs.pipe-max-size, as the probe found', () => {
+    const { report, runsOnDestination, sourceGone, countAfter, countBefore } = outcome('postcopy');
+    expect(report.strategy).toBe('postcopy');
+    expect(report.postcopy?.lazyPages).toBeGreaterThan(((64 * 1024 * 1024) / 4096) * 0.9);
+    expect(runsOnDestination).toBe(true);
+    expect(sourceGone).toBe(true);
+    expect(countAfter).toBeGreaterThan(countBefore);
+    console.log(
+      `post-copy in the kernel lab: downtime ${report.downtimeMs} ms, memory fetched in ${report.postcopy?.fetchMs} ms`,
+    );
+  });
 });
