@@ -215,12 +215,14 @@ switchover cost + restore of the resident memory + the pages expected dirty at t
 over the measured bandwidth; progress shows it after every round and the report compares it with
 the downtime measured. Over budget, Ferry goes ahead and says so, unless --strict-downtime.
 
---strategy postcopy moves everything but the memory, starts the process on the destination at
-once, and lets it fetch its memory from the source on demand and in the background: the
-downtime does not grow with the memory. Only where a probe on both agents (a small lazy
-migration on each) worked; never chosen by auto. The risk: ${POSTCOPY_RISK}.
-The source keeps the process frozen and serving until every page has arrived; only then is
-its copy ended. docs/postcopy.md.`,
+${wrap(
+  '--strategy postcopy moves everything but the memory, starts the process on the destination at ' +
+    'once, and lets it fetch its memory from the source on demand and in the background: the ' +
+    'downtime does not grow with the memory. Only where a probe on both agents (a small lazy ' +
+    `migration on each) worked; never chosen by auto. The risk: ${POSTCOPY_RISK}. The source keeps ` +
+    'the process frozen and serving until every page has arrived; only then is its copy ended. ' +
+    'docs/postcopy.md.',
+)}`,
     )
     .action(
       async (
@@ -555,3 +557,8 @@ process.stdout.on('error', (error: NodeJS.ErrnoException) => {
   throw error;
 });
 process.exitCode = await main(process.argv.slice(2));
+
+/** Wraps help text at 95 columns, as the hand-wrapped paragraphs around it. */
+function wrap(text: string): string {
+  return text.replace(/(.{1,95})(?:\s+|$)/g, '$1\n').trimEnd();
+}
