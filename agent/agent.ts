@@ -24,7 +24,7 @@ import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import {
   CriuOperationError,
   CriuService,
-  firstCriuError,
+  logReason,
   lazyPagesCopied,
   lazyPortFromLog,
   readDumpStats,
@@ -154,6 +154,8 @@ interface SourceMigration {
     destinationUrl: string;
     sent?: { files: number; bytes: number };
     streamMs?: number;
+    /** Where CRIU serves the memory, once it does. */
+    port?: number;
     /** The controller rolled back before the destination ran: continue without asking. */
     aborted?: boolean;
     committing?: boolean;
@@ -741,6 +743,7 @@ export class Agent {
           if (event.script === 'status-ready') {
             const port = lazyPortFromLog(join(dir, 'dump.log'));
             if (port === undefined) throw new Error('CRIU did not log its lazy page server’s port');
+            m.lazy!.port = port;
             this.journal.update(m.id, { state: 'held', action: `serving memory on port ${port}` });
             progress(`serving memory to the destination on port ${port}`);
             serving.resolve({
@@ -957,7 +960,7 @@ export class Agent {
   }
 
   async #decideFromSource(m: DestinationMigration): Promise<void> {
-    const outcome = await this.#askSource(m.id, m.sourceUrl);
+    const outcome = await this.#askPeer(m.id, m.sourceUrl, 'source');
     log.warn('no resume within the hold time; the source says', { migration: m.id, outcome });
     if (outcome === 'committed') await this.#settleDestination(m, true);
     else if (outcome === 'aborted' || outcome === 'unknown') await this.#settleDestination(m, false);
@@ -1012,7 +1015,7 @@ export class Agent {
     const lazy = m.lazy!;
     lazy.resumedAt = performance.now();
     this.journal.update(m.id, { state: 'resuming', pid, pidStart: startTime(pid), action: 'fetching memory' });
-    void lazy.daemon.exited.then(({ code, signal }) => {
+    void lazy.daemon.exited.then(async ({ code, signal }) => {
       const ms = Math.round(performance.now() - (lazy.resumedAt ?? 0));
       const logPath = join(m.dir, 'final', 'lazy-pages.log');
       if (code === 0) {
@@ -1021,7 +1024,7 @@ export class Agent {
         this.journal.update(m.id, { state: 'resumed', pid, pidStart: startTime(pid), action: '' });
         log.info('post-copy: every page arrived', { migration: m.id, pid, ms });
       } else {
-        const why = `criu lazy-pages ended with ${signal ?? `exit code ${code}`}: ${firstCriuError(logPath) ?? 'no error logged'}`;
+        const why = `criu lazy-pages ended with ${signal ?? `exit code ${code}`}: ${(await logReason(logPath)) ?? 'no error logged'}`;
         lazy.result = { ok: false, detail: why, ms, pages: lazyPagesCopied(logPath) };
         try {
           process.kill(pid, 'SIGKILL');
@@ -1147,7 +1150,7 @@ export class Agent {
    * #settleLazySource to continue it).
    */
   async #stopServing(m: SourceMigration): Promise<void> {
-    const port = lazyPortFromLog(join(m.dir, m.finalRound ?? 'final', 'dump.log'));
+    const port = m.lazy?.port;
     if (port === undefined) return;
     await new Promise<void>((done) => {
       const socket = createConnection({ host: this.advertise, port }, () => socket.end());
@@ -1248,7 +1251,7 @@ export class Agent {
 
   /** A destination record left by a crash: the source decides; the images are kept until then. */
   async #recoverDestination(entry: JournalEntry): Promise<JournalEntry> {
-    const outcome = await this.#askSource(entry.id, entry.peerUrl);
+    const outcome = await this.#askPeer(entry.id, entry.peerUrl, 'source');
     if (outcome === 'pending' || outcome === 'unreachable') return entry;
     if (outcome === 'committed') {
       let pid = entry.pid;
@@ -1276,10 +1279,6 @@ export class Agent {
       { role: 'agent', name: this.options.name, softwareVersion: this.options.softwareVersion },
       { peer: `${role} ${url}`, timeoutMs, tls: this.options.tls },
     );
-  }
-
-  #askSource(id: string, url: string): Promise<'committed' | 'aborted' | 'pending' | 'unknown' | 'unreachable'> {
-    return this.#askPeer(id, url, 'source');
   }
 
   async #askPeer(

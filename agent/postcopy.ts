@@ -11,18 +11,19 @@
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  firstCriuError,
   lazyPipeLimits,
+  logReason,
   lazyPortFromLog,
   startLazyPagesDaemon,
   LAZY_PIPE_BYTES,
   type CriuClient,
   type PageTls,
 } from '../src/criu/index.js';
+import { readCounterState } from '../src/counter.js';
 import { deferred } from '../src/deferred.js';
 import { projectRoot } from '../src/paths.js';
+import { waitFor } from '../src/wait.js';
 
 export interface PostcopySupport {
   works: boolean;
@@ -65,7 +66,7 @@ export async function probePostcopy(context: ProbeContext): Promise<PostcopySupp
   const dir = mkdtempSync(join(context.scratchRoot, 'postcopy-probe-'));
   let failure: string | undefined;
   try {
-    failure = await oneLazyMigration(context, dir);
+    failure = await oneLazyMigration(context, dir, started + PROBE_TIMEOUT_MS);
   } catch (error) {
     failure = (error as Error).message;
   }
@@ -92,12 +93,11 @@ export async function probePostcopy(context: ProbeContext): Promise<PostcopySupp
 }
 
 /** Undefined when it worked, else what failed. */
-async function oneLazyMigration(context: ProbeContext, dir: string): Promise<string | undefined> {
+async function oneLazyMigration(context: ProbeContext, dir: string, deadline: number): Promise<string | undefined> {
   const images = join(dir, 'images');
   const state = join(dir, 'state');
   const counter = join(projectRoot(), 'dist', 'examples', 'counter');
   if (!existsSync(counter)) return `the probe's test program ${counter} is missing`;
-  const deadline = AbortSignal.timeout(PROBE_TIMEOUT_MS);
   // 4 MiB, verified every 5 ticks: a page that came back empty shows.
   const holder = spawn('unshare', ['-p', '-f', 'setsid', counter, state, '20', '4', '0', '0', '5'], {
     detached: true,
@@ -113,7 +113,13 @@ async function oneLazyMigration(context: ProbeContext, dir: string): Promise<str
   let restoredPid: number | undefined;
   let daemon: ReturnType<typeof startLazyPagesDaemon> | undefined;
   try {
-    await until(() => count(state) >= 2, deadline, 'the test process to start');
+    const count = (): number => readCounterState(state)?.count ?? 0;
+    const corrupt = (): boolean => readCounterState(state)?.corrupt === true;
+    const left = (): { timeoutMs: number; intervalMs: number } => ({
+      timeoutMs: deadline - Date.now(),
+      intervalMs: 20,
+    });
+    await waitFor(() => count() >= 2, { what: 'the test process to start', ...left() });
     const pid = Number(readLog(`/proc/${holder.pid}/task/${holder.pid}/children`).trim());
     if (!(pid > 0)) return 'the test process did not start';
     mkdirSync(images, { mode: 0o700 });
@@ -135,8 +141,8 @@ async function oneLazyMigration(context: ProbeContext, dir: string): Promise<str
       })
       .then(
         () => undefined,
-        (error: unknown) =>
-          `the lazy dump failed: ${firstCriuError(join(images, 'dump.log')) ?? (error as Error).message}`,
+        async (error: unknown) =>
+          `the lazy dump failed: ${(await logReason(join(images, 'dump.log'))) ?? (error as Error).message}`,
       );
     const early = await Promise.race([serving.promise.then(() => undefined), dump]);
     if (early !== undefined) return early;
@@ -153,19 +159,22 @@ async function oneLazyMigration(context: ProbeContext, dir: string): Promise<str
       .restore({ imagesDir: images, lazyPages: true, timeoutMs: PROBE_TIMEOUT_MS })
       .then(
         (r) => r.pid,
-        (error: unknown) =>
-          `the lazy restore failed: ${firstCriuError(join(images, 'restore.log')) ?? (error as Error).message}`,
+        async (error: unknown) =>
+          `the lazy restore failed: ${(await logReason(join(images, 'restore.log'))) ?? (error as Error).message}`,
       );
     if (typeof restored === 'string') return (await dump) ?? restored;
     restoredPid = restored;
     const [exit, dumped] = await Promise.all([daemon.exited, dump]);
     if (dumped !== undefined) return dumped;
     if (exit.code !== 0) {
-      return `criu lazy-pages ended with ${exit.signal ?? `exit code ${exit.code}`}: ${firstCriuError(join(images, 'lazy-pages.log')) ?? 'no error logged'}`;
+      return `criu lazy-pages ended with ${exit.signal ?? `exit code ${exit.code}`}: ${(await logReason(join(images, 'lazy-pages.log'))) ?? 'no error logged'}`;
     }
-    const before = count(state);
-    await until(() => count(state) > before + 5 || corrupt(state), deadline, 'the restored test process to count on');
-    if (corrupt(state)) return 'the restored test process found its memory changed';
+    const before = count();
+    await waitFor(() => count() > before + 5 || corrupt(), {
+      what: 'the restored test process to count on',
+      ...left(),
+    });
+    if (corrupt()) return 'the restored test process found its memory changed';
     return undefined;
   } finally {
     daemon?.kill();
@@ -179,20 +188,5 @@ function readLog(path: string): string {
     return readFileSync(path, 'utf8');
   } catch {
     return '';
-  }
-}
-
-function count(state: string): number {
-  return Number(/^\d+ (\d+)/.exec(readLog(state))?.[1] ?? 0);
-}
-
-function corrupt(state: string): boolean {
-  return readLog(state).includes('corrupt');
-}
-
-async function until(check: () => boolean, signal: AbortSignal, what: string): Promise<void> {
-  while (!check()) {
-    if (signal.aborted) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
   }
 }

@@ -104,30 +104,21 @@ async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial:
   };
 }
 
-async function ferry(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
-  await startWorkload(a, `ferry${serial}`, cell, FAULT_IN);
-  const report = await migrate({
-    workload: `ferry${serial}`,
-    from: hostEndpoint(a),
-    to: hostEndpoint(b),
-    softwareVersion: 'bench',
-  });
-  process.kill(report.to.pid, 'SIGKILL');
-  return sampleOf(cell, FERRY, run, report);
-}
-
-/** Post-copy: the downtime leaves the memory out; the report's post-copy fetch is in the total. */
-async function ferryPostcopy(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
-  await startWorkload(a, `lazy${serial}`, cell, FAULT_IN);
-  const report = await migrate({
-    workload: `lazy${serial}`,
-    from: hostEndpoint(a),
-    to: hostEndpoint(b),
-    strategy: 'postcopy',
-    softwareVersion: 'bench',
-  });
-  process.kill(report.to.pid, 'SIGKILL');
-  return sampleOf(cell, POSTCOPY, run, report);
+/** Ferry's own migration of a fresh workload, with the strategy given (the default: what preflight picks). */
+function ferryWith(method: string, strategy?: 'postcopy') {
+  return async (a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> => {
+    const name = `${strategy === 'postcopy' ? 'lazy' : 'ferry'}${serial}`;
+    await startWorkload(a, name, cell, FAULT_IN);
+    const report = await migrate({
+      workload: name,
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
+      strategy,
+      softwareVersion: 'bench',
+    });
+    process.kill(report.to.pid, 'SIGKILL');
+    return sampleOf(cell, method, run, report);
+  };
 }
 
 /**
@@ -322,7 +313,11 @@ async function main(): Promise<void> {
     `bench: ${matrix.length} workloads (memory ${sizes.join('/')} MiB, hot ${[...new Set(matrix.map((c) => c.hotPercent))].join('/')} %, ` +
       `dirty rate ${[...new Set(matrix.map((c) => c.rate))].join('/')}), ${runs} runs each of ${BARE} and ${FERRY}, lab hosts a → b\n`,
   );
-  const methods = [bareCriu, ferry];
+  type Method = (a: LabHost, b: LabHost, cell: Cell, run: number, serial: number) => Promise<Sample>;
+  const methods: { name: string; run: Method }[] = [
+    { name: BARE, run: bareCriu },
+    { name: FERRY, run: ferryWith(FERRY) },
+  ];
   const lazy = lazyPipeLimits();
   if (process.env.BENCH_POSTCOPY === '0') process.stderr.write('bench: post-copy rows skipped (BENCH_POSTCOPY=0)\n');
   else if (!lazy.ok) {
@@ -330,7 +325,7 @@ async function main(): Promise<void> {
       `bench: post-copy rows skipped: fs.pipe-max-size is ${lazy.pipeMaxSize}, CRIU's lazy page server needs ${LAZY_PIPE_BYTES} ` +
         `(as root: sysctl -w fs.pipe-max-size=${LAZY_PIPE_BYTES}; docs/postcopy.md)\n`,
     );
-  } else methods.push(ferryPostcopy);
+  } else methods.push({ name: POSTCOPY, run: ferryWith(POSTCOPY, 'postcopy') });
   await labDown(LAB);
   const lab = await labUp({ name: LAB });
   const [a, b] = lab.hosts as [LabHost, LabHost];
@@ -340,14 +335,14 @@ async function main(): Promise<void> {
   try {
     for (const cell of matrix) {
       for (let run = 0; run < runs; run++) {
-        for (const fn of methods) {
+        for (const method of methods) {
           let sample: Sample;
           try {
-            sample = await fn(a, b, cell, run, serial++);
+            sample = await method.run(a, b, cell, run, serial++);
           } catch (error) {
             // One failed run is reported and left out; it does not cost the others.
             failures.push(
-              `${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${fn === bareCriu ? BARE : fn === ferry ? FERRY : POSTCOPY}: ${(error as Error).message.split('\n')[0]}`,
+              `${cell.memoryMb} MiB hot ${cell.hotPercent} % ${cell.rate} run ${run + 1} ${method.name}: ${(error as Error).message.split('\n')[0]}`,
             );
             process.stderr.write(`  ${failures.at(-1)}\n`);
             await killNamespaceOf(a, 'counter');

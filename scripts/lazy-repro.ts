@@ -19,7 +19,9 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveCriuBinary } from '../src/criu/binary.js';
 import { lazyPipeLimits } from '../src/criu/index.js';
+import { readCounterState } from '../src/counter.js';
 import { projectRoot } from '../src/paths.js';
+import { waitFor } from '../src/wait.js';
 
 const args = process.argv.slice(2);
 const option = (name: string): string | undefined => {
@@ -38,6 +40,9 @@ const original = readFileSync(PIPE_MAX_SIZE_FILE, 'utf8').trim();
 if (pipeMaxSize !== undefined) writeFileSync(PIPE_MAX_SIZE_FILE, pipeMaxSize);
 
 const say = (line: string): void => console.log(line);
+const count = (state: string): number => readCounterState(state)?.count ?? 0;
+const waitUntil = (check: () => boolean, what: string): Promise<void> =>
+  waitFor(check, { what, timeoutMs: 15_000, intervalMs: 50 });
 let ok = false;
 try {
   const limits = lazyPipeLimits();
@@ -103,7 +108,7 @@ try {
   const before = count(state);
   await sleep(500);
   const after = count(state);
-  const corrupt = readFileSync(state, 'utf8').includes('corrupt');
+  const corrupt = readCounterState(state)?.corrupt === true;
   ok = restore.status === 0 && lazyCode === 0 && dumpCode === 0 && after > before && !corrupt;
   say(`counter after restore: ${before} → ${after}${corrupt ? ', memory CORRUPT' : ''}`);
   for (const log of ['dump.log', 'lazy.log', 'restore.log']) {
@@ -124,28 +129,12 @@ function version(): string {
   return /Version: (\S+)/.exec(spawnSync(criu, ['--version'], { encoding: 'utf8' }).stdout)?.[1] ?? '?';
 }
 
-function count(state: string): number {
-  try {
-    return Number(/^\d+ (\d+)/.exec(readFileSync(state, 'utf8'))?.[1] ?? 0);
-  } catch {
-    return 0;
-  }
-}
-
 function logHas(file: string, text: string): boolean {
   return existsSync(file) && readFileSync(file, 'utf8').includes(text);
 }
 
 function exitOf(child: ReturnType<typeof spawn>): Promise<number | null> {
   return new Promise((resolve) => child.once('exit', (code) => resolve(code)));
-}
-
-async function waitUntil(check: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 300; i++) {
-    if (check()) return;
-    await sleep(50);
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 function freePort(): Promise<number> {

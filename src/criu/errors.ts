@@ -1,4 +1,5 @@
 import { FerryError, type FerryErrorOptions } from '../errors.js';
+import { readLogExcerpt } from './log.js';
 
 /** No usable CRIU binary (missing, not executable, or not answering --version). */
 export class CriuNotFoundError extends FerryError {
@@ -128,6 +129,11 @@ const GENERIC = [/FAILED\.?\s*\(/, /failed with -1/, /Can't send response/, /One
 export function mainReason(errors: readonly string[] | undefined): string | undefined {
   if (errors === undefined || errors.length === 0) return undefined;
   return errors.find((e) => !GENERIC.some((re) => re.test(e))) ?? errors.at(-1);
+}
+
+/** The main reason a CRIU log gives for a failure (mainReason of its error lines); undefined when it has none. */
+export async function logReason(file: string): Promise<string | undefined> {
+  return mainReason((await readLogExcerpt(file))?.errors);
 }
 
 function describeFailure(d: CriuFailureDetails): string {

@@ -33,11 +33,11 @@ export {
   CriuServiceUnavailableError,
   CriuUnsupportedError,
   ImagesDirError,
+  logReason,
   mainReason,
   ProcessNotFoundError,
 } from './errors.js';
 export {
-  firstCriuError,
   LAZY_PAGES_SOCKET,
   LAZY_PIPE_BYTES,
   lazyPagesCopied,

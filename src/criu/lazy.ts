@@ -7,6 +7,7 @@ import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { logReason } from './errors.js';
 
 /**
  * CRIU 4.1's lazy page server tees every requested page through a pipe it
@@ -107,7 +108,10 @@ export function startLazyPagesDaemon(options: LazyPagesDaemonOptions): LazyPages
     let ended = false;
     void exited.then(() => (ended = true));
     while (!existsSync(socket)) {
-      if (ended) throw new Error(`criu lazy-pages ended before it listened: ${lazyLogExcerpt(options)}`);
+      if (ended) {
+        const reason = await logReason(join(options.imagesDir, options.logFile ?? 'lazy-pages.log'));
+        throw new Error(`criu lazy-pages ended before it listened: ${reason ?? 'no error in its log'}`);
+      }
       if (Date.now() > deadline) throw new Error('criu lazy-pages did not listen within 10 s');
       await sleep(10);
     }
@@ -121,19 +125,6 @@ export function startLazyPagesDaemon(options: LazyPagesDaemonOptions): LazyPages
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     },
   };
-}
-
-function lazyLogExcerpt(options: LazyPagesDaemonOptions): string {
-  return firstCriuError(join(options.imagesDir, options.logFile ?? 'lazy-pages.log')) ?? 'no error in its log';
-}
-
-/** CRIU's first "Error" line in a log, without its timestamp; undefined when none. */
-export function firstCriuError(logPath: string): string | undefined {
-  if (!existsSync(logPath)) return undefined;
-  const line = readFileSync(logPath, 'utf8')
-    .split('\n')
-    .find((l) => l.includes('Error (') && !l.includes('RLIMIT_NOFILE'));
-  return line?.replace(/^\(\s*[\d.]+\)\s*/, '');
 }
 
 /** The port CRIU autobound for a lazy dump's page server, from its log ("Using N port"). */

@@ -9,6 +9,7 @@ import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js'
 import type { MigrationReport } from '../../controller/migration.js';
 import { listWorkloads, runWorkload } from '../../controller/workloads.js';
 import { LAZY_PIPE_BYTES } from '../../src/criu/index.js';
+import { readCounterState } from '../../src/counter.js';
 import { projectRoot } from '../../src/paths.js';
 import { FERRY_BIN, runFerry, type CliResult } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';
@@ -57,15 +58,11 @@ async function names(host: LabHost): Promise<string[]> {
 }
 
 function count(state: string): number {
-  try {
-    return Number(/^\d+ (\d+)/.exec(readFileSync(state, 'utf8'))?.[1] ?? 0);
-  } catch {
-    return 0;
-  }
+  return readCounterState(state)?.count ?? 0;
 }
 
 function corrupt(state: string): boolean {
-  return readFileSync(state, 'utf8').includes('corrupt');
+  return readCounterState(state)?.corrupt === true;
 }
 
 describe('post-copy', () => {

@@ -1,7 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { readCounterState } from '../../src/counter.js';
 import { projectRoot } from '../../src/paths.js';
 import { waitFor } from './wait.js';
 
@@ -59,10 +60,8 @@ export class Counter {
   }
 
   read(): CounterReading | undefined {
-    if (!existsSync(this.stateFile)) return undefined;
-    const match = /^(\d+) (\d+)/.exec(readFileSync(this.stateFile, 'utf8'));
-    if (match === null) return undefined;
-    return { pid: Number(match[1]), count: Number(match[2]) };
+    const state = readCounterState(this.stateFile);
+    return state === undefined ? undefined : { pid: state.pid, count: state.count };
   }
 
   count(): number {

@@ -103,7 +103,7 @@ describe('which CRIU runs', () => {
 
 describe('lazy pages logs', () => {
   it('reads the autobound port, the pages copied and the first error, as CRIU 4.1 logs them', async () => {
-    const { firstCriuError, lazyPagesCopied, lazyPortFromLog } = await import('../../src/criu/index.js');
+    const { lazyPagesCopied, lazyPortFromLog, logReason } = await import('../../src/criu/index.js');
     const dump = join(dir, 'lazy-dump.log');
     writeFileSync(
       dump,
@@ -117,7 +117,7 @@ describe('lazy pages logs', () => {
     );
     expect(lazyPortFromLog(dump)).toBe(38781);
     // The RLIMIT line is CRIU's noise on every run here, not the failure.
-    expect(firstCriuError(dump)).toBe('Error (criu/page-pipe.c:424): page-pipe: splice: -1: Bad file descriptor');
+    expect(await logReason(dump)).toBe('page-pipe: splice: -1: Bad file descriptor (criu/page-pipe.c:424)');
     const lazy = join(dir, 'lazy-pages.log');
     writeFileSync(
       lazy,
@@ -126,6 +126,6 @@ describe('lazy pages logs', () => {
     expect(lazyPagesCopied(lazy)).toBe(65548);
     expect(lazyPortFromLog(join(dir, 'missing.log'))).toBeUndefined();
     expect(lazyPagesCopied(join(dir, 'missing.log'))).toBe(0);
-    expect(firstCriuError(lazy)).toBeUndefined();
+    expect(await logReason(lazy)).toBeUndefined();
   });
 });
