@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import WebSocket from 'ws';
-import { Envelope, PROTOCOL_VERSION, WireConnection, WireServer, type EnvelopeMessage } from '../../src/wire/index.js';
+import { rawPeer, type RawPeer } from '../helpers/raw-peer.js';
+import { Envelope, PROTOCOL_VERSION, WireConnection, WireServer } from '../../src/wire/index.js';
 
 let server: WireServer | undefined;
 afterEach(async () => {
@@ -13,18 +13,11 @@ async function start(onRequest: Parameters<typeof WireServer.listen>[0]['onReque
   return `ws://127.0.0.1:${server.port}`;
 }
 
-/** A raw peer that speaks frames directly, to misbehave. */
-async function raw(url: string): Promise<{ ws: WebSocket; frames: EnvelopeMessage[]; closed: Promise<number> }> {
-  const ws = new WebSocket(url, { maxPayload: 4 * 1024 * 1024 });
-  const frames: EnvelopeMessage[] = [];
-  ws.on('message', (data: Buffer) => frames.push(Envelope.decode(data)));
-  const closed = new Promise<number>((resolve) => ws.on('close', (code) => resolve(code)));
-  await new Promise((resolve, reject) => {
-    ws.once('open', resolve);
-    ws.once('error', reject);
-  });
-  ws.send(Envelope.encode({ id: 1, hello: { protocolVersion: PROTOCOL_VERSION, role: 1, name: 'raw' } }).finish());
-  return { ws, frames, closed };
+/** A raw peer that speaks frames directly, to misbehave, after a hello. */
+async function raw(url: string): Promise<RawPeer> {
+  const peer = await rawPeer(url, { maxPayload: 4 * 1024 * 1024 });
+  peer.ws.send(Envelope.encode({ id: 1, hello: { protocolVersion: PROTOCOL_VERSION, role: 1, name: 'raw' } }).finish());
+  return peer;
 }
 
 const request = (id: number): Uint8Array => Envelope.encode({ id, listWorkloads: {} }).finish();

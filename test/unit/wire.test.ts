@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import WebSocket from 'ws';
+import { rawPeer } from '../helpers/raw-peer.js';
 import { InvalidInputError } from '../../src/errors.js';
 import {
   Envelope,
@@ -41,22 +41,6 @@ async function start(options: Partial<Parameters<typeof WireServer.listen>[0]> =
 
 const hello = { role: 'controller' as const, name: 'test', softwareVersion: '0' };
 
-/** A raw WebSocket that speaks frames directly, to misbehave. */
-async function raw(
-  url: string,
-  options: WebSocket.ClientOptions = {},
-): Promise<{ ws: WebSocket; frames: EnvelopeMessage[]; closed: Promise<number> }> {
-  const ws = new WebSocket(url, options);
-  const frames: EnvelopeMessage[] = [];
-  ws.on('message', (data: Buffer) => frames.push(Envelope.decode(data)));
-  const closed = new Promise<number>((resolve) => ws.on('close', (code) => resolve(code)));
-  await new Promise((resolve, reject) => {
-    ws.once('open', resolve);
-    ws.once('error', reject);
-  });
-  return { ws, frames, closed };
-}
-
 function helloFrame(version = PROTOCOL_VERSION): Uint8Array {
   return Envelope.encode({ id: 1, hello: { protocolVersion: version, role: 1, name: 'raw' } }).finish();
 }
@@ -82,7 +66,7 @@ describe('wire connection', () => {
 
   it('refuses a peer of another protocol version', async () => {
     const url = await start();
-    const { ws, frames, closed } = await raw(url);
+    const { ws, frames, closed } = await rawPeer(url);
     ws.send(helloFrame(PROTOCOL_VERSION + 1));
     expect(await closed).toBe(1000);
     expect(frames[0]?.failure?.message).toMatch(/protocol 2 is not spoken here/);
@@ -90,7 +74,7 @@ describe('wire connection', () => {
 
   it('answers anything before hello with a failure and stops trusting the connection', async () => {
     const url = await start();
-    const { ws, frames, closed } = await raw(url);
+    const { ws, frames, closed } = await rawPeer(url);
     ws.send(Envelope.encode({ id: 1, listWorkloads: {} }).finish());
     await closed;
     expect(frames[0]?.failure?.code).toBe('WIRE_PROTOCOL');
@@ -99,7 +83,7 @@ describe('wire connection', () => {
 
   it('closes on a frame that does not decode, and keeps serving others', async () => {
     const url = await start();
-    const { ws, frames, closed } = await raw(url);
+    const { ws, frames, closed } = await rawPeer(url);
     ws.send(helloFrame());
     ws.send(Buffer.from([0x0a, 0xff, 0xff, 0xff]));
     expect(await closed).toBe(1008);
@@ -111,12 +95,12 @@ describe('wire connection', () => {
 
   it('closes on text frames and on an image name that leaves its directory', async () => {
     const url = await start();
-    const text = await raw(url);
+    const text = await rawPeer(url);
     text.ws.send(helloFrame());
     text.ws.send('hello?');
     expect(await text.closed).toBe(1008);
 
-    const traversal = await raw(url);
+    const traversal = await rawPeer(url);
     traversal.ws.send(helloFrame());
     traversal.ws.send(
       Envelope.encode({
@@ -130,7 +114,7 @@ describe('wire connection', () => {
 
   it('refuses frames larger than the limit', async () => {
     const url = await start();
-    const { ws, closed } = await raw(url);
+    const { ws, closed } = await rawPeer(url);
     ws.send(helloFrame());
     ws.send(Buffer.alloc(3 * 1024 * 1024));
     expect(await closed).toBe(1009);
@@ -138,7 +122,7 @@ describe('wire connection', () => {
 
   it('notices a peer that stopped answering heartbeats, and closes', async () => {
     const url = await start({ heartbeatMs: 100, deadAfterMs: 400 });
-    const { ws, closed } = await raw(url, { autoPong: false });
+    const { ws, closed } = await rawPeer(url, { autoPong: false });
     ws.send(helloFrame());
     const started = Date.now();
     await closed;
