@@ -16,6 +16,7 @@ import {
   type EnvelopeMessage,
   type ProgressMessage,
 } from './messages.js';
+import { REQUESTS, requestBody, type ReplyOf, type RequestName } from './requests.js';
 import { validateEnvelope } from './validate.js';
 
 /** Requests a peer may have waiting for answers at once: the parties ask one thing at a time, progress aside. */
@@ -189,7 +190,15 @@ export class WireConnection {
     else this.#closeListeners.push(listener);
   }
 
-  /** Sends a request and resolves with the expected reply body; a Failure reply rejects with RemoteError. */
+  /**
+   * Sends the request `name` with its parameters and resolves with its reply
+   * (the table in requests.ts says which); a Failure reply rejects with RemoteError.
+   */
+  call<K extends RequestName>(name: K, params: BodyOf<K>, options: RequestOptions = {}): Promise<ReplyOf<K>> {
+    return this.request(requestBody(name, params), REQUESTS[name].reply, options) as Promise<ReplyOf<K>>;
+  }
+
+  /** Sends any body and resolves with the expected reply body (call() is the typed way). */
   async request<K extends BodyName>(body: Body, expect: K, options: RequestOptions = {}): Promise<BodyOf<K>> {
     if (this.#closed !== undefined) throw this.#closed;
     const { signal } = options;

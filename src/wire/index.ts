@@ -26,6 +26,18 @@ export {
   type WorkloadInfo,
   type WorkloadSpec,
 } from './messages.js';
+export {
+  agentsMaySend,
+  CONTROL_BODIES,
+  isRequestName,
+  replyBody,
+  requestBody,
+  REQUESTS,
+  type ReplyName,
+  type ReplyOf,
+  type RequestHandlers,
+  type RequestName,
+} from './requests.js';
 export { WireServer } from './server.js';
 export type { WireServerOptions } from './server.js';
 export {
