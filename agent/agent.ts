@@ -604,7 +604,7 @@ export class Agent {
         source: this.options.name,
         ...extra,
       });
-    if (p.lazy === true) return this.#finalDumpLazy(m, p, dir, round, connection, progress);
+    if (p.postcopy === true) return this.#finalDumpLazy(m, p, dir, round, connection, progress);
 
     m.dump = this.criu
       .dump({
@@ -751,7 +751,7 @@ export class Agent {
               imageBytes: m.lazy?.sent?.bytes ?? 0,
               frozenMs: Math.round(performance.now() - frozenAt),
               streamMs: m.lazy?.streamMs ?? 0,
-              lazyPort: port,
+              postcopyPort: port,
             });
           }
           return true;
@@ -896,13 +896,13 @@ export class Agent {
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.options.name });
     const reachedHold = deferred<number>();
-    if (r.lazyPort) {
+    if (r.postcopyPort) {
       // Post-copy: the daemon that will fetch the memory listens before the restore hands it the process.
       const daemon = startLazyPagesDaemon({
         binary: this.service.binary.path,
         imagesDir: dir,
-        address: r.lazyAddress ?? '',
-        port: r.lazyPort,
+        address: r.postcopyAddress ?? '',
+        port: r.postcopyPort,
         tls: r.plainPages === true ? undefined : this.#pageTls,
       });
       m.lazy = { daemon };

@@ -404,7 +404,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           destinationUrl: options.to.url,
           holdMs,
           plainPages: options.plainPages === true,
-          lazy,
+          postcopy: lazy,
         },
       },
       'dumpHeld',
@@ -416,14 +416,14 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       'switchover',
       sourceName,
       lazy
-        ? `source frozen; ${held.imageFiles} image files streamed; its memory is served on port ${held.lazyPort}`
+        ? `source frozen; ${held.imageFiles} image files streamed; its memory is served on port ${held.postcopyPort}`
         : `source frozen and held; ${held.imageFiles} image files streamed`,
       { bytes: Number(held.imageBytes ?? 0) },
     );
     const lazyRestore = lazy
       ? {
-          lazyAddress: sourceFacts.address ?? '',
-          lazyPort: held.lazyPort ?? 0,
+          postcopyAddress: sourceFacts.address ?? '',
+          postcopyPort: held.postcopyPort ?? 0,
           plainPages: options.plainPages === true,
         }
       : {};

@@ -91,7 +91,7 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       round(r?.round);
       parent(r?.parent);
       pid(r?.pid, false);
-      if (name === 'preDumpRound' || e.finalDump?.lazy !== true) {
+      if (name === 'preDumpRound' || e.finalDump?.postcopy !== true) {
         address(r?.pageServerAddress, 'page server address');
         port(r?.pageServerPort, 'page server port');
       }
@@ -102,7 +102,7 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       break;
     }
     case 'dumpHeld':
-      if (e.dumpHeld?.lazyPort) port(e.dumpHeld.lazyPort, 'lazy page server port');
+      if (e.dumpHeld?.postcopyPort) port(e.dumpHeld.postcopyPort, 'lazy page server port');
       break;
     case 'pageServerStarted':
       address(e.pageServerStarted?.address, 'page server address');
@@ -129,9 +129,9 @@ export function validateEnvelope(e: EnvelopeMessage): void {
       migration(e.restore?.migrationId);
       round(e.restore?.round);
       hold(e.restore?.holdMs);
-      if (e.restore?.lazyPort) {
-        address(e.restore.lazyAddress, 'lazy page server address');
-        port(e.restore.lazyPort, 'lazy page server port');
+      if (e.restore?.postcopyPort) {
+        address(e.restore.postcopyAddress, 'lazy page server address');
+        port(e.restore.postcopyPort, 'lazy page server port');
       }
       break;
     case 'restored':

@@ -89,16 +89,16 @@ describe('an agent refuses', () => {
   });
 
   it('a post-copy restore whose lazy page server is not an IP literal (it becomes criu lazy-pages --address) or port', () => {
-    const restore = { migrationId, round: 'final', holdMs: 60_000, lazyPort: 4000 };
-    expect(refusal({ id: 1, restore: { ...restore, lazyAddress: '--tls-key=/etc/shadow' } })).toMatch(
+    const restore = { migrationId, round: 'final', holdMs: 60_000, postcopyPort: 4000 };
+    expect(refusal({ id: 1, restore: { ...restore, postcopyAddress: '--tls-key=/etc/shadow' } })).toMatch(
       /lazy page server address is not an IP address/,
     );
-    expect(refusal({ id: 1, restore: { ...restore, lazyAddress: '10.0.0.1', lazyPort: 70_000 } })).toMatch(
+    expect(refusal({ id: 1, restore: { ...restore, postcopyAddress: '10.0.0.1', postcopyPort: 70_000 } })).toMatch(
       /lazy page server port out of range/,
     );
-    expect(refusal({ replyTo: 1, dumpHeld: { lazyPort: 65_536 } })).toMatch(/lazy page server port out of range/);
+    expect(refusal({ replyTo: 1, dumpHeld: { postcopyPort: 65_536 } })).toMatch(/lazy page server port out of range/);
     // A post-copy final dump names no page server (the source serves its own memory).
-    const lazyDump = { ...finalDump, pageServerAddress: '', pageServerPort: 0, lazy: true };
+    const lazyDump = { ...finalDump, pageServerAddress: '', pageServerPort: 0, postcopy: true };
     expect(() => validateEnvelope(arrived({ id: 1, finalDump: lazyDump }))).not.toThrow();
   });
 
