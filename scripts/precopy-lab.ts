@@ -9,12 +9,13 @@
  *   strict       64 MiB rewritten as fast as it can, --strict-downtime: Ferry must
  *                abort over the budget and leave the process running on a
  */
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { labDown, labUp } from '../controller/lab.js';
 import { migrate, type MigrationReport, type Strategy } from '../controller/migration.js';
 import { runWorkload } from '../controller/workloads.js';
+import { readCounterState } from '../src/counter.js';
 import { projectRoot } from '../src/paths.js';
 import { inNetns } from '../src/proc.js';
 import { hostEndpoint } from '../controller/agents.js';
@@ -51,8 +52,18 @@ const scenarios: Scenario[] = [
   { name: 'postcopy', strategy: 'postcopy', memoryMb: 64, hotMb: 1, tickMs: 20 },
 ];
 
+/**
+ * The counter's count. It rewrites its state file in place, so a read can
+ * land between the truncate and the write (that read an empty file once,
+ * and reported the count as null): read again until the file is whole.
+ */
 function count(stateFile: string): number {
-  return Number(readFileSync(stateFile, 'utf8').trim().split(/\s+/)[1]);
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const state = readCounterState(stateFile);
+    if (state !== undefined) return state.count;
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
+  }
+  throw new Error(`the counter's state file ${stateFile} stayed empty for a second`);
 }
 
 async function main(): Promise<void> {
