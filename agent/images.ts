@@ -23,6 +23,10 @@ import {
 } from '../src/wire/index.js';
 import { freeBytes } from './process.js';
 
+/** The workload's log, as it travels with a migration's images, and its mode and owner. */
+export const WORKLOAD_LOG = 'ferry-workload.log';
+export const WORKLOAD_LOG_STAT = 'ferry-workload.stat';
+
 export class ImageTransferError extends FerryError {
   readonly code = 'IMAGE_TRANSFER';
 }
@@ -45,7 +49,7 @@ export interface StreamResult {
 
 /** Sends the named files of `dir` to the destination agent, chunk by chunk, then their checksums. */
 export async function streamImages(
-  peer: WireConnection,
+  peer: Pick<WireConnection, 'call'>,
   target: { migrationId: string; round: string },
   dir: string,
   names: readonly string[],
@@ -64,7 +68,7 @@ export async function streamImages(
         const { bytesRead } = await handle.read(chunk, 0, chunk.length, offset);
         const data = chunk.subarray(0, bytesRead);
         hash.update(data);
-        await peer.request({ imageChunk: { ...target, name, offset, data } }, 'ack', { signal, timeoutMs: 30_000 });
+        await peer.call('imageChunk', { ...target, name, offset, data }, { signal, timeoutMs: 30_000 });
         offset += bytesRead;
       } while (offset < size);
       manifest.push({ name, size, sha256: hash.digest('hex') });
@@ -73,7 +77,7 @@ export async function streamImages(
       await handle.close();
     }
   }
-  await peer.request({ imagesDone: { ...target, files: manifest } }, 'ack', { signal, timeoutMs: 30_000 });
+  await peer.call('imagesDone', { ...target, files: manifest }, { signal, timeoutMs: 30_000 });
   return { files: manifest.length, bytes };
 }
 

@@ -1,4 +1,4 @@
-/** The node daemon: source and destination roles of a migration, workloads, image streaming. */
-export { Agent } from './agent.js';
-export type { AgentOptions } from './agent.js';
+/** The node daemon: the source and destination roles of a migration, workloads, image streaming, recovery. */
+export { Agent } from './daemon.js';
+export type { AgentOptions } from './daemon.js';
 export { Workloads } from './workloads.js';

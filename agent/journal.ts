@@ -10,6 +10,13 @@ import {
   writeSync,
 } from 'node:fs';
 import { join } from 'node:path';
+import {
+  checkTransition,
+  isFinalState,
+  type Circumstance,
+  type MigrationState,
+  type Role,
+} from '../src/migration/index.js';
 import { startTime } from '../src/proc.js';
 import type { WorkloadSpec } from '../src/wire/index.js';
 
@@ -17,15 +24,15 @@ import type { WorkloadSpec } from '../src/wire/index.js';
  * Where a migration stands on one agent. The source's record is the
  * authority on the outcome: "committing" is written (and synced) before
  * CRIU is told to end the source copy, so a crash at any point leaves a
- * record that, with the process's existence, says what happened.
+ * record that, with the process's existence, says what happened. The
+ * states and their moves are src/migration's table.
  */
-export type SourceState = 'dumping' | 'held' | 'committing' | 'committed' | 'aborted';
-export type DestinationState = 'prepared' | 'restored' | 'resuming' | 'resumed' | 'discarded';
-
 export interface JournalEntry {
   id: string;
-  role: 'source' | 'destination';
-  state: SourceState | DestinationState;
+  role: Role;
+  state: MigrationState;
+  /** A post-copy migration: its commit can still end without a copy on the destination. */
+  postcopy?: boolean | undefined;
   /** The process: on the source, the one being moved; on the destination, the restored copy. */
   pid?: number | undefined;
   /** Its start time (/proc/PID/stat field 22), so a reused PID is never taken for it. */
@@ -40,11 +47,12 @@ export interface JournalEntry {
   updatedAtMs: number;
 }
 
-const FINAL = new Set(['committed', 'aborted', 'resumed', 'discarded']);
-
 export function isFinal(entry: JournalEntry): boolean {
-  return FINAL.has(entry.state);
+  return isFinalState(entry.state);
 }
+
+/** Fields a move may change besides the state. */
+export type EntryChange = Partial<Pick<JournalEntry, 'pid' | 'pidStart' | 'action' | 'workload'>>;
 
 /** One file per migration in DATA/journal, replaced atomically and synced to disk before anyone acts on it. */
 export class Journal {
@@ -58,7 +66,33 @@ export class Journal {
     mkdirSync(this.#dir, { recursive: true, mode: 0o700 });
   }
 
-  write(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {
+  /** The first record of a migration, in its role's initial state. */
+  begin(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {
+    checkTransition(entry.id, entry.role, undefined, entry.state);
+    return this.#write(entry);
+  }
+
+  /**
+   * Moves a migration to `state` (or, to the same state, records the
+   * change), refusing any move src/migration's table does not allow:
+   * every write after begin() comes through here. Recovery says so in
+   * `circumstances`; post-copy entries carry theirs. Undefined when there
+   * is no record of the migration.
+   */
+  advance(
+    id: string,
+    state: MigrationState,
+    change: EntryChange = {},
+    circumstances: readonly Circumstance[] = [],
+  ): JournalEntry | undefined {
+    const entry = this.read(id);
+    if (entry === undefined) return undefined;
+    const all: Circumstance[] = entry.postcopy === true ? [...circumstances, 'postcopy'] : [...circumstances];
+    checkTransition(id, entry.role, entry.state, state, all);
+    return this.#write({ ...entry, ...change, state });
+  }
+
+  #write(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {
     const full: JournalEntry = { ...entry, updatedAtMs: Date.now() };
     const before = this.#onFinal === undefined ? undefined : this.read(entry.id);
     const file = join(this.#dir, `${entry.id}.json`);
@@ -79,13 +113,6 @@ export class Journal {
     }
     if (isFinal(full) && (before === undefined || !isFinal(before))) this.#onFinal?.(full);
     return full;
-  }
-
-  /** Moves an entry to a new state (keeping the rest). */
-  update(id: string, change: Partial<JournalEntry>): JournalEntry | undefined {
-    const entry = this.read(id);
-    if (entry === undefined) return undefined;
-    return this.write({ ...entry, ...change });
   }
 
   read(id: string): JournalEntry | undefined {

@@ -72,7 +72,12 @@ export const DESTINATION_TRANSITIONS: readonly Transition<DestinationState>[] = 
   { from: 'prepared', to: 'discarded', on: 'abort, or the restore failed' },
   { from: 'restored', to: 'resuming', on: 'resume after the commit: journalled before CRIU hears "yes"' },
   { from: 'restored', to: 'discarded', on: 'abort, or the source says it rolled back' },
-  { from: 'restored', to: 'resumed', on: 'the source committed; restored again from the kept images', only: ['recovery'] },
+  {
+    from: 'restored',
+    to: 'resumed',
+    on: 'the source committed; restored again from the kept images',
+    only: ['recovery'],
+  },
   { from: 'resuming', to: 'resumed', on: 'the copy runs (post-copy: with every page)' },
   { from: 'resuming', to: 'discarded', on: 'the memory fetch failed: the copy was killed', only: ['postcopy'] },
   { from: 'resuming', to: 'discarded', on: 'the source says it rolled back', only: ['recovery'] },
@@ -105,9 +110,9 @@ export class IllegalTransitionError extends FerryError {
 
 /**
  * Checks one move of a migration: `from` undefined begins it. Staying in a
- * state is always allowed (a record gains a PID or a note), except in a
- * final one, which nothing changes. Returns the transition taken, or
- * undefined for a stay.
+ * state is always allowed (a record gains a PID or a note; a rollback
+ * reached by two paths records it twice); nothing leaves a final state.
+ * Returns the transition taken, or undefined for a stay.
  */
 export function checkTransition(
   id: string,
@@ -120,8 +125,8 @@ export function checkTransition(
     if (to !== INITIAL[role]) throw new IllegalTransitionError(id, role, from, to);
     return undefined;
   }
-  if (FINAL_STATES.has(from)) throw new IllegalTransitionError(id, role, from, to);
   if (from === to) return undefined;
+  if (FINAL_STATES.has(from)) throw new IllegalTransitionError(id, role, from, to);
   const found = transitionsOf(role).find(
     (t) => t.from === from && t.to === to && (t.only === undefined || t.only.some((c) => circumstances.includes(c))),
   );

@@ -195,7 +195,7 @@ export class WireConnection {
    * (the table in requests.ts says which); a Failure reply rejects with RemoteError.
    */
   call<K extends RequestName>(name: K, params: BodyOf<K>, options: RequestOptions = {}): Promise<ReplyOf<K>> {
-    return this.request(requestBody(name, params), REQUESTS[name].reply, options) as Promise<ReplyOf<K>>;
+    return this.request(requestBody(name, params), REQUESTS[name].reply, options);
   }
 
   /** Sends any body and resolves with the expected reply body (call() is the typed way). */

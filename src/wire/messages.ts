@@ -2,6 +2,7 @@
  * Ferry's wire messages (proto/ferry.proto), as typed by protobufjs. Only
  * src/wire touches the generated module; everything else uses these names.
  */
+import { readFileSync } from 'node:fs';
 import { ferry } from '../generated/ferry.js';
 
 export const Envelope = ferry.Envelope;
@@ -29,44 +30,19 @@ export type ImageFile = ferry.IImageFile;
 export type MigrationRecord = ferry.IMigrationRecord;
 export type NodeFacts = ferry.INodeFacts;
 
-export const BODY_NAMES: readonly BodyName[] = [
-  'hello',
-  'welcome',
-  'failure',
-  'ack',
-  'factsQuery',
-  'facts',
-  'cpuCheck',
-  'prepareDestination',
-  'pageServerStart',
-  'pageServerStarted',
-  'preDumpRound',
-  'roundDone',
-  'finalDump',
-  'dumpHeld',
-  'imageChunk',
-  'imagesDone',
-  'restore',
-  'restored',
-  'commit',
-  'committed',
-  'resume',
-  'resumed',
-  'abort',
-  'runWorkload',
-  'workload',
-  'listWorkloads',
-  'workloadList',
-  'progress',
-  'outcomeQuery',
-  'outcome',
-  'recover',
-  'migrationList',
-  'statusQuery',
-  'nodeQuery',
-  'nodeFacts',
-  'setDraining',
-];
+/**
+ * The bodies an envelope can carry: the members of ferry.proto's Envelope
+ * oneof, read from the schema the build writes next to the generated
+ * module (the static module keeps that list to itself).
+ */
+export const BODY_NAMES: readonly BodyName[] = envelopeOneof();
+
+function envelopeOneof(): BodyName[] {
+  const schema = JSON.parse(readFileSync(new URL('../generated/ferry.json', import.meta.url), 'utf8')) as {
+    nested: { ferry: { nested: { Envelope: { oneofs: { body: { oneof: string[] } } } } } };
+  };
+  return schema.nested.ferry.nested.Envelope.oneofs.body.oneof as BodyName[];
+}
 
 /** The one body an envelope carries. */
 export function bodyName(envelope: EnvelopeMessage): BodyName | undefined {

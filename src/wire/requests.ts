@@ -64,10 +64,10 @@ export function agentsMaySend(name: RequestName): boolean {
 
 /** The request's envelope body: { [name]: params }. */
 export function requestBody<K extends RequestName>(name: K, params: BodyOf<K>): Body {
-  return { [name]: params } as Body;
+  return { [name]: params };
 }
 
 /** The reply's envelope body: { [reply]: value }. */
 export function replyBody<K extends RequestName>(name: K, value: ReplyOf<K>): Body {
-  return { [REQUESTS[name].reply]: value } as Body;
+  return { [REQUESTS[name].reply]: value };
 }

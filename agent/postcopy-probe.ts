@@ -34,7 +34,7 @@ export interface PostcopySupport {
 }
 
 export interface ProbeContext {
-  criu: CriuClient;
+  criu: Pick<CriuClient, 'featureCheck' | 'dump' | 'restore'>;
   criuBinary: string;
   /** A directory the probe may use (and empties after itself). */
   scratchRoot: string;

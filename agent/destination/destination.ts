@@ -1,0 +1,334 @@
+import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { checkServerIdentity, type PeerCertificate } from 'node:tls';
+import { deferred } from '../../src/deferred.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { log } from '../../src/log.js';
+import { tcpListener } from '../../src/proc.js';
+import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf, type WireConnection } from '../../src/wire/index.js';
+import { pageTlsFor, type AgentContext } from '../context.js';
+import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
+import { Hold } from '../hold.js';
+import { ImageReceiver } from '../images.js';
+import { DestinationPostcopyRole } from './postcopy.js';
+import { isDestination, type DestinationMigration } from './migration.js';
+import { placeWorkloadLog } from './workload-log.js';
+
+/** Who sent a request: its certificate, when it has one. */
+export type Sender = Pick<WireConnection, 'certificate' | 'progress'>;
+
+/**
+ * The destination of a migration: page servers for the rounds, the image
+ * stream from the source, the restore held before the copy runs, and the
+ * resume or discard of that copy.
+ *
+ * The invariant's destination half is held here: the copy runs only by
+ * the hold's "yes", which a Resume gives (the controller sends it after the
+ * source committed) or the source's own word that it committed. A lease
+ * that runs out only makes the destination ask; it never runs the copy.
+ */
+export class DestinationRole {
+  readonly postcopy: DestinationPostcopyRole;
+
+  constructor(
+    private readonly context: AgentContext,
+    private readonly draining: () => boolean,
+  ) {
+    this.postcopy = new DestinationPostcopyRole(context);
+  }
+
+  prepare(p: BodyOf<'prepareDestination'>): ReplyOf<'prepareDestination'> {
+    const { journal, migrations } = this.context;
+    const id = p.migrationId ?? '';
+    if (migrations.has(id)) throw new MigrationStateError(`migration ${id} is already known here`);
+    if (this.draining()) {
+      throw unchanged(
+        new InvalidInputError(`${this.context.node} is draining and takes no workloads`, {
+          hint: `pick another destination, or \`ferry undrain ${this.context.node}\` first`,
+        }),
+      );
+    }
+    const dir = join(this.context.imagesRoot, id);
+    mkdirSync(dir, { mode: 0o700 });
+    // Post-copy's final round has no page server to make its directory.
+    if (p.postcopy === true) mkdirSync(join(dir, 'final'), { mode: 0o700 });
+    const m: DestinationMigration = {
+      role: 'destination',
+      id,
+      dir,
+      workload: p.workload ?? undefined,
+      receivers: new Map(),
+      pageServers: [],
+      sourceUrl: p.sourceUrl ?? '',
+      holdMs: p.holdMs || DEFAULT_HOLD_MS,
+      abort: new AbortController(),
+      work: new Set(),
+      answer: deferred<boolean>(),
+    };
+    m.onForget = () => this.#endPageServers(m);
+    m.hold = this.#hold(m);
+    migrations.add(m);
+    journal.begin({
+      id,
+      role: 'destination',
+      state: 'prepared',
+      postcopy: p.postcopy === true ? true : undefined,
+      dir,
+      peerUrl: p.sourceUrl ?? '',
+      workload: p.workload ?? undefined,
+    });
+    // A destination that hears nothing more asks the source in the end.
+    this.#lease(m);
+    log.info('destination prepared', { migration: id, dir });
+    return {};
+  }
+
+  async pageServer(p: BodyOf<'pageServerStart'>): Promise<ReplyOf<'pageServerStart'>> {
+    const { criu, hooks, migrations, processes } = this.context;
+    const m = this.#migration(p.migrationId ?? '');
+    hooks.fault('destination.page-server', { imagesRoot: this.context.imagesRoot });
+    const dir = join(m.dir, p.round ?? '');
+    mkdirSync(dir, { mode: 0o700 });
+    const { port, pid } = await migrations.track(
+      m,
+      criu.pageServer({
+        imagesDir: dir,
+        address: this.context.advertise,
+        parentImg: p.parent ? `../${p.parent}` : undefined,
+        tls: pageTlsFor(this.context, p.plainPages),
+        signal: m.abort.signal,
+      }),
+    );
+    // CRIU 4.1 does not report the page server's PID: it is found by its listening port.
+    const server = pid > 0 ? pid : tcpListener(port, 'page-server');
+    if (server !== undefined) m.pageServers.push({ pid: server, start: processes.startTime(server) });
+    log.info('page server started', { migration: m.id, round: p.round, port, pid: server });
+    return { address: this.context.advertise, port };
+  }
+
+  async imageChunk(c: BodyOf<'imageChunk'>, sender: Sender): Promise<ReplyOf<'imageChunk'>> {
+    const m = this.#migration(c.migrationId ?? '');
+    this.#fromSource(m, sender);
+    if (Number(c.offset ?? 0) === 0) await this.context.hooks.pause('destination.during-images');
+    this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
+    return {};
+  }
+
+  imagesDone(d: BodyOf<'imagesDone'>, sender: Sender): ReplyOf<'imagesDone'> {
+    const m = this.#migration(d.migrationId ?? '');
+    this.#fromSource(m, sender);
+    const files = (d.files ?? []).map((f) => ({ name: f.name ?? '', size: Number(f.size ?? 0) }));
+    this.context.hooks.fault('destination.images-done', { roundDir: join(m.dir, d.round ?? ''), files });
+    const received = this.#receiver(m, d.round ?? '').verify(d.files ?? []);
+    log.info('images received', { migration: m.id, files: received.files, bytes: received.bytes });
+    return {};
+  }
+
+  /** Restores and holds at post-restore: the copy exists, stopped, and runs only on resume. */
+  async restore(r: BodyOf<'restore'>, sender: Sender): Promise<ReplyOf<'restore'>> {
+    const { criu, hooks, journal, metrics, migrations, processes, rates } = this.context;
+    const m = this.#migration(r.migrationId ?? '');
+    const hold = m.hold!;
+    const dir = join(m.dir, r.round ?? '');
+    hooks.fault('destination.before-restore', { roundDir: dir });
+    placeWorkloadLog(this.context.dataDir, m, dir);
+    const started = performance.now();
+    sender.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.context.node });
+    if (r.postcopyPort) {
+      try {
+        await this.postcopy.startFetching(m, dir, r);
+      } catch (error) {
+        await hold.decide('no', 'the lazy-pages daemon did not start');
+        throw new StepFailedError(error, { from: m.dir, to: keptLogs(this.context, m) });
+      }
+    }
+    const reachedHold = deferred<number>();
+    m.restore = migrations.track(
+      m,
+      criu
+        .restore({
+          imagesDir: dir,
+          lazyPages: m.postcopy !== undefined ? true : undefined,
+          signal: m.abort.signal,
+          timeoutMs: 0,
+          onNotify: async (event) => {
+            if (event.script !== 'post-restore') return true;
+            if (hold.answer !== undefined) return false; // rolled back while CRIU restored
+            m.restoredPid = event.pid;
+            journal.advance(m.id, 'restored', { pid: event.pid, pidStart: processes.startTime(event.pid ?? 0) });
+            await hooks.pause('destination.after-restore-held');
+            this.#lease(m);
+            reachedHold.resolve(event.pid ?? 0);
+            return m.answer.promise;
+          },
+        })
+        .catch((error: unknown) => {
+          reachedHold.reject(error);
+          throw error;
+        }),
+    );
+    m.restore.catch(() => undefined);
+    try {
+      const pid = await reachedHold.promise;
+      const restoreMs = Math.round(performance.now() - started);
+      const bytes = pageImageBytes(m.dir);
+      metrics.phaseSeconds.observe({ phase: 'restore' }, restoreMs / 1000);
+      rates.learn('restore', bytes, restoreMs);
+      return { pid, restoreMs, pageImageBytes: bytes };
+    } catch (error) {
+      // Before any commit: nothing to keep.
+      await hold.decide('no', 'the restore failed');
+      throw new StepFailedError(error, { from: m.dir, to: keptLogs(this.context, m) });
+    }
+  }
+
+  /** Resume: the hold's "yes", which the controller sends only after the source committed. */
+  async resume(p: BodyOf<'resume'>): Promise<ReplyOf<'resume'>> {
+    const started = performance.now();
+    const id = p.migrationId ?? '';
+    const m = this.context.migrations.get(id);
+    if (!isDestination(m) || m.hold === undefined || m.restoredPid === undefined) {
+      const entry = this.context.journal.read(id);
+      if (entry?.state === 'resumed') return { pid: entry.pid ?? 0 };
+      throw new MigrationStateError(`migration ${id} has no held copy here, nothing to resume`);
+    }
+    if ((await m.hold.decide('yes', 'resume')) !== 'yes') {
+      throw new MigrationStateError(`migration ${id}'s copy was already discarded here`);
+    }
+    const downtimeBeforeMs = p.downtimeBeforeMs ?? 0;
+    if (downtimeBeforeMs > 0) {
+      this.context.metrics.downtimeSeconds.observe((downtimeBeforeMs + performance.now() - started) / 1000);
+    }
+    return { pid: m.restoredPid };
+  }
+
+  /** Discards whatever this agent holds of the migration: a copy that has not run, its images. */
+  async abort(m: DestinationMigration, reason: string): Promise<void> {
+    await m.hold?.decide('no', `aborted: ${reason}`);
+  }
+
+  /** A post-copy destination answers for itself, with how long its fetch took. */
+  outcome(m: DestinationMigration): ReplyOf<'outcomeQuery'> | undefined {
+    return m.postcopy === undefined ? undefined : this.postcopy.outcome(m);
+  }
+
+  /**
+   * Yes: journalled as resuming, then CRIU lets the copy run (post-copy:
+   * while it fetches its memory). No: journalled as discarded, then the
+   * restore is cancelled (CRIU kills a half-made or held copy) and the
+   * images go.
+   */
+  #hold(m: DestinationMigration): Hold {
+    const { hooks, journal, migrations, processes, workloads } = this.context;
+    return new Hold(
+      { migrationId: m.id, role: 'destination', signal: m.abort.signal },
+      {
+        record: (answer, why) => {
+          if (answer === 'yes') journal.advance(m.id, 'resuming');
+          else journal.advance(m.id, 'discarded', { action: discardAction(why) });
+        },
+        release: async (answer) => {
+          if (answer === 'yes') {
+            await hooks.pause('destination.before-resume-answer');
+            m.answer.resolve(true);
+            await m.restore;
+            const pid = m.restoredPid ?? 0;
+            if (m.workload !== undefined) workloads.adopt(m.workload, pid);
+            if (m.postcopy !== undefined) {
+              this.postcopy.awaitFetch(m, pid);
+              return;
+            }
+            journal.advance(m.id, 'resumed', { pid, pidStart: processes.startTime(pid) });
+            migrations.forget(m);
+            log.info('resumed', { migration: m.id, pid });
+            return;
+          }
+          m.answer.resolve(false);
+          this.postcopy.discard(m);
+          await migrations.cancel(m, new MigrationStateError('the copy here is discarded'));
+          migrations.forget(m, true);
+        },
+      },
+    );
+  }
+
+  /** Waits for resume; when it does not come in time, asks the source what happened. */
+  #lease(m: DestinationMigration): void {
+    m.hold?.lease(m.holdMs, () => void this.#askSource(m));
+  }
+
+  async #askSource(m: DestinationMigration): Promise<void> {
+    const outcome = await this.context.peers.outcome(m.id, m.sourceUrl, 'source');
+    log.warn('no resume within the hold time; the source says', { migration: m.id, outcome });
+    const hold = m.hold;
+    if (hold === undefined || hold.decision !== undefined) return;
+    if (outcome === 'committed' && m.restoredPid !== undefined) await hold.decide('yes', 'the source committed');
+    else if (outcome === 'aborted' || outcome === 'unknown') await hold.decide('no', 'the source rolled back');
+    else this.#lease(m); // undecided or unreachable: keep holding, ask again later
+  }
+
+  /**
+   * Another agent may stream a migration's images only if it is that
+   * migration's source: its certificate names the host of the source URL the
+   * controller gave (and checked when it connected there). Without this, any
+   * node's agent key could write the images a process is restored from here.
+   */
+  #fromSource(m: DestinationMigration, sender: Sender): void {
+    const peer = sender.certificate;
+    if (peer?.role !== 'agent') return;
+    const host = URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '';
+    const certificate = { subject: { CN: peer.name }, subjectaltname: peer.subjectAltName } as PeerCertificate;
+    if (host === '' || checkServerIdentity(host, certificate) !== undefined) {
+      throw new NotAllowedError(`${peer.name} is not the source of migration ${m.id}, whose images it sent`);
+    }
+  }
+
+  #migration(id: string): DestinationMigration {
+    const m = this.context.migrations.get(id);
+    if (!isDestination(m)) throw new MigrationStateError(`migration ${id} was not prepared here`);
+    return m;
+  }
+
+  #receiver(m: DestinationMigration, round: string): ImageReceiver {
+    let receiver = m.receivers.get(round);
+    if (receiver === undefined) {
+      const dir = join(m.dir, round);
+      if (!existsSync(dir)) throw new MigrationStateError(`round ${round} of ${m.id} has no page server here`);
+      receiver = new ImageReceiver(dir);
+      m.receivers.set(round, receiver);
+    }
+    return receiver;
+  }
+
+  /** A page server no dump came to would wait for ever; one that served its dump has ended. */
+  #endPageServers(m: DestinationMigration): void {
+    // The start time tells a page server still there from a process that took its PID since.
+    for (const server of m.pageServers) {
+      if (server.start === undefined || this.context.processes.startTime(server.pid) !== server.start) continue;
+      this.context.processes.signal(server.pid, 'SIGKILL');
+    }
+  }
+}
+
+function discardAction(why: string): string {
+  if (why === 'the restore failed' || why === 'the lazy-pages daemon did not start') return why;
+  return 'the restored copy was discarded';
+}
+
+/** Where forget() kept the CRIU logs of a failed step, if it kept any. */
+function keptLogs(context: AgentContext, m: DestinationMigration): string | undefined {
+  const kept = join(context.dataDir, 'failed', m.id);
+  return existsSync(kept) ? kept : undefined;
+}
+
+function pageImageBytes(dir: string): number {
+  let total = 0;
+  for (const round of readdirSync(dir)) {
+    const roundDir = join(dir, round);
+    if (!statSync(roundDir).isDirectory()) continue;
+    for (const name of readdirSync(roundDir)) {
+      if (/^pages-\d+\.img$/.test(name)) total += statSync(join(roundDir, name)).size;
+    }
+  }
+  return total;
+}

@@ -1,0 +1,33 @@
+import type { LazyPagesDaemon } from '../../src/criu/index.js';
+import type { Deferred } from '../../src/deferred.js';
+import type { WorkloadSpec } from '../../src/wire/index.js';
+import type { ImageReceiver } from '../images.js';
+import type { LocalMigration } from '../migrations.js';
+
+/** A migration whose copy is being made (or runs) here. */
+export interface DestinationMigration extends LocalMigration {
+  readonly role: 'destination';
+  readonly workload: WorkloadSpec | undefined;
+  readonly receivers: Map<string, ImageReceiver>;
+  /** CRIU's page servers for its rounds: each waits for one dump, and for ever if none comes. */
+  readonly pageServers: { pid: number; start: number | undefined }[];
+  readonly sourceUrl: string;
+  readonly holdMs: number;
+  restore?: Promise<unknown> | undefined;
+  /** What CRIU hears at post-restore: given by the hold's release. */
+  readonly answer: Deferred<boolean>;
+  /** The copy CRIU restored and holds before it runs. */
+  restoredPid?: number | undefined;
+  /** Post-copy: the daemon fetching the memory from the source, and how it ended. */
+  postcopy?: DestinationPostcopy | undefined;
+}
+
+export interface DestinationPostcopy {
+  readonly daemon: LazyPagesDaemon;
+  resumedAt?: number | undefined;
+  result?: { ok: boolean; detail: string; ms: number; pages: number } | undefined;
+}
+
+export function isDestination(m: LocalMigration | undefined): m is DestinationMigration {
+  return m?.role === 'destination';
+}
