@@ -1,13 +1,7 @@
 import { InvalidInputError } from '../src/errors.js';
-import { loadIdentity, type Identity } from '../src/tls/index.js';
-import { controllerIdentity, findNode, readInventory } from './config.js';
+import { loadIdentity } from '../src/tls/index.js';
+import { controllerIdentity, findNode, readInventory, type AgentEndpoint } from './agents/index.js';
 import { DEFAULT_LAB, readLab, type LabHost } from './lab.js';
-
-/** Where an agent answers and the identity the controller shows it (undefined: plaintext, --insecure). */
-export interface AgentEndpoint {
-  url: string;
-  tls: Identity | undefined;
-}
 
 export interface ResolveOptions {
   /** Allow plaintext ws:// agents. */

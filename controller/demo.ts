@@ -8,7 +8,7 @@ import { labDown, labUp } from './lab.js';
 import { migrate, type MigrationReport } from './migration.js';
 import { progress } from './output.js';
 import { renderEvent, renderReport } from './report.js';
-import { runWorkload } from './workloads.js';
+import { runWorkload } from './agents/index.js';
 import { hostEndpoint } from './agents.js';
 
 export interface DemoOptions {

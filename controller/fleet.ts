@@ -4,7 +4,7 @@ import { InvalidInputError } from '../src/errors.js';
 import { wholeNumberIn } from './arguments.js';
 import { formatBytes, formatDuration } from '../src/units.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
-import { configDir, readInventory } from './config.js';
+import { configDir, readInventory } from './agents/index.js';
 import { renderTable } from './output.js';
 import { DEFAULT_LAB, readLab } from './lab.js';
 import {

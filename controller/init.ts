@@ -8,7 +8,7 @@ import {
   type Authority,
   type Identity,
 } from '../src/tls/index.js';
-import { authorityDir, controllerIdentityDir, NODE_NAME } from './config.js';
+import { authorityDir, controllerIdentityDir, NODE_NAME } from './agents/index.js';
 import { InvalidInputError } from '../src/errors.js';
 
 export interface InitResult {

@@ -2,7 +2,7 @@ import { Option, type Command } from 'commander';
 import { InvalidInputError } from '../src/errors.js';
 import { formatDuration } from '../src/units.js';
 import { wholeNumberIn } from './arguments.js';
-import { findNode } from './config.js';
+import { findNode } from './agents/index.js';
 import { AGENT_PORT, DEFAULT_PREFIX, install, uninstall, type NodeResult } from './install.js';
 import { defaultKnownHosts, KnownHosts, parseTarget, readIdentity, type SshTarget } from './ssh.js';
 

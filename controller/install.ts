@@ -13,9 +13,16 @@ import { projectRoot } from '../src/paths.js';
 import { issueIdentity, loadAuthority } from '../src/tls/index.js';
 import { WireConnection } from '../src/wire/index.js';
 import type { MigrationRecord } from '../src/wire/index.js';
-import { authorityDir, controllerIdentity, findNode, removeNode, upsertNode } from './config.js';
+import {
+  authorityDir,
+  controllerIdentity,
+  findNode,
+  listWorkloads,
+  migrationRecords,
+  removeNode,
+  upsertNode,
+} from './agents/index.js';
 import { sh, SshSession, type SshOptions, type SshTarget } from './ssh.js';
-import { listWorkloads, migrationRecords } from './workloads.js';
 
 const execFileAsync = promisify(execFile);
 export const DEFAULT_PREFIX = '/opt/ferry';

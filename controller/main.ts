@@ -13,7 +13,7 @@ import { projectRoot } from '../src/paths.js';
 import { LABEL_KEY, PEER_NAME, WORKLOAD_NAME, type MigrationRecord } from '../src/wire/index.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
 import { directory, holdMs, migrationTarget, nodeName, wholeNumberIn } from './arguments.js';
-import { configDir } from './config.js';
+import { configDir, listWorkloads, migrationRecords, runWorkload } from './agents/index.js';
 import { registerFleetCommands } from './fleet.js';
 import { registerInstallCommands } from './install-commands.js';
 import { certificate, initCluster } from './init.js';
@@ -23,7 +23,6 @@ import { DEFAULT_LAB, labDown, labExec, labUp, LAB_NAME } from './lab.js';
 import { migrate, POSTCOPY_RISK } from './migration.js';
 import { ExitCode, renderTable, reportError } from './output.js';
 import { renderEvent, renderReport } from './report.js';
-import { listWorkloads, migrationRecords, runWorkload } from './workloads.js';
 
 const version = (JSON.parse(readFileSync(join(projectRoot(), 'package.json'), 'utf8')) as { version: string }).version;
 

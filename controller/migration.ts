@@ -10,8 +10,7 @@ import {
   type Facts,
   type ProgressMessage,
 } from '../src/wire/index.js';
-import type { AgentEndpoint } from './agents.js';
-import { AgentUnreachableError, connectAgent, localized } from './connect.js';
+import { AgentUnreachableError, connectAgent, localized, type AgentEndpoint } from './agents/index.js';
 import {
   DEFAULT_COST,
   DEFAULT_LIMITS,

@@ -1,8 +1,7 @@
 import { InvalidInputError } from '../src/errors.js';
 import { formatBytes } from '../src/units.js';
 import { LABEL_KEY, type NodeFacts } from '../src/wire/index.js';
-import type { AgentEndpoint } from './agents.js';
-import { connectAgent } from './connect.js';
+import { connectAgent, type AgentEndpoint } from './agents/index.js';
 import { migrate, type MigrationReport } from './migration.js';
 
 /**

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { hostEndpoint } from '../controller/agents.js';
 import type { LabHost } from '../controller/lab.js';
 import type { MigrationReport } from '../controller/migration.js';
-import { runWorkload } from '../controller/workloads.js';
+import { runWorkload } from '../controller/agents/index.js';
 import { projectRoot } from '../src/paths.js';
 
 export type Rate = 'low' | 'high';

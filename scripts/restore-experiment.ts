@@ -30,7 +30,7 @@ import { promisify } from 'node:util';
 import { Command, InvalidArgumentError } from 'commander';
 import { hostEndpoint } from '../controller/agents.js';
 import { labDown, labUp, type LabHost } from '../controller/lab.js';
-import { runWorkload } from '../controller/workloads.js';
+import { runWorkload } from '../controller/agents/index.js';
 import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes, parseBytes } from '../src/units.js';

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { labDown, labUp, restartAgent, type LabHost } from '../../controller/lab.js';
-import { migrationRecords, runWorkload } from '../../controller/workloads.js';
+import { migrationRecords, runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { requireRoot } from '../helpers/root.js';

@@ -11,7 +11,7 @@ import WebSocket from 'ws';
 import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
 import { migrate } from '../../controller/migration.js';
-import { listWorkloads, runWorkload } from '../../controller/workloads.js';
+import { listWorkloads, runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { startTime } from '../../src/proc.js';
 import { clientOptions, loadIdentity, type Identity } from '../../src/tls/index.js';

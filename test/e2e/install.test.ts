@@ -2,7 +2,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, wri
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Inventory } from '../../controller/config.js';
+import type { Inventory } from '../../controller/agents/index.js';
 import { install, type NodeResult } from '../../controller/install.js';
 import { KnownHosts, parseTarget } from '../../controller/ssh.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, METRICS_PORT, type LabHost } from '../../controller/lab.js';
 import { migrate, MigrationFailedError } from '../../controller/migration.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep } from '../helpers/wait.js';

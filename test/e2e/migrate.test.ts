@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
 import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';

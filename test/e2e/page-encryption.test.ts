@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
 import { migrate } from '../../controller/migration.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';

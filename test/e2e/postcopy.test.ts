@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
 import type { MigrationReport } from '../../controller/migration.js';
-import { listWorkloads, runWorkload } from '../../controller/workloads.js';
+import { listWorkloads, runWorkload } from '../../controller/agents/index.js';
 import { LAZY_PIPE_BYTES } from '../../src/criu/index.js';
 import { readCounterState } from '../../src/counter.js';
 import { projectRoot } from '../../src/paths.js';

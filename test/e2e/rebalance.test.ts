@@ -7,7 +7,7 @@ import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, restartAgent, type Lab, type LabHost } from '../../controller/lab.js';
 import type { MoveOutcome, NodeState, Plan } from '../../controller/rebalance.js';
 import type { RunRecord } from '../../controller/schedule.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { FERRY_BIN, runFerry, type CliResult } from '../helpers/cli.js';

@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { labDown, labUp, type LabHost } from '../../controller/lab.js';
 import { projectRoot } from '../../src/paths.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning } from '../helpers/workload.js';

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { hostEndpoint } from '../../controller/agents.js';
 import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
-import { listWorkloads } from '../../controller/workloads.js';
+import { listWorkloads } from '../../controller/agents/index.js';
 import { createAuthority, issueIdentity, loadAuthority, loadIdentity, type Identity } from '../../src/tls/index.js';
 import { RemoteError, WireConnection } from '../../src/wire/index.js';
 import { ferryCli } from '../helpers/cli.js';

@@ -1,6 +1,6 @@
-import { InvalidInputError } from '../src/errors.js';
-import { validateEnvelope, WireProtocolError, type MigrationRecord, type WorkloadInfo } from '../src/wire/index.js';
-import type { AgentEndpoint } from './agents.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { validateEnvelope, WireProtocolError, type MigrationRecord, type WorkloadInfo } from '../../src/wire/index.js';
+import type { AgentEndpoint } from './endpoint.js';
 import { connectAgent, localized } from './connect.js';
 
 export async function runWorkload(
