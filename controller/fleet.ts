@@ -6,7 +6,7 @@ import { formatBytes, formatDuration } from '../src/units.js';
 import { resolveAgent, type ResolveOptions } from './agents.js';
 import { configDir, readInventory } from './agents/index.js';
 import { renderTable } from './output.js';
-import { DEFAULT_LAB, readLab } from './lab.js';
+import { DEFAULT_LAB, readLab } from './lab/index.js';
 import {
   applyPlan,
   DEFAULT_THRESHOLD,

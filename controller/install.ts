@@ -11,8 +11,7 @@ import pLimit from 'p-limit';
 import { AbortedError, FerryError } from '../src/errors.js';
 import { projectRoot } from '../src/paths.js';
 import { issueIdentity, loadAuthority } from '../src/tls/index.js';
-import { WireConnection } from '../src/wire/index.js';
-import type { MigrationRecord } from '../src/wire/index.js';
+import { WireConnection, type MigrationRecord } from '../src/wire/index.js';
 import {
   authorityDir,
   controllerIdentity,

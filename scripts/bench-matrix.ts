@@ -6,8 +6,7 @@
 import { mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { hostEndpoint } from '../controller/agents.js';
-import type { LabHost } from '../controller/lab.js';
+import { hostEndpoint, type LabHost } from '../controller/lab/index.js';
 import type { MigrationReport } from '../controller/migration.js';
 import { runWorkload } from '../controller/agents/index.js';
 import { projectRoot } from '../src/paths.js';

@@ -12,12 +12,11 @@
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { labDown, labUp } from '../controller/lab.js';
+import { hostEndpoint, labDown, labUp } from '../controller/lab/index.js';
 import { migrate, type MigrationReport, type Strategy } from '../controller/migration.js';
 import { runWorkload } from '../controller/agents/index.js';
 import { projectRoot } from '../src/paths.js';
 import { inNetns } from '../src/proc.js';
-import { hostEndpoint } from '../controller/agents.js';
 
 interface Scenario {
   name: string;

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Inventory } from '../../controller/agents/index.js';
 import { install, type NodeResult } from '../../controller/install.js';
 import { KnownHosts, parseTarget } from '../../controller/ssh.js';
-import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
+import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
 import type { MigrationReport } from '../../controller/migration.js';
 import { projectRoot } from '../../src/paths.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
 import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
@@ -13,7 +13,6 @@ import { runFerry, type CliResult } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning, processState } from '../helpers/workload.js';
-import { hostEndpoint } from '../../controller/agents.js';
 
 const execFileAsync = promisify(execFile);
 const LAB = `fm${process.pid % 100_000}`;

@@ -2,8 +2,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint } from '../../controller/agents.js';
-import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
 import { migrate } from '../../controller/migration.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';

@@ -1,15 +1,14 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { InvalidInputError } from '../src/errors.js';
-import { projectRoot } from '../src/paths.js';
-import { inNetns } from '../src/proc.js';
-import { labDown, labUp } from './lab.js';
-import { migrate, type MigrationReport } from './migration.js';
-import { progress } from './output.js';
-import { renderEvent, renderReport } from './report.js';
-import { runWorkload } from './agents/index.js';
-import { hostEndpoint } from './agents.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { projectRoot } from '../../src/paths.js';
+import { inNetns } from '../../src/proc.js';
+import { runWorkload } from '../agents/index.js';
+import { migrate, type MigrationReport } from '../migration.js';
+import { progress } from '../output.js';
+import { renderEvent, renderReport } from '../report.js';
+import { hostEndpoint, labDown, labUp } from './lab.js';
 
 export interface DemoOptions {
   /** Leave the lab and the workload running. */
