@@ -3,8 +3,18 @@ import { InvalidInputError } from '../src/errors.js';
 import { formatDuration } from '../src/units.js';
 import { wholeNumberIn } from './arguments.js';
 import { findNode } from './agents/index.js';
-import { AGENT_PORT, DEFAULT_PREFIX, install, uninstall, type NodeResult } from './install.js';
-import { defaultKnownHosts, KnownHosts, parseTarget, readIdentity, type SshTarget } from './ssh.js';
+import {
+  AGENT_PORT,
+  DEFAULT_PREFIX,
+  defaultKnownHosts,
+  install,
+  KnownHosts,
+  parseTarget,
+  readIdentity,
+  uninstall,
+  type NodeResult,
+  type SshTarget,
+} from './install/index.js';
 
 function summary(results: readonly NodeResult[], verb: string): string {
   const rows = [['NODE', 'RESULT', 'TIME', 'DETAIL']];
