@@ -19,7 +19,7 @@ import { registerInstallCommands } from './install-commands.js';
 import { certificate, initCluster } from './init.js';
 import { printCheck, runCheck } from './check.js';
 import { DEFAULT_LAB, LAB_NAME, labDown, labExec, labUp, runDemo } from './lab/index.js';
-import { migrate, POSTCOPY_RISK } from './migration.js';
+import { migrate, POSTCOPY_RISK } from './migration/index.js';
 import { ExitCode, renderTable, reportError } from './output.js';
 import { renderEvent, renderReport } from './report.js';
 

@@ -7,7 +7,7 @@ import { mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hostEndpoint, type LabHost } from '../controller/lab/index.js';
-import type { MigrationReport } from '../controller/migration.js';
+import type { MigrationReport } from '../controller/migration/index.js';
 import { runWorkload } from '../controller/agents/index.js';
 import { projectRoot } from '../src/paths.js';
 

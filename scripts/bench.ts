@@ -20,7 +20,7 @@ import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
-import { migrate } from '../controller/migration.js';
+import { migrate } from '../controller/migration/index.js';
 import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';

@@ -13,7 +13,7 @@ import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hostEndpoint, labDown, labUp } from '../controller/lab/index.js';
-import { migrate, type MigrationReport, type Strategy } from '../controller/migration.js';
+import { migrate, type MigrationReport, type Strategy } from '../controller/migration/index.js';
 import { runWorkload } from '../controller/agents/index.js';
 import { projectRoot } from '../src/paths.js';
 import { inNetns } from '../src/proc.js';

@@ -5,7 +5,7 @@ import { InvalidInputError } from '../../src/errors.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { runWorkload } from '../agents/index.js';
-import { migrate, type MigrationReport } from '../migration.js';
+import { migrate, type MigrationReport } from '../migration/index.js';
 import { progress } from '../output.js';
 import { renderEvent, renderReport } from '../report.js';
 import { hostEndpoint, labDown, labUp } from './lab.js';

@@ -9,7 +9,7 @@ import { xoroshiro128plus } from 'pure-rand/generator/xoroshiro128plus';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
-import { migrate } from '../../controller/migration.js';
+import { migrate } from '../../controller/migration/index.js';
 import { listWorkloads, runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { startTime } from '../../src/proc.js';

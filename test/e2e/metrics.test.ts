@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint, labDown, labUp, METRICS_PORT, type Lab, type LabHost } from '../../controller/lab/index.js';
-import { migrate } from '../../controller/migration.js';
+import { migrate } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';

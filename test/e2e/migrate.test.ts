@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
-import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration.js';
+import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';

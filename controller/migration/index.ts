@@ -1,16 +1,16 @@
 import { randomBytes } from 'node:crypto';
 import pRetry from 'p-retry';
-import { FerryError, InvalidInputError, type FerryErrorOptions } from '../src/errors.js';
-import { pauseAt } from '../src/testpoints.js';
-import { PAGE_SIZE, formatBytes } from '../src/units.js';
+import { FerryError, InvalidInputError, type FerryErrorOptions } from '../../src/errors.js';
+import { pauseAt } from '../../src/testpoints.js';
+import { PAGE_SIZE, formatBytes } from '../../src/units.js';
 import {
   PeerGoneError,
   type WireConnection,
   type DumpStatsMessage,
   type Facts,
   type ProgressMessage,
-} from '../src/wire/index.js';
-import { AgentUnreachableError, connectAgent, localized, type AgentEndpoint } from './agents/index.js';
+} from '../../src/wire/index.js';
+import { AgentUnreachableError, connectAgent, localized, type AgentEndpoint } from '../agents/index.js';
 import {
   DEFAULT_COST,
   DEFAULT_LIMITS,
@@ -18,6 +18,22 @@ import {
   estimate,
   explain,
   floorMs,
+  type PolicyLimits,
+  type RoundSample,
+  type StopRule,
+  type SwitchoverCost,
+} from './convergence.js';
+
+export {
+  DEFAULT_COST,
+  DEFAULT_LIMITS,
+  decide,
+  estimate,
+  explain,
+  floorMs,
+  type Decision,
+  type Estimate,
+  type PolicyContext,
   type PolicyLimits,
   type RoundSample,
   type StopRule,
