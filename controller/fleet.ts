@@ -18,8 +18,9 @@ import {
   type NodeRef,
   type NodeState,
   type Plan,
-} from './rebalance.js';
-import { parseCron, runSchedule } from './schedule.js';
+  parseCron,
+  runSchedule,
+} from './fleet/index.js';
 
 /**
  * The commands that act on a set of nodes: nodes, rebalance, drain,

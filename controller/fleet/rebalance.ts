@@ -1,8 +1,8 @@
-import { InvalidInputError } from '../src/errors.js';
-import { formatBytes } from '../src/units.js';
-import { LABEL_KEY, type NodeFacts } from '../src/wire/index.js';
-import { connectAgent, type AgentEndpoint } from './agents/index.js';
-import { migrate, type MigrationReport } from './migration/index.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { formatBytes } from '../../src/units.js';
+import { LABEL_KEY, type NodeFacts } from '../../src/wire/index.js';
+import { connectAgent, type AgentEndpoint } from '../agents/index.js';
+import { migrate, type MigrationReport } from '../migration/index.js';
 
 /**
  * Rebalancing: a plan of moves from the nodes' facts, and its execution.
