@@ -1,6 +1,6 @@
-import { InvalidInputError } from '../src/errors.js';
-import { controllerIdentity, findNode, readInventory, type AgentEndpoint } from './agents/index.js';
-import { DEFAULT_LAB, hostEndpoint, readLab } from './lab/index.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { controllerIdentity, findNode, readInventory, type AgentEndpoint } from '../agents/index.js';
+import { DEFAULT_LAB, hostEndpoint, readLab } from '../lab/index.js';
 
 export interface ResolveOptions {
   /** Allow plaintext ws:// agents. */
