@@ -241,7 +241,7 @@ export interface NodeRef {
 export async function nodeFacts(node: NodeRef, softwareVersion: string): Promise<NodeFacts> {
   const c = await connectAgent(node.endpoint, softwareVersion);
   try {
-    return await c.request({ nodeQuery: {} }, 'nodeFacts', { timeoutMs: 30_000 });
+    return await c.call('nodeQuery', {}, { timeoutMs: 30_000 });
   } finally {
     c.close();
   }
@@ -250,7 +250,7 @@ export async function nodeFacts(node: NodeRef, softwareVersion: string): Promise
 export async function setDraining(node: NodeRef, draining: boolean, softwareVersion: string): Promise<NodeFacts> {
   const c = await connectAgent(node.endpoint, softwareVersion);
   try {
-    return await c.request({ setDraining: { draining } }, 'nodeFacts', { timeoutMs: 30_000 });
+    return await c.call('setDraining', { draining }, { timeoutMs: 30_000 });
   } finally {
     c.close();
   }

@@ -227,9 +227,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const probePostcopy = options.strategy === 'postcopy';
     if (probePostcopy)
       emit('preflight', 'controller', 'probing post-copy on both agents (a small lazy migration on each)');
-    const sourceFacts = await source.request(
-      { factsQuery: { pid: options.pid ?? 0, workload: options.workload ?? '', probePostcopy } },
-      'facts',
+    const sourceFacts = await source.call(
+      'factsQuery',
+      { pid: options.pid ?? 0, workload: options.workload ?? '', probePostcopy },
       { timeoutMs: 120_000 },
     );
     const proc = sourceFacts.process;
@@ -239,9 +239,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       });
     }
     const pid = proc.pid ?? 0;
-    const destinationFacts = await destination.request({ factsQuery: { pid, probePostcopy } }, 'facts', {
-      timeoutMs: 120_000,
-    });
+    const destinationFacts = await destination.call('factsQuery', { pid, probePostcopy }, { timeoutMs: 120_000 });
     emit(
       'preflight',
       'controller',
@@ -250,7 +248,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     );
     refuseIfUnfit(sourceFacts, destinationFacts, destinationName);
     try {
-      await destination.request({ cpuCheck: { cpuinfo: sourceFacts.cpuinfo } }, 'ack');
+      await destination.call('cpuCheck', { cpuinfo: sourceFacts.cpuinfo });
     } catch (error) {
       throw new PreflightRefusedError(`${destinationName} cannot run this CPU's code: ${(error as Error).message}`, {
         hint: 'migrate between machines with the same CPU features',
@@ -265,27 +263,22 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const preflightMs = elapsed();
 
     const holdMs = options.holdMs ?? HOLD_MS;
-    await destination.request(
-      {
-        prepareDestination: {
-          migrationId,
-          sourceUrl: options.from.url,
-          holdMs,
-          postcopy: strategy === 'postcopy',
-          workload: proc.workload
-            ? {
-                name: proc.workload,
-                argv: proc.workloadArgv ?? [],
-                logFile: proc.workloadLogFile ?? '',
-                startedAtMs: proc.workloadStartedAtMs ?? 0,
-                labels: proc.workloadLabels ?? {},
-                pinned: proc.workloadPinned === true,
-              }
-            : null,
-        },
-      },
-      'ack',
-    );
+    await destination.call('prepareDestination', {
+      migrationId,
+      sourceUrl: options.from.url,
+      holdMs,
+      postcopy: strategy === 'postcopy',
+      workload: proc.workload
+        ? {
+            name: proc.workload,
+            argv: proc.workloadArgv ?? [],
+            logFile: proc.workloadLogFile ?? '',
+            startedAtMs: proc.workloadStartedAtMs ?? 0,
+            labels: proc.workloadLabels ?? {},
+            pinned: proc.workloadPinned === true,
+          }
+        : null,
+    });
     prepared = true;
 
     // 2. Pre-copy rounds: memory copied while the process runs, for as long as the policy says it pays.
@@ -322,24 +315,24 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       const started = performance.now();
       for (let k = 1; ; k++) {
         const round = String(k);
-        const ps = await destination.request(
-          { pageServerStart: { migrationId, round, parent, plainPages: options.plainPages === true } },
-          'pageServerStarted',
-        );
+        const ps = await destination.call('pageServerStart', {
+          migrationId,
+          round,
+          parent,
+          plainPages: options.plainPages === true,
+        });
         emit('precopy', 'controller', `round ${k}: copying memory while the process runs`, { round });
-        const done = await source.request(
+        const done = await source.call(
+          'preDumpRound',
           {
-            preDumpRound: {
-              migrationId,
-              round,
-              parent,
-              pid,
-              pageServerAddress: ps.address,
-              pageServerPort: ps.port,
-              plainPages: options.plainPages === true,
-            },
+            migrationId,
+            round,
+            parent,
+            pid,
+            pageServerAddress: ps.address,
+            pageServerPort: ps.port,
+            plainPages: options.plainPages === true,
           },
-          'roundDone',
           { timeoutMs: 0, signal: options.signal },
         );
         const report = roundReport(round, done.stats, done.durationMs ?? 0);
@@ -398,31 +391,31 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const lazy = strategy === 'postcopy';
     const ps = lazy
       ? { address: '', port: 0 }
-      : await destination.request(
-          { pageServerStart: { migrationId, round: 'final', parent, plainPages: options.plainPages === true } },
-          'pageServerStarted',
-        );
+      : await destination.call('pageServerStart', {
+          migrationId,
+          round: 'final',
+          parent,
+          plainPages: options.plainPages === true,
+        });
     emit(
       'switchover',
       'controller',
       lazy ? 'final dump without the memory (post-copy)' : `page server ready on ${ps.address}:${ps.port}; final dump`,
     );
-    const held = await source.request(
+    const held = await source.call(
+      'finalDump',
       {
-        finalDump: {
-          migrationId,
-          round: 'final',
-          parent,
-          pid,
-          pageServerAddress: ps.address,
-          pageServerPort: ps.port,
-          destinationUrl: options.to.url,
-          holdMs,
-          plainPages: options.plainPages === true,
-          postcopy: lazy,
-        },
+        migrationId,
+        round: 'final',
+        parent,
+        pid,
+        pageServerAddress: ps.address,
+        pageServerPort: ps.port,
+        destinationUrl: options.to.url,
+        holdMs,
+        plainPages: options.plainPages === true,
+        postcopy: lazy,
       },
-      'dumpHeld',
       { timeoutMs: 0, signal: options.signal },
     );
     const heldAt = performance.now();
@@ -442,9 +435,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           plainPages: options.plainPages === true,
         }
       : {};
-    const restored = await destination.request(
-      { restore: { migrationId, round: 'final', holdMs, ...lazyRestore } },
-      'restored',
+    const restored = await destination.call(
+      'restore',
+      { migrationId, round: 'final', holdMs, ...lazyRestore },
       {
         timeoutMs: 0,
         signal: options.signal,
@@ -459,7 +452,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     let finalStats: DumpStatsMessage | null | undefined;
     try {
       committed = true;
-      finalStats = (await source.request({ commit: { migrationId } }, 'committed', { timeoutMs: holdMs })).stats;
+      finalStats = (await source.call('commit', { migrationId }, { timeoutMs: holdMs })).stats;
     } catch (error) {
       throw new OutcomeUnknownError(`the commit on ${sourceName} did not complete: ${(error as Error).message}`, {
         hint: `the process may have ended on ${sourceName}, and a copy is held on ${destinationName} for ${Math.round(holdMs / 1000)} s; check both with \`ferry ps\``,
@@ -484,7 +477,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
             async () => {
               if (resumer.closed) resumer = await connect(options.to);
               const downtimeBeforeMs = Math.round((held.frozenMs ?? 0) + (performance.now() - heldAt));
-              return resumer.request({ resume: { migrationId, downtimeBeforeMs } }, 'resumed', { timeoutMs: holdMs });
+              return resumer.call('resume', { migrationId, downtimeBeforeMs }, { timeoutMs: holdMs });
             },
             {
               retries: 3,
@@ -511,8 +504,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       phase = 'postcopy';
       const fetched = await awaitPostcopy(options, connect, destinationName, sourceName, migrationId, emit);
       try {
-        finalStats = (await source.request({ commit: { migrationId, settled: true } }, 'committed', { timeoutMs: 0 }))
-          .stats;
+        finalStats = (await source.call('commit', { migrationId, settled: true }, { timeoutMs: 0 })).stats;
       } catch (error) {
         throw new OutcomeUnknownError(
           `${sourceName} did not confirm the end of its copy: ${(error as Error).message}`,
@@ -573,8 +565,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     emit('rollback', 'controller', `rolling back: ${(error as Error).message}`);
     const reason = (error as Error).message.slice(0, 500);
     await Promise.all([
-      source.request({ abort: { migrationId, reason } }, 'ack', { timeoutMs: 30_000 }).catch(() => undefined),
-      destination.request({ abort: { migrationId, reason } }, 'ack', { timeoutMs: 30_000 }).catch(() => undefined),
+      source.call('abort', { migrationId, reason }, { timeoutMs: 30_000 }).catch(() => undefined),
+      destination.call('abort', { migrationId, reason }, { timeoutMs: 30_000 }).catch(() => undefined),
     ]);
     if (error instanceof InvalidInputError) throw error;
     throw new MigrationFailedError(phase, error, { sourceAgent: sourceName });
@@ -695,7 +687,7 @@ async function awaitPostcopy(
     for (;;) {
       try {
         peer ??= await connect(options.to);
-        const outcome = await peer.request({ outcomeQuery: { migrationId } }, 'outcome', { timeoutMs: 30_000 });
+        const outcome = await peer.call('outcomeQuery', { migrationId }, { timeoutMs: 30_000 });
         if (outcome.state === 'committed') {
           const ms = outcome.postcopyMs ?? Math.round(performance.now() - started);
           emit('postcopy', destinationName, `every page arrived from ${sourceName} in ${ms} ms`);
