@@ -19,6 +19,31 @@ const layerDoors = {
       group: ['**/tls/*', '!**/tls/index.js'],
       message: 'import src/tls through its index.js',
     },
+    // The controller's folders, one role each; import-x/no-cycle keeps the arrows one way.
+    {
+      group: ['**/agents/*', '!**/agents/index.js'],
+      message: 'import controller/agents through its index.js',
+    },
+    {
+      group: ['**/cli/*', '!**/cli/index.js'],
+      message: 'import controller/cli through its index.js',
+    },
+    {
+      group: ['**/fleet/*', '!**/fleet/index.js'],
+      message: 'import controller/fleet through its index.js',
+    },
+    {
+      group: ['**/install/*', '!**/install/index.js'],
+      message: 'import controller/install through its index.js',
+    },
+    {
+      group: ['**/lab/*', '!**/lab/index.js'],
+      message: 'import controller/lab through its index.js',
+    },
+    {
+      group: ['**/migration/*', '!**/migration/index.js'],
+      message: 'import src/migration and controller/migration through their index.js',
+    },
     { group: ['**/test/**', '**/scripts/**'], message: 'nothing imports from test/ or scripts/' },
   ],
 };

@@ -6,10 +6,9 @@
 import { mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { hostEndpoint } from '../controller/agents.js';
-import type { LabHost } from '../controller/lab.js';
-import type { MigrationReport } from '../controller/migration.js';
-import { runWorkload } from '../controller/workloads.js';
+import { hostEndpoint, type LabHost } from '../controller/lab/index.js';
+import type { MigrationReport } from '../controller/migration/index.js';
+import { runWorkload } from '../controller/agents/index.js';
 import { projectRoot } from '../src/paths.js';
 
 export type Rate = 'low' | 'high';

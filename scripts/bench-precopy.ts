@@ -7,9 +7,8 @@
  * Environment: BENCH_KL_SIZES (MiB, "64,256"), BENCH_HOT (percent, "1,10,50"),
  * BENCH_KL_RATES ("high": under emulation every run is slow), BENCH_KL_RUNS (1).
  */
-import { hostEndpoint } from '../controller/agents.js';
-import { labDown, labUp, type LabHost } from '../controller/lab.js';
-import { migrate, type Strategy } from '../controller/migration.js';
+import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
+import { migrate, type Strategy } from '../controller/migration/index.js';
 import { cells, sampleOf, startWorkload, type Cell } from './bench-matrix.js';
 
 const sizes = (process.env.BENCH_KL_SIZES ?? '64,256').split(',').map(Number);

@@ -19,9 +19,8 @@ import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, stat
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { hostEndpoint } from '../controller/agents.js';
-import { labDown, labUp, type LabHost } from '../controller/lab.js';
-import { migrate } from '../controller/migration.js';
+import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
+import { migrate } from '../controller/migration/index.js';
 import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';

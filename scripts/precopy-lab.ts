@@ -12,13 +12,12 @@
 import { existsSync, mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { labDown, labUp } from '../controller/lab.js';
-import { migrate, type MigrationReport, type Strategy } from '../controller/migration.js';
-import { runWorkload } from '../controller/workloads.js';
+import { hostEndpoint, labDown, labUp } from '../controller/lab/index.js';
+import { migrate, type MigrationReport, type Strategy } from '../controller/migration/index.js';
+import { runWorkload } from '../controller/agents/index.js';
 import { readCounterState } from '../src/counter.js';
 import { projectRoot } from '../src/paths.js';
 import { inNetns } from '../src/proc.js';
-import { hostEndpoint } from '../controller/agents.js';
 
 interface Scenario {
   name: string;

@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { beforeAll, describe, expect, it } from 'vitest';
-import type { MigrationReport } from '../../controller/migration.js';
+import type { MigrationReport } from '../../controller/migration/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 

@@ -4,13 +4,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { labDown, labUp, restartAgent, type LabHost } from '../../controller/lab.js';
-import { migrationRecords, runWorkload } from '../../controller/workloads.js';
+import { hostEndpoint, labDown, labUp, restartAgent, type LabHost } from '../../controller/lab/index.js';
+import { migrationRecords, runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
-import { hostEndpoint } from '../../controller/agents.js';
 
 /**
  * The fault matrix: a migration of a stateful workload, a crash at a named

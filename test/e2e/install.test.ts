@@ -2,11 +2,10 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, wri
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Inventory } from '../../controller/config.js';
-import { install, type NodeResult } from '../../controller/install.js';
-import { KnownHosts, parseTarget } from '../../controller/ssh.js';
-import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
-import type { MigrationReport } from '../../controller/migration.js';
+import type { Inventory } from '../../controller/agents/index.js';
+import { install, KnownHosts, parseTarget, type NodeResult } from '../../controller/install/index.js';
+import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import type { MigrationReport } from '../../controller/migration/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';

@@ -2,10 +2,9 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint } from '../../controller/agents.js';
-import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab.js';
-import { migrate } from '../../controller/migration.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { migrate } from '../../controller/migration/index.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';

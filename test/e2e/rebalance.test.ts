@@ -3,11 +3,9 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint } from '../../controller/agents.js';
-import { labDown, labUp, restartAgent, type Lab, type LabHost } from '../../controller/lab.js';
-import type { MoveOutcome, NodeState, Plan } from '../../controller/rebalance.js';
-import type { RunRecord } from '../../controller/schedule.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { hostEndpoint, labDown, labUp, restartAgent, type Lab, type LabHost } from '../../controller/lab/index.js';
+import type { MoveOutcome, NodeState, Plan, RunRecord } from '../../controller/fleet/index.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { FERRY_BIN, runFerry, type CliResult } from '../helpers/cli.js';

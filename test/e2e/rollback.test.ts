@@ -4,13 +4,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { labDown, labUp, type LabHost } from '../../controller/lab.js';
+import { hostEndpoint, labDown, labUp, type LabHost } from '../../controller/lab/index.js';
 import { projectRoot } from '../../src/paths.js';
-import { runWorkload } from '../../controller/workloads.js';
+import { runWorkload } from '../../controller/agents/index.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 import { isRunning } from '../helpers/workload.js';
-import { hostEndpoint } from '../../controller/agents.js';
 
 const execFileAsync = promisify(execFile);
 const LAB = `fr${process.pid % 100_000}`;

@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { utils } from 'ssh2';
-import type { LabHost } from '../../controller/lab.js';
+import type { LabHost } from '../../controller/lab/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { waitFor } from './wait.js';
 

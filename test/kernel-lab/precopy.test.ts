@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import type { MigrationReport } from '../../controller/migration.js';
+import type { MigrationReport } from '../../controller/migration/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { requireRoot } from '../helpers/root.js';
 

@@ -5,7 +5,7 @@ import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { InvalidArgumentError } from 'commander';
 import { afterAll, describe, expect, it } from 'vitest';
-import { directory, holdMs, migrationTarget, nodeName } from '../../controller/arguments.js';
+import { directory, holdMs, migrationTarget, nodeName } from '../../controller/cli/index.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { projectRoot } from '../../src/paths.js';
 

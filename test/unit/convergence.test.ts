@@ -8,7 +8,7 @@ import {
   floorMs,
   type PolicyContext,
   type RoundSample,
-} from '../../controller/convergence.js';
+} from '../../controller/migration/index.js';
 
 const MiB = 1024 * 1024;
 

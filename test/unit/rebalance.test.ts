@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { parseSelector, plan, type NodeState, type WorkloadState } from '../../controller/rebalance.js';
+import { parseSelector, plan, type NodeState, type WorkloadState } from '../../controller/fleet/index.js';
 
 const MiB = 1024 * 1024;
 

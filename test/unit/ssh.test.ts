@@ -4,8 +4,15 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { listenUrlOf, supervisorScript, systemdUnit } from '../../controller/install.js';
-import { KnownHosts, parseTarget, readIdentity, sh } from '../../controller/ssh.js';
+import {
+  KnownHosts,
+  listenUrlOf,
+  parseTarget,
+  readIdentity,
+  sh,
+  supervisorScript,
+  systemdUnit,
+} from '../../controller/install/index.js';
 import { ed25519KeyPair } from '../helpers/sshd.js';
 import { waitFor } from '../helpers/wait.js';
 

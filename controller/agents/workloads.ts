@@ -1,6 +1,6 @@
-import { InvalidInputError } from '../src/errors.js';
-import { validateEnvelope, WireProtocolError, type MigrationRecord, type WorkloadInfo } from '../src/wire/index.js';
-import type { AgentEndpoint } from './agents.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { validateEnvelope, WireProtocolError, type MigrationRecord, type WorkloadInfo } from '../../src/wire/index.js';
+import type { AgentEndpoint } from './endpoint.js';
 import { connectAgent, localized } from './connect.js';
 
 export async function runWorkload(
@@ -10,12 +10,10 @@ export async function runWorkload(
   softwareVersion: string,
   placement: { labels?: Record<string, string>; pinned?: boolean } = {},
 ): Promise<WorkloadInfo> {
-  const body = {
-    runWorkload: { name, argv: [...argv], labels: { ...placement.labels }, pinned: placement.pinned === true },
-  };
+  const params = { name, argv: [...argv], labels: { ...placement.labels }, pinned: placement.pinned === true };
   // The agent would refuse it as malformed and drop the connection; here it is the user's input.
   try {
-    validateEnvelope({ id: 1, ...body });
+    validateEnvelope({ id: 1, runWorkload: params });
   } catch (error) {
     if (!(error instanceof WireProtocolError)) throw error;
     throw new InvalidInputError(`an agent cannot run that: ${error.message}`, {
@@ -24,7 +22,7 @@ export async function runWorkload(
   }
   const agent = await connectAgent(endpoint, softwareVersion);
   try {
-    return await agent.request(body, 'workload', { timeoutMs: 30_000 });
+    return await agent.call('runWorkload', params, { timeoutMs: 30_000 });
   } catch (error) {
     throw localized(error);
   } finally {
@@ -35,7 +33,7 @@ export async function runWorkload(
 export async function listWorkloads(endpoint: AgentEndpoint, softwareVersion: string): Promise<WorkloadInfo[]> {
   const agent = await connectAgent(endpoint, softwareVersion);
   try {
-    return (await agent.request({ listWorkloads: {} }, 'workloadList')).workloads ?? [];
+    return (await agent.call('listWorkloads', {})).workloads ?? [];
   } finally {
     agent.close();
   }
@@ -49,8 +47,9 @@ export async function migrationRecords(
 ): Promise<MigrationRecord[]> {
   const agent = await connectAgent(endpoint, softwareVersion);
   try {
-    const body = settle ? { recover: {} } : { statusQuery: {} };
-    return (await agent.request(body, 'migrationList', { timeoutMs: 120_000 })).migrations ?? [];
+    const options = { timeoutMs: 120_000 };
+    const list = settle ? await agent.call('recover', {}, options) : await agent.call('statusQuery', {}, options);
+    return list.migrations ?? [];
   } finally {
     agent.close();
   }

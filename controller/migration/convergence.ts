@@ -1,4 +1,4 @@
-import { PAGE_SIZE, formatBytes } from '../src/units.js';
+import { PAGE_SIZE, formatBytes } from '../../src/units.js';
 
 /**
  * The pre-copy convergence policy: after each round, estimate what the

@@ -1,5 +1,5 @@
-import { formatBytes, formatDuration } from '../src/units.js';
-import type { MigrationEvent, MigrationReport } from './migration.js';
+import { formatBytes, formatDuration } from '../../src/units.js';
+import type { MigrationEvent, MigrationReport } from '../migration/index.js';
 
 /** One line per progress event on stderr: elapsed, phase, who, what. */
 export function renderEvent(event: MigrationEvent): string {

@@ -1,21 +1,22 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { InvalidInputError } from '../src/errors.js';
-import { projectRoot } from '../src/paths.js';
-import { inNetns } from '../src/proc.js';
-import { labDown, labUp } from './lab.js';
-import { migrate, type MigrationReport } from './migration.js';
-import { progress } from './output.js';
-import { renderEvent, renderReport } from './report.js';
-import { runWorkload } from './workloads.js';
-import { hostEndpoint } from './agents.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { projectRoot } from '../../src/paths.js';
+import { inNetns } from '../../src/proc.js';
+import { runWorkload } from '../agents/index.js';
+import { migrate, type MigrationEvent, type MigrationReport } from '../migration/index.js';
+import { hostEndpoint, labDown, labUp } from './lab.js';
 
 export interface DemoOptions {
   /** Leave the lab and the workload running. */
   keep?: boolean | undefined;
   softwareVersion: string;
   signal?: AbortSignal | undefined;
+  /** Tells the story, a line at a time (the command line: on stderr). */
+  say: (line: string) => void;
+  /** How the migration's progress and its report read (the command line's renderers). */
+  render: { event: (event: MigrationEvent) => string; report: (report: MigrationReport) => string };
 }
 
 const DEMO_LAB = 'ferrydemo';
@@ -25,15 +26,16 @@ const DEMO_LAB = 'ferrydemo';
  * migration to b, and the count going on there in b's network namespace.
  */
 export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
+  const { say } = options;
   const workload = join(projectRoot(), 'dist', 'examples', 'counter');
   if (!existsSync(workload)) throw new InvalidInputError(`${workload} is not built`, { hint: 'run `npm run build`' });
-  progress('Ferry demo: a live migration between two lab hosts on this machine.\n');
+  say('Ferry demo: a live migration between two lab hosts on this machine.\n');
   const lab = await labUp({ name: DEMO_LAB });
   const [a, b] = lab.hosts;
   if (a === undefined || b === undefined) throw new Error('the lab has fewer than two hosts');
   let keep = false;
   try {
-    for (const h of lab.hosts) progress(`host ${h.host}: agent at ${h.url} (network namespace ${h.netns})`);
+    for (const h of lab.hosts) say(`host ${h.host}: agent at ${h.url} (network namespace ${h.netns})`);
     const stateFile = join(a.dataDir, 'counter.state');
     // 64 MiB of memory, 4 MiB of it rewritten every tick; a line every second.
     const started = await runWorkload(
@@ -43,42 +45,49 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
       options.softwareVersion,
     );
     const logFile = started.logFile ?? '';
-    progress(`\nstarted workload "counter" on a as PID ${started.pid}; its output:`);
-    const shown = await follow(logFile, 0, 3, 'a', options.signal);
+    say(`\nstarted workload "counter" on a as PID ${started.pid}; its output:`);
+    const shown = await follow(logFile, 0, 3, 'a', say, options.signal);
 
-    progress('\nmigrating it to b while it runs:');
+    say('\nmigrating it to b while it runs:');
     const report = await migrate({
       workload: 'counter',
       from: hostEndpoint(a),
       to: hostEndpoint(b),
       softwareVersion: options.softwareVersion,
-      onEvent: (e) => progress(renderEvent(e)),
+      onEvent: (e) => say(options.render.event(e)),
       signal: options.signal,
     });
-    progress(renderReport(report));
+    say(options.render.report(report));
 
     const pid = report.to.pid;
     const inB = inNetns(pid, b.netns);
-    progress(`\nits output now, from PID ${pid}${inB ? ` in host b's network namespace` : ''}:`);
-    await follow(logFile, shown, 3, 'b', options.signal);
-    progress(
+    say(`\nits output now, from PID ${pid}${inB ? ` in host b's network namespace` : ''}:`);
+    await follow(logFile, shown, 3, 'b', say, options.signal);
+    say(
       existsSync(`/proc/${report.from.pid}`)
         ? `\nPID ${report.from.pid} still exists on a: this should not happen`
         : `\nNothing of it runs on a any more; it counted on without starting over.`,
     );
     keep = options.keep === true;
-    if (keep) progress(`The lab stays up (\`ferry lab down --name ${DEMO_LAB}\` removes it).`);
+    if (keep) say(`The lab stays up (\`ferry lab down --name ${DEMO_LAB}\` removes it).`);
     return report;
   } finally {
     if (!keep) {
       await labDown(DEMO_LAB);
-      progress('lab removed.');
+      say('lab removed.');
     }
   }
 }
 
 /** Prints new lines of a log file as they come, `count` of them; returns the offset reached. */
-async function follow(file: string, from: number, count: number, host: string, signal?: AbortSignal): Promise<number> {
+async function follow(
+  file: string,
+  from: number,
+  count: number,
+  host: string,
+  say: (line: string) => void,
+  signal?: AbortSignal,
+): Promise<number> {
   let offset = from;
   let printed = 0;
   const deadline = Date.now() + 10_000;
@@ -88,7 +97,7 @@ async function follow(file: string, from: number, count: number, host: string, s
       const end = text.lastIndexOf('\n');
       if (end >= 0) {
         for (const line of text.slice(0, end).split('\n')) {
-          if (printed < count) progress(`  ${host} │ ${line}`);
+          if (printed < count) say(`  ${host} │ ${line}`);
           printed += 1;
         }
         offset += Buffer.byteLength(text.slice(0, end + 1));

@@ -1,8 +1,8 @@
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { InvalidInputError } from '../src/errors.js';
-import { loadIdentity, writePrivate, type Identity } from '../src/tls/index.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { loadIdentity, writePrivate, type Identity } from '../../src/tls/index.js';
 
 /**
  * The controller's configuration directory: the cluster CA (ca/), the

@@ -1,12 +1,13 @@
 import { join } from 'node:path';
 import { Option, type Command } from 'commander';
-import { InvalidInputError } from '../src/errors.js';
+import { InvalidInputError } from '../../src/errors.js';
 import { wholeNumberIn } from './arguments.js';
-import { formatBytes, formatDuration } from '../src/units.js';
-import { resolveAgent, type ResolveOptions } from './agents.js';
-import { configDir, readInventory } from './config.js';
-import { renderTable } from './output.js';
-import { DEFAULT_LAB, readLab } from './lab.js';
+import type { CliContext } from './context.js';
+import { formatBytes, formatDuration } from '../../src/units.js';
+import { resolveAgent, type ResolveOptions } from './resolve.js';
+import { configDir, readInventory } from '../agents/index.js';
+import { progress, renderTable } from './output.js';
+import { DEFAULT_LAB, readLab } from '../lab/index.js';
 import {
   applyPlan,
   DEFAULT_THRESHOLD,
@@ -18,8 +19,9 @@ import {
   type NodeRef,
   type NodeState,
   type Plan,
-} from './rebalance.js';
-import { parseCron, runSchedule } from './schedule.js';
+  parseCron,
+  runSchedule,
+} from '../fleet/index.js';
 
 /**
  * The commands that act on a set of nodes: nodes, rebalance, drain,
@@ -114,7 +116,6 @@ function summary(outcomes: readonly MoveOutcome[]): { text: string; failed: numb
 }
 
 const write = (text: string): boolean => process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
-const progress = (text: string): boolean => process.stderr.write(`${text}\n`);
 
 function nodeOptions(command: Command): Command {
   return command
@@ -134,7 +135,10 @@ function planOptions(command: Command): Command {
     .option('--exclude <LABEL>', 'never move workloads with this label (KEY or KEY=VALUE; repeat)', collect);
 }
 
-export function registerFleetCommands(program: Command, softwareVersion: string, signal: () => AbortSignal): void {
+export function registerFleetCommands(
+  program: Command,
+  { version: softwareVersion, interrupt: signal }: CliContext,
+): void {
   /** Applies a plan, the plan and each move's outcome on stderr as they come. */
   const run = (p: Plan, refs: NodeRef[], maxFailures: number, quiet: boolean): Promise<MoveOutcome[]> => {
     if (!quiet) progress(renderPlan(p));

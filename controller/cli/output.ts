@@ -1,4 +1,4 @@
-import { FerryError, InvalidInputError } from '../src/errors.js';
+import { FerryError, InvalidInputError } from '../../src/errors.js';
 
 /** Exit codes of the command-line contract. */
 export const ExitCode = {
@@ -38,4 +38,9 @@ export function progress(line: string): void {
 export function renderTable(rows: readonly (readonly string[])[]): string {
   const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
   return rows.map((r) => r.map((c, i) => (i < r.length - 1 ? c.padEnd(widths[i] ?? 0) : c)).join('  ')).join('\n');
+}
+
+/** One JSON document on stdout (--json). */
+export function json(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
 }

@@ -1,9 +1,8 @@
-import { InvalidInputError } from '../src/errors.js';
-import { formatBytes } from '../src/units.js';
-import { LABEL_KEY, type NodeFacts } from '../src/wire/index.js';
-import type { AgentEndpoint } from './agents.js';
-import { connectAgent } from './connect.js';
-import { migrate, type MigrationReport } from './migration.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { formatBytes } from '../../src/units.js';
+import { LABEL_KEY, type NodeFacts } from '../../src/wire/index.js';
+import { connectAgent, type AgentEndpoint } from '../agents/index.js';
+import { migrate, type MigrationReport } from '../migration/index.js';
 
 /**
  * Rebalancing: a plan of moves from the nodes' facts, and its execution.
@@ -242,7 +241,7 @@ export interface NodeRef {
 export async function nodeFacts(node: NodeRef, softwareVersion: string): Promise<NodeFacts> {
   const c = await connectAgent(node.endpoint, softwareVersion);
   try {
-    return await c.request({ nodeQuery: {} }, 'nodeFacts', { timeoutMs: 30_000 });
+    return await c.call('nodeQuery', {}, { timeoutMs: 30_000 });
   } finally {
     c.close();
   }
@@ -251,7 +250,7 @@ export async function nodeFacts(node: NodeRef, softwareVersion: string): Promise
 export async function setDraining(node: NodeRef, draining: boolean, softwareVersion: string): Promise<NodeFacts> {
   const c = await connectAgent(node.endpoint, softwareVersion);
   try {
-    return await c.request({ setDraining: { draining } }, 'nodeFacts', { timeoutMs: 30_000 });
+    return await c.call('setDraining', { draining }, { timeoutMs: 30_000 });
   } finally {
     c.close();
   }

@@ -6,7 +6,7 @@ import type { Readable } from 'node:stream';
 import { createRequire } from 'node:module';
 import type * as Ssh2 from 'ssh2';
 import type { Client, ConnectConfig, ServerHostKeyAlgorithm } from 'ssh2';
-import { FerryError, InvalidInputError } from '../src/errors.js';
+import { FerryError, InvalidInputError } from '../../src/errors.js';
 
 /**
  * ssh2, loaded on first use: it takes a third of a second to load (its

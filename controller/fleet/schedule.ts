@@ -1,9 +1,9 @@
 import { appendFileSync, mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { Cron } from 'croner';
-import { InvalidInputError } from '../src/errors.js';
-import { log } from '../src/log.js';
-import { pauseAt } from '../src/testpoints.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { log } from '../../src/log.js';
+import { pauseAt } from '../../src/testpoints.js';
 import { applyPlan, plan, readNodes, type NodeRef, type PlanOptions } from './rebalance.js';
 
 export interface ScheduleOptions {

@@ -7,9 +7,9 @@ import {
   loadIdentity,
   type Authority,
   type Identity,
-} from '../src/tls/index.js';
-import { authorityDir, controllerIdentityDir, NODE_NAME } from './config.js';
-import { InvalidInputError } from '../src/errors.js';
+} from '../../src/tls/index.js';
+import { authorityDir, controllerIdentityDir, NODE_NAME } from '../agents/index.js';
+import { InvalidInputError } from '../../src/errors.js';
 
 export interface InitResult {
   config: string;

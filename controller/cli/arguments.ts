@@ -1,7 +1,10 @@
 import { resolve } from 'node:path';
 import { InvalidArgumentError } from 'commander';
-import { InvalidInputError } from '../src/errors.js';
-import { HOLD_MS, MAX_PID, PEER_NAME, WORKLOAD_NAME } from '../src/wire/index.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { isIP } from 'node:net';
+import { parseBytes } from '../../src/units.js';
+import { HOLD_MS, LABEL_KEY, MAX_PID, PEER_NAME, WORKLOAD_NAME } from '../../src/wire/index.js';
+import { LAB_NAME } from '../lab/index.js';
 
 /**
  * Parsers for command-line values that the wire or the file system would
@@ -64,4 +67,51 @@ export function wholeNumberIn(min: number, max = Number.MAX_SAFE_INTEGER): (text
     if (!(n >= min && n <= max)) throw new InvalidArgumentError(`expected a whole number ${range}`);
     return n;
   };
+}
+
+/** A whole number, any size JavaScript holds exactly. */
+export function wholeNumber(value: string): number {
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(Number(value)))
+    throw new InvalidArgumentError('expected a whole number');
+  return Number(value);
+}
+
+/** A size above zero: 512M, 2G, 1.5GiB or bytes. */
+export function byteSize(value: string): number {
+  const bytes = parseBytes(value);
+  if (bytes === undefined || bytes <= 0) throw new InvalidArgumentError('expected a size: 512M, 2G, 1.5GiB or bytes');
+  return bytes;
+}
+
+/** --label KEY=VALUE, repeatable: each adds to the labels before it. */
+export function label(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const [key = '', ...rest] = value.split('=');
+  if (!LABEL_KEY.test(key) || rest.length === 0)
+    throw new InvalidArgumentError('expected KEY=VALUE (keys: lower-case letters, digits, . _ / -)');
+  return { ...previous, [key]: rest.join('=') };
+}
+
+/** A number above 0, decimals allowed. */
+export function positiveNumber(value: string): number {
+  if (!/^\d+(\.\d+)?$/.test(value) || !(Number(value) > 0 && Number.isFinite(Number(value))))
+    throw new InvalidArgumentError('expected a number above 0');
+  return Number(value);
+}
+
+/** HOST:PORT with a numeric IP ([v6]:PORT for IPv6). */
+export function hostPort(value: string): { host: string; port: number } {
+  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(value);
+  const host = match?.[1] ?? match?.[2];
+  const port = Number(match?.[3]);
+  if (host === undefined || !(port >= 0 && port <= 65535)) throw new InvalidArgumentError('expected HOST:PORT');
+  if (isIP(host) === 0)
+    throw new InvalidArgumentError('HOST must be a numeric IP address (CRIU page servers need one)');
+  return { host, port };
+}
+
+/** A lab's name: it prefixes its namespaces and interfaces. */
+export function labName(value: string): string {
+  if (!LAB_NAME.test(value))
+    throw new InvalidArgumentError('1 to 10 lower-case letters and digits, starting with a letter');
+  return value;
 }

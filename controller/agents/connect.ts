@@ -1,7 +1,7 @@
 import pRetry, { AbortError as RetryAbort } from 'p-retry';
-import { InvalidInputError } from '../src/errors.js';
-import { PeerGoneError, RemoteError, WireConnection, type ProgressMessage } from '../src/wire/index.js';
-import type { AgentEndpoint } from './agents.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { PeerGoneError, RemoteError, WireConnection, type ProgressMessage } from '../../src/wire/index.js';
+import type { AgentEndpoint } from './endpoint.js';
 
 /** An agent that cannot be reached: nothing was touched. */
 export class AgentUnreachableError extends InvalidInputError {

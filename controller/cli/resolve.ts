@@ -1,24 +1,12 @@
-import { InvalidInputError } from '../src/errors.js';
-import { loadIdentity, type Identity } from '../src/tls/index.js';
-import { controllerIdentity, findNode, readInventory } from './config.js';
-import { DEFAULT_LAB, readLab, type LabHost } from './lab.js';
-
-/** Where an agent answers and the identity the controller shows it (undefined: plaintext, --insecure). */
-export interface AgentEndpoint {
-  url: string;
-  tls: Identity | undefined;
-}
+import { InvalidInputError } from '../../src/errors.js';
+import { controllerIdentity, findNode, readInventory, type AgentEndpoint } from '../agents/index.js';
+import { DEFAULT_LAB, hostEndpoint, readLab } from '../lab/index.js';
 
 export interface ResolveOptions {
   /** Allow plaintext ws:// agents. */
   insecure?: boolean | undefined;
   /** The lab whose host names (a, b, ...) are understood; default FERRY_LAB or "ferry". */
   lab?: string | undefined;
-}
-
-/** The endpoint of a lab's host, with the lab's own throwaway controller identity. */
-export function hostEndpoint(host: LabHost): AgentEndpoint {
-  return { url: host.url, tls: host.controllerTls === undefined ? undefined : loadIdentity(host.controllerTls) };
 }
 
 /**

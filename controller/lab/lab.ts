@@ -4,11 +4,12 @@ import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, 
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { FerryError, InvalidInputError } from '../src/errors.js';
-import { projectRoot } from '../src/paths.js';
-import { isAlive } from '../src/proc.js';
-import { createAuthority, issueIdentity, loadIdentity } from '../src/tls/index.js';
-import { WireConnection } from '../src/wire/index.js';
+import { FerryError, InvalidInputError } from '../../src/errors.js';
+import { projectRoot } from '../../src/paths.js';
+import { isAlive } from '../../src/proc.js';
+import { createAuthority, issueIdentity, loadIdentity } from '../../src/tls/index.js';
+import { WireConnection } from '../../src/wire/index.js';
+import type { AgentEndpoint } from '../agents/index.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -43,6 +44,11 @@ export interface Lab {
   controllerTls?: string | undefined;
   capacityBytes?: number | undefined;
   metrics?: boolean | undefined;
+}
+
+/** The endpoint of a lab's host, with the lab's own throwaway controller identity. */
+export function hostEndpoint(host: LabHost): AgentEndpoint {
+  return { url: host.url, tls: host.controllerTls === undefined ? undefined : loadIdentity(host.controllerTls) };
 }
 
 export class LabError extends FerryError {

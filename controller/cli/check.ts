@@ -5,7 +5,7 @@ import {
   resolveCriuBinary,
   type CriuFeatures,
   type CriuSource,
-} from '../src/criu/index.js';
+} from '../../src/criu/index.js';
 
 export interface CheckReport {
   criu: { path: string; source: CriuSource; version: string };

@@ -1,10 +1,21 @@
 import { Option, type Command } from 'commander';
-import { InvalidInputError } from '../src/errors.js';
-import { formatDuration } from '../src/units.js';
+import { InvalidInputError } from '../../src/errors.js';
+import { formatDuration } from '../../src/units.js';
 import { wholeNumberIn } from './arguments.js';
-import { findNode } from './config.js';
-import { AGENT_PORT, DEFAULT_PREFIX, install, uninstall, type NodeResult } from './install.js';
-import { defaultKnownHosts, KnownHosts, parseTarget, readIdentity, type SshTarget } from './ssh.js';
+import type { CliContext } from './context.js';
+import { findNode } from '../agents/index.js';
+import {
+  AGENT_PORT,
+  DEFAULT_PREFIX,
+  defaultKnownHosts,
+  install,
+  KnownHosts,
+  parseTarget,
+  readIdentity,
+  uninstall,
+  type NodeResult,
+  type SshTarget,
+} from '../install/index.js';
 
 function summary(results: readonly NodeResult[], verb: string): string {
   const rows = [['NODE', 'RESULT', 'TIME', 'DETAIL']];
@@ -46,7 +57,10 @@ interface SshCliOptions {
   json?: boolean;
 }
 
-export function registerInstallCommands(program: Command, softwareVersion: string, signal: () => AbortSignal): void {
+export function registerInstallCommands(
+  program: Command,
+  { version: softwareVersion, interrupt: signal }: CliContext,
+): void {
   sshOptions(
     program
       .command('install')

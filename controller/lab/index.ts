@@ -1,0 +1,20 @@
+/**
+ * The lab: hosts on this machine (a network namespace each, one bridge)
+ * with an agent on each, and the demo that migrates a workload between two.
+ */
+export { runDemo, type DemoOptions } from './demo.js';
+export {
+  DEFAULT_LAB,
+  hostEndpoint,
+  LAB_NAME,
+  LabError,
+  labDown,
+  labExec,
+  labUp,
+  METRICS_PORT,
+  readLab,
+  restartAgent,
+  type Lab,
+  type LabHost,
+  type LabUpOptions,
+} from './lab.js';

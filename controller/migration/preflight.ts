@@ -1,0 +1,164 @@
+import { InvalidInputError } from '../../src/errors.js';
+import { pauseAt } from '../../src/testpoints.js';
+import { formatBytes } from '../../src/units.js';
+import type { Facts, ProcessFacts } from '../../src/wire/index.js';
+import type { MigrationContext, Strategy } from './context.js';
+import { PreflightRefusedError } from './errors.js';
+import { POSTCOPY_RISK } from './postcopy.js';
+
+/** What preflight found: the process, both agents' facts, and the strategy chosen with its reason. */
+export interface Preflight {
+  pid: number;
+  process: ProcessFacts;
+  sourceFacts: Facts;
+  destinationFacts: Facts;
+  strategy: Strategy;
+  strategyReason: string;
+}
+
+/**
+ * Facts from both agents, and every reason to refuse before touching the
+ * process: a missing process, an older CRIU, no room for the images, a PID
+ * taken outside its own PID namespace, another CPU, a strategy that cannot
+ * work. Nothing here changes anything on either agent.
+ */
+export async function preflight(m: MigrationContext): Promise<Preflight> {
+  const { options, source, destination, sourceName, destinationName } = m;
+  const probePostcopy = options.strategy === 'postcopy';
+  if (probePostcopy)
+    m.emit('preflight', 'controller', 'probing post-copy on both agents (a small lazy migration on each)');
+  const sourceFacts = await source.call(
+    'factsQuery',
+    { pid: options.pid ?? 0, workload: options.workload ?? '', probePostcopy },
+    { timeoutMs: 120_000 },
+  );
+  const proc = sourceFacts.process;
+  if (!proc?.exists) {
+    throw new InvalidInputError(`no process with PID ${options.pid} on ${sourceName}`, {
+      hint: `check the PID on ${sourceName}, or name a workload (\`ferry ps --on ${sourceName}\` lists them)`,
+    });
+  }
+  const pid = proc.pid ?? 0;
+  const destinationFacts = await destination.call('factsQuery', { pid, probePostcopy }, { timeoutMs: 120_000 });
+  m.emit(
+    'preflight',
+    'controller',
+    `${sourceName}: PID ${pid}${proc.workload ? ` (${proc.workload})` : ''}, ${formatBytes(Number(proc.residentBytes ?? 0))} resident; ` +
+      `CRIU ${sourceFacts.criuVersion} → ${destinationFacts.criuVersion} on ${destinationName}`,
+  );
+  refuseIfUnfit(sourceFacts, destinationFacts, destinationName);
+  try {
+    await destination.call('cpuCheck', { cpuinfo: sourceFacts.cpuinfo });
+  } catch (error) {
+    throw new PreflightRefusedError(`${destinationName} cannot run this CPU's code: ${(error as Error).message}`, {
+      hint: 'migrate between machines with the same CPU features',
+    });
+  }
+  await pauseAt('controller.after-preflight');
+  const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts, destinationFacts, {
+    source: sourceName,
+    destination: destinationName,
+  });
+  m.emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
+  return { pid, process: proc, sourceFacts, destinationFacts, strategy, strategyReason: reason };
+}
+
+/**
+ * The first step that changes anything: the destination expects this
+ * migration (and the workload's record, if it is one). From here on a
+ * failure is rolled back on both agents.
+ */
+export async function prepareDestination(m: MigrationContext, p: Preflight): Promise<void> {
+  const proc = p.process;
+  await m.destination.call('prepareDestination', {
+    migrationId: m.id,
+    sourceUrl: m.options.from.url,
+    holdMs: m.holdMs,
+    postcopy: p.strategy === 'postcopy',
+    workload: proc.workload
+      ? {
+          name: proc.workload,
+          argv: proc.workloadArgv ?? [],
+          logFile: proc.workloadLogFile ?? '',
+          startedAtMs: proc.workloadStartedAtMs ?? 0,
+          labels: proc.workloadLabels ?? {},
+          pinned: proc.workloadPinned === true,
+        }
+      : null,
+  });
+}
+
+function refuseIfUnfit(source: Facts, destination: Facts, destinationName: string): void {
+  const proc = source.process;
+  const [srcMajor = 0, srcMinor = 0] = (source.criuVersion ?? '').split('.').map(Number);
+  const [dstMajor = 0, dstMinor = 0] = (destination.criuVersion ?? '').split('.').map(Number);
+  if (dstMajor < srcMajor || (dstMajor === srcMajor && dstMinor < srcMinor)) {
+    throw new PreflightRefusedError(
+      `${destinationName} runs CRIU ${destination.criuVersion}, older than the source's ${source.criuVersion}`,
+      { hint: 'upgrade CRIU on the destination (scripts/install-criu)' },
+    );
+  }
+  const needed = Number(proc?.residentBytes ?? 0) * 1.1 + 16 * 1024 * 1024;
+  if (Number(destination.imagesFreeBytes ?? 0) < needed) {
+    throw new PreflightRefusedError(
+      `${destinationName} has ${formatBytes(Number(destination.imagesFreeBytes ?? 0))} free for images, ` +
+        `the process needs about ${formatBytes(needed)}`,
+      { hint: 'free space in the destination agent’s images directory, or pick another destination' },
+    );
+  }
+  if (!proc?.ownPidNamespace && (destination.takenPids ?? []).includes(proc?.pid ?? 0)) {
+    throw new PreflightRefusedError(
+      `PID ${proc?.pid} is taken on ${destinationName}, and the process is not in its own PID namespace, so it cannot keep its PID there`,
+      { hint: 'start workloads with `ferry run`, which gives each its own PID namespace' },
+    );
+  }
+}
+
+/**
+ * Pre-copy needs dirty-memory tracking where the process runs now: the
+ * source decides. Post-copy is never chosen for the user (it risks the
+ * process on the source's survival) and only where both agents' probes
+ * showed a lazy migration working.
+ */
+function chooseStrategy(
+  requested: 'auto' | Strategy,
+  source: Facts,
+  destination: Facts,
+  names: { source: string; destination: string },
+): { strategy: Strategy; reason: string } {
+  if (requested === 'postcopy') {
+    const failed = [
+      { name: names.source, support: source.postcopy },
+      { name: names.destination, support: destination.postcopy },
+    ].filter((a) => a.support?.works !== true);
+    if (failed.length > 0) {
+      const first = failed[0]!;
+      throw new PreflightRefusedError(
+        `post-copy does not work on ${failed.map((f) => f.name).join(' and ')}: ` +
+          failed.map((f) => f.support?.reason || 'the agent did not probe post-copy').join('; '),
+        { hint: `${first.support?.hint || 'upgrade the agent'}; or use --strategy stop-and-copy (or auto)` },
+      );
+    }
+    return {
+      strategy: 'postcopy',
+      reason: `requested with --strategy; probes on both agents showed lazy migration working. Risk: ${POSTCOPY_RISK}`,
+    };
+  }
+  const tracks = source.memTrack === true;
+  if (requested === 'stop-and-copy') return { strategy: 'stop-and-copy', reason: 'requested with --strategy' };
+  if (requested === 'precopy' && !tracks) {
+    throw new PreflightRefusedError(`the source kernel cannot track dirty memory, so pre-copy is impossible there`, {
+      hint: 'use --strategy stop-and-copy (or auto)',
+    });
+  }
+  if (tracks)
+    return {
+      strategy: 'precopy',
+      reason: 'the source kernel tracks dirty memory: memory is copied while the process runs',
+    };
+  return {
+    strategy: 'stop-and-copy',
+    reason:
+      'the source kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY), so the process stops for the whole copy',
+  };
+}
