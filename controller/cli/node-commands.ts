@@ -13,7 +13,7 @@ import { criuOption } from './options.js';
 import { json } from './output.js';
 
 /** `ferry agent`: the daemon of this node, until SIGTERM or Ctrl-C. */
-export function registerAgent(program: Command, { version }: CliContext): void {
+export function registerAgent(program: Command, { version, hooks }: CliContext): void {
   program
     .command('agent')
     .description('Run the agent daemon of this node')
@@ -92,6 +92,7 @@ export function registerAgent(program: Command, { version }: CliContext): void {
           tls,
           capacityBytes: opts.capacity,
           metrics: opts.metrics,
+          hooks,
         });
         await new Promise<void>((resolve) => {
           process.once('SIGTERM', resolve);

@@ -44,6 +44,8 @@ export interface Lab {
   controllerTls?: string | undefined;
   capacityBytes?: number | undefined;
   metrics?: boolean | undefined;
+  /** The program the agents run (`ferry`'s main.js unless the lab was brought up with another). */
+  agentProgram?: string | undefined;
 }
 
 /** The endpoint of a lab's host, with the lab's own throwaway controller identity. */
@@ -66,6 +68,11 @@ export interface LabUpOptions {
   capacityBytes?: number | undefined;
   /** Each agent serves Prometheus metrics on its address, port METRICS_PORT. */
   metrics?: boolean | undefined;
+  /**
+   * The `ferry` program the agents run, when not this one (dist/controller/main.js):
+   * the tests give theirs (test/harness), which adds their hooks. Kept for restartAgent.
+   */
+  agentProgram?: string | undefined;
 }
 
 export const METRICS_PORT = 9464;
@@ -115,6 +122,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
     subnet: `${subnet}.0/24`,
     hosts: [],
     capacityBytes: options.capacityBytes,
+    agentProgram: options.agentProgram,
     metrics: options.metrics,
   };
   const tlsRoot = join(dir, 'tls');
@@ -296,9 +304,9 @@ function startAgent(
   logFile: string,
   tlsDir: string | undefined,
   env: Record<string, string>,
-  lab: Pick<Lab, 'capacityBytes' | 'metrics'>,
+  lab: Pick<Lab, 'capacityBytes' | 'metrics' | 'agentProgram'>,
 ): number {
-  const main = join(projectRoot(), 'dist', 'controller', 'main.js');
+  const main = lab.agentProgram ?? join(projectRoot(), 'dist', 'controller', 'main.js');
   if (!existsSync(main)) throw new LabError(`${main} is missing`, { hint: 'run `npm run build`' });
   const out = openSync(logFile, 'a');
   // nsenter --net, not `ip netns exec`: the latter also makes a new mount

@@ -8,7 +8,7 @@ import { uniformInt } from 'pure-rand/distribution/uniformInt';
 import { xoroshiro128plus } from 'pure-rand/generator/xoroshiro128plus';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { migrate } from '../../controller/migration/index.js';
 import { listWorkloads, runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';

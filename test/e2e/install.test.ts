@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Inventory } from '../../controller/agents/index.js';
 import { install, KnownHosts, parseTarget, type NodeResult } from '../../controller/install/index.js';
-import { labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import type { MigrationReport } from '../../controller/migration/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';

@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint, labDown, labUp, METRICS_PORT, type LabHost } from '../../controller/lab/index.js';
+import { hostEndpoint, labDown, labUp, METRICS_PORT, type LabHost } from '../helpers/lab.js';
 import { migrate, MigrationFailedError } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import type { MigrationReport } from '../../controller/migration/index.js';
 import { listWorkloads, runWorkload } from '../../controller/agents/index.js';
 import { LAZY_PIPE_BYTES } from '../../src/criu/index.js';

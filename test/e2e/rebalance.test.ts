@@ -3,7 +3,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostEndpoint, labDown, labUp, restartAgent, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { hostEndpoint, labDown, labUp, restartAgent, type Lab, type LabHost } from '../helpers/lab.js';
 import type { MoveOutcome, NodeState, Plan, RunRecord } from '../../controller/fleet/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../../controller/lab/index.js';
+import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { listWorkloads } from '../../controller/agents/index.js';
 import { createAuthority, issueIdentity, loadAuthority, loadIdentity, type Identity } from '../../src/tls/index.js';
 import { RemoteError, WireConnection } from '../../src/wire/index.js';

@@ -4,7 +4,8 @@ import { promisify } from 'node:util';
 import { projectRoot } from '../../src/paths.js';
 
 const execFileAsync = promisify(execFile);
-export const FERRY_BIN = join(projectRoot(), 'bin', 'ferry');
+/** The `ferry` command under test: the shipped program with the hooks the test's environment asks for. */
+export const FERRY_BIN = join(projectRoot(), 'test', 'harness', 'ferry-under-test');
 
 export interface CliResult {
   code: number;
