@@ -51,14 +51,7 @@ export class SourceRole {
     await migrations.track(
       m,
       criu.preDump({
-        pid: m.pid,
-        imagesDir: dir,
-        parentImg: p.parent ? `../${p.parent}` : undefined,
-        pageServer: {
-          address: p.pageServerAddress ?? '',
-          port: p.pageServerPort ?? 0,
-          tls: pageTlsFor(this.context, p.plainPages),
-        },
+        ...this.#round(m, dir, p),
         signal: m.abort.signal,
       }),
     );
@@ -115,14 +108,7 @@ export class SourceRole {
       m,
       criu
         .dump({
-          pid: m.pid,
-          imagesDir: dir,
-          parentImg: p.parent ? `../${p.parent}` : undefined,
-          pageServer: {
-            address: p.pageServerAddress ?? '',
-            port: p.pageServerPort ?? 0,
-            tls: pageTlsFor(this.context, p.plainPages),
-          },
+          ...this.#round(m, dir, p),
           // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
           trackMem: p.parent ? true : undefined,
           timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
@@ -264,6 +250,20 @@ export class SourceRole {
     const decision = m.hold?.decision;
     if (decision === undefined) return 'pending';
     return (await decision) === 'yes' ? 'committed' : 'aborted';
+  }
+
+  /** What a round's dump sends where: the process, its images here and its parent, the destination's page server. */
+  #round(m: SourceMigration, dir: string, p: BodyOf<'preDumpRound'> | BodyOf<'finalDump'>) {
+    return {
+      pid: m.pid,
+      imagesDir: dir,
+      parentImg: p.parent ? `../${p.parent}` : undefined,
+      pageServer: {
+        address: p.pageServerAddress ?? '',
+        port: p.pageServerPort ?? 0,
+        tls: pageTlsFor(this.context, p.plainPages),
+      },
+    };
   }
 
   #migration(id: string, pid: number): SourceMigration {
