@@ -1,4 +1,5 @@
 import type { Command } from 'commander';
+import type { TestHooks } from '../../src/hooks.js';
 
 /** What every command is given by the program that registers it. */
 export interface CliContext {
@@ -6,6 +7,8 @@ export interface CliContext {
   version: string;
   /** A new AbortSignal that Ctrl-C (or SIGTERM) aborts, for the command's long operation. */
   interrupt: () => AbortSignal;
+  /** Given to what a test may pause (migrations, rebalancing, the schedule); NO_TEST_HOOKS in production. */
+  hooks: TestHooks;
 }
 
 /** Adds one command (or a few of one role) to the program. */

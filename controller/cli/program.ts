@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
+import { NO_TEST_HOOKS, type TestHooks } from '../../src/hooks.js';
 import { projectRoot } from '../../src/paths.js';
 import { configDir } from '../agents/index.js';
 import { registerCertificate, registerInit } from './cluster-commands.js';
@@ -16,7 +17,7 @@ import { registerPs, registerRun } from './workload-commands.js';
 const version = (JSON.parse(readFileSync(join(projectRoot(), 'package.json'), 'utf8')) as { version: string }).version;
 
 /** The `ferry` program: its global options and help, then its commands in the order --help lists them. */
-export function buildProgram(): Command {
+export function buildProgram(hooks: TestHooks = NO_TEST_HOOKS): Command {
   const program = new Command('ferry')
     .description('Live migration of running Linux processes between machines, driven by CRIU.')
     .version(version, '-V, --version')
@@ -49,7 +50,7 @@ Start with:
       process.env.FERRY_CONFIG = program.opts<{ config: string }>().config;
     });
 
-  const context: CliContext = { version, interrupt: interruptSignal };
+  const context: CliContext = { version, interrupt: interruptSignal, hooks };
   for (const register of [
     registerInit,
     registerCertificate,
@@ -74,9 +75,11 @@ let stdoutGuarded = false;
 /**
  * Runs the `ferry` command line on `argv` (as process.argv: the node
  * binary and the script first) and resolves with its exit code: 0 done,
- * 1 failed, 2 bad input, 3 outcome unknown.
+ * 1 failed, 2 bad input, 3 outcome unknown. `context.hooks` is where a
+ * test may pause what the command runs (test/harness/ferry gives them);
+ * bin/ferry gives none.
  */
-export async function runCli(argv: readonly string[]): Promise<number> {
+export async function runCli(argv: readonly string[], context: { hooks?: TestHooks } = {}): Promise<number> {
   if (!stdoutGuarded) {
     stdoutGuarded = true;
     // A reader that stops early (`ferry migrate --help | head`) is no error of ours.
@@ -86,7 +89,7 @@ export async function runCli(argv: readonly string[]): Promise<number> {
     });
   }
   const args = argv.slice(2);
-  const program = buildProgram();
+  const program = buildProgram(context.hooks);
   const asJson = args.includes('--json');
   try {
     await program.parseAsync(args, { from: 'user' });

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { NO_TEST_HOOKS, type TestHooks } from '../../src/hooks.js';
 import type { ProgressMessage } from '../../src/wire/index.js';
 import { connectAgent, type AgentEndpoint, type AgentLink, type ConnectLink } from '../agents/index.js';
 import type { PolicyLimits, SwitchoverCost } from './convergence.js';
@@ -39,6 +40,8 @@ export interface MigrateOptions {
   signal?: AbortSignal | undefined;
   /** How the migration reaches the agents; default connectAgent (the protocol tests give fakes). */
   connect?: ConnectLink | undefined;
+  /** Where a test may pause the controller (after preflight, held, restored, commit); default none. */
+  hooks?: TestHooks | undefined;
 }
 
 const HOLD_MS = 60_000;
@@ -50,6 +53,7 @@ export interface MigrationRun {
   /** How long each agent holds its side of the switchover waiting for the next step. */
   readonly holdMs: number;
   readonly plainPages: boolean;
+  readonly hooks: TestHooks;
   /** The phase a failure is reported in; the steps move it on. */
   phase: Phase;
   /** Milliseconds since the migration started. */
@@ -80,6 +84,7 @@ export function startRun(options: MigrateOptions): MigrationRun {
     options,
     holdMs: options.holdMs ?? HOLD_MS,
     plainPages: options.plainPages === true,
+    hooks: options.hooks ?? NO_TEST_HOOKS,
     phase: 'preflight',
     elapsed,
     emit: (phase, from, message, extra = {}) => options.onEvent?.({ atMs: elapsed(), phase, from, message, ...extra }),

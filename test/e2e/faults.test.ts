@@ -21,7 +21,7 @@ const execFileAsync = promisify(execFile);
 const LAB = `ff${process.pid % 100_000}`;
 const HOLD_MS = 3_000;
 const stateful = join(projectRoot(), 'dist', 'examples', 'stateful');
-const ferry = join(projectRoot(), 'bin', 'ferry');
+const ferry = join(projectRoot(), 'test', 'harness', 'ferry.mjs');
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-faults-'));
 let a: LabHost;
 let b: LabHost;

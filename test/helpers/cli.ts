@@ -4,7 +4,8 @@ import { promisify } from 'node:util';
 import { projectRoot } from '../../src/paths.js';
 
 const execFileAsync = promisify(execFile);
-export const FERRY_BIN = join(projectRoot(), 'bin', 'ferry');
+/** bin/ferry's program with test hooks (pause points armed through FERRY_TEST_PAUSE_DIR). */
+export const FERRY_BIN = join(projectRoot(), 'test', 'harness', 'ferry.mjs');
 
 export interface CliResult {
   code: number;

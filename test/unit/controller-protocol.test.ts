@@ -10,6 +10,7 @@ import {
   type MigrateOptions,
   type MigrationReport,
 } from '../../controller/migration/index.js';
+import type { TestHooks } from '../../src/hooks.js';
 import { PeerGoneError, RemoteError, type BodyOf, type ReplyOf, type RequestName } from '../../src/wire/index.js';
 
 /**
@@ -480,5 +481,25 @@ describe('pre-copy', () => {
     expect(error.message).toMatch(/--strict-downtime stops here/);
     expect(src.asked('finalDump')).toBe(false);
     expect(src.asked('abort') && dst.asked('abort')).toBe(true);
+  });
+});
+
+describe('test hooks', () => {
+  it('pause the controller at its four points, each right after the step it is named after', async () => {
+    const points: string[] = [];
+    const hooks: TestHooks = {
+      pause: (point) => {
+        points.push(`${point}, after ${wire.at(-1)}`);
+        return Promise.resolve();
+      },
+      fault: () => undefined,
+    };
+    await run(source(), destination(), { hooks });
+    expect(points).toEqual([
+      'controller.after-preflight, after dst → cpuCheck',
+      'controller.after-held, after src → finalDump',
+      'controller.after-restored, after dst → restore',
+      'controller.after-commit, after src → commit',
+    ]);
   });
 });
