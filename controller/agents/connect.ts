@@ -1,5 +1,5 @@
 import pRetry, { AbortError as RetryAbort } from 'p-retry';
-import { InvalidInputError } from '../../src/errors.js';
+import { FerryError, InvalidInputError } from '../../src/errors.js';
 import {
   PeerGoneError,
   RemoteError,
@@ -12,9 +12,15 @@ import {
 } from '../../src/wire/index.js';
 import type { AgentEndpoint } from './endpoint.js';
 
-/** An agent that cannot be reached: nothing was touched. */
+/** An agent that cannot be reached: nothing was touched, and reaching it again may work. */
 export class AgentUnreachableError extends InvalidInputError {
   override readonly code = 'AGENT_UNREACHABLE';
+  override readonly retryable = true;
+}
+
+/** Whether repeating the operation that failed may succeed, as the error itself says (FerryError.retryable). */
+export function isRetryable(error: unknown): boolean {
+  return error instanceof FerryError && error.retryable;
 }
 
 /**
@@ -52,7 +58,7 @@ export async function connectAgent(
           { role: 'controller', name, softwareVersion },
           { peer: url, onProgress: options.onProgress, signal: options.signal, tls: endpoint.tls },
         ).catch((error: unknown) => {
-          if (!(error instanceof PeerGoneError)) throw new RetryAbort(error as Error);
+          if (!isRetryable(error)) throw new RetryAbort(error as Error);
           throw error;
         }),
       { retries: 2, minTimeout: 200, signal: options.signal },

@@ -1,6 +1,6 @@
 import { PAGE_SIZE } from '../../src/units.js';
-import { PeerGoneError, type DumpStatsMessage } from '../../src/wire/index.js';
-import { AgentUnreachableError, localized, type AgentLink } from '../agents/index.js';
+import type { DumpStatsMessage } from '../../src/wire/index.js';
+import { isRetryable, localized, type AgentLink } from '../agents/index.js';
 import type { MigrationContext } from './context.js';
 import { OutcomeUnknownError, PostcopyFailedError } from './errors.js';
 import type { MigrationReport } from './report.js';
@@ -72,7 +72,7 @@ async function awaitPostcopy(m: MigrationContext): Promise<{ ms: number; pages: 
           );
         }
       } catch (error) {
-        if (!(error instanceof PeerGoneError || error instanceof AgentUnreachableError)) throw localized(error);
+        if (!isRetryable(error)) throw localized(error);
         peer?.close();
         peer = undefined;
       }

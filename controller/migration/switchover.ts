@@ -1,6 +1,6 @@
 import pRetry from 'p-retry';
-import { PeerGoneError, type BodyOf, type DumpStatsMessage } from '../../src/wire/index.js';
-import { AgentUnreachableError } from '../agents/index.js';
+import type { BodyOf, DumpStatsMessage } from '../../src/wire/index.js';
+import { isRetryable } from '../agents/index.js';
 import type { MigrationContext } from './context.js';
 import { OutcomeUnknownError } from './errors.js';
 import type { Preflight } from './preflight.js';
@@ -128,7 +128,7 @@ export async function resume(m: MigrationContext, s: Switchover): Promise<number
           {
             retries: 3,
             minTimeout: 200,
-            shouldRetry: (e) => e instanceof PeerGoneError || e instanceof AgentUnreachableError,
+            shouldRetry: isRetryable,
           },
         )
       ).pid ?? 0

@@ -249,6 +249,18 @@ describe('the switchover', () => {
     expect(src.asked('commit')).toBe(true);
   });
 
+  it('repeats a resume whose connection broke, over a new connection: resume acts only on a held copy', async () => {
+    let resumes = 0;
+    const dst = destination({
+      resume: () => (++resumes === 1 ? Promise.reject(gone('dst')) : { pid: PID }),
+    });
+    const report = await run(source(), dst);
+    expect(report.to.pid).toBe(PID);
+    expect(resumes).toBe(2);
+    expect(dst.connections).toBe(2);
+    expect(dst.asked('abort')).toBe(false);
+  });
+
   it('never resumes the destination when the commit did not complete', async () => {
     const dst = destination();
     const error = await failure(run(source({ commit: () => Promise.reject(gone('src')) }), dst));
