@@ -1,12 +1,46 @@
 import pRetry, { AbortError as RetryAbort } from 'p-retry';
-import { InvalidInputError } from '../../src/errors.js';
-import { PeerGoneError, RemoteError, WireConnection, type ProgressMessage } from '../../src/wire/index.js';
+import { FerryError, InvalidInputError } from '../../src/errors.js';
+import {
+  PeerGoneError,
+  RemoteError,
+  WireConnection,
+  type BodyOf,
+  type ProgressMessage,
+  type ReplyOf,
+  type RequestName,
+  type RequestOptions,
+} from '../../src/wire/index.js';
 import type { AgentEndpoint } from './endpoint.js';
 
-/** An agent that cannot be reached: nothing was touched. */
+/** An agent that cannot be reached: nothing was touched, and reaching it again may work. */
 export class AgentUnreachableError extends InvalidInputError {
   override readonly code = 'AGENT_UNREACHABLE';
+  override readonly retryable = true;
 }
+
+/** Whether repeating the operation that failed may succeed, as the error itself says (FerryError.retryable). */
+export function isRetryable(error: unknown): boolean {
+  return error instanceof FerryError && error.retryable;
+}
+
+/**
+ * What the controller needs of a connection to an agent: typed calls (the
+ * request table's), whether it is closed, and closing it. A WireConnection
+ * is one; the migration's protocol tests give fakes with scripted answers.
+ */
+export interface AgentLink {
+  /** The name the agent gave in the handshake ('' when it gave none). */
+  readonly peerName: string;
+  readonly closed: boolean;
+  call<K extends RequestName>(name: K, params: BodyOf<K>, options?: RequestOptions): Promise<ReplyOf<K>>;
+  close(reason?: string): void;
+}
+
+/** How a part of the controller opens an AgentLink: connectAgent, or a fake. */
+export type ConnectLink = (
+  endpoint: AgentEndpoint,
+  options: { onProgress?: (p: ProgressMessage) => void; signal?: AbortSignal | undefined },
+) => Promise<AgentLink>;
 
 /** Connects to an agent as the controller. Connecting changes nothing anywhere, so it is retried. */
 export async function connectAgent(
@@ -24,7 +58,7 @@ export async function connectAgent(
           { role: 'controller', name, softwareVersion },
           { peer: url, onProgress: options.onProgress, signal: options.signal, tls: endpoint.tls },
         ).catch((error: unknown) => {
-          if (!(error instanceof PeerGoneError)) throw new RetryAbort(error as Error);
+          if (!isRetryable(error)) throw new RetryAbort(error as Error);
           throw error;
         }),
       { retries: 2, minTimeout: 200, signal: options.signal },

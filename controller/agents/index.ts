@@ -18,6 +18,13 @@ export {
   type Inventory,
   type InventoryNode,
 } from './config.js';
-export { AgentUnreachableError, connectAgent, localized } from './connect.js';
+export {
+  AgentUnreachableError,
+  connectAgent,
+  isRetryable,
+  localized,
+  type AgentLink,
+  type ConnectLink,
+} from './connect.js';
 export type { AgentEndpoint } from './endpoint.js';
 export { listWorkloads, migrationRecords, runWorkload } from './workloads.js';

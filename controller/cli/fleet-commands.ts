@@ -137,7 +137,7 @@ function planOptions(command: Command): Command {
 
 export function registerFleetCommands(
   program: Command,
-  { version: softwareVersion, interrupt: signal }: CliContext,
+  { version: softwareVersion, interrupt: signal, hooks }: CliContext,
 ): void {
   /** Applies a plan, the plan and each move's outcome on stderr as they come. */
   const run = (p: Plan, refs: NodeRef[], maxFailures: number, quiet: boolean): Promise<MoveOutcome[]> => {
@@ -147,6 +147,7 @@ export function registerFleetCommands(
       maxConsecutiveFailures: maxFailures,
       onMove: (o) => progress(renderOutcome(o)),
       signal: signal(),
+      hooks,
     });
   };
 
@@ -311,6 +312,7 @@ systemd timer or a CronJob (docs/rebalancing.md has both).`,
           historyFile: opts.history ?? join(configDir(), 'schedule-history.jsonl'),
           softwareVersion,
           signal: signal(),
+          hooks,
           onRun: (r) =>
             progress(
               `run ${r.run} (${r.mode}) ${r.startedAt} → ${r.finishedAt}: ${r.outcome}; ${r.planned} planned, ${r.moved} moved, ${r.failed} failed${r.detail ? `; ${r.detail}` : ''}`,

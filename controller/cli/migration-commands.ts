@@ -10,7 +10,7 @@ import { renderEvent, renderReport } from './report.js';
 import { resolveAgent, type ResolveOptions } from './resolve.js';
 
 /** `ferry migrate`: one live migration, its progress on stderr and its report. */
-export function registerMigrate(program: Command, { version, interrupt }: CliContext): void {
+export function registerMigrate(program: Command, { version, interrupt, hooks }: CliContext): void {
   program
     .command('migrate')
     .description('Move a running process to another agent; it keeps its PID, memory and open files')
@@ -108,6 +108,7 @@ ${wrap(
           softwareVersion: version,
           onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),
           signal: interrupt(),
+          hooks,
         });
         if (opts.json === true) json(report);
         else process.stdout.write(renderReport(report) + '\n');

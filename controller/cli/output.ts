@@ -1,4 +1,5 @@
 import { FerryError, InvalidInputError } from '../../src/errors.js';
+import { OutcomeUnknownError } from '../migration/index.js';
 
 /** Exit codes of the command-line contract. */
 export const ExitCode = {
@@ -26,7 +27,7 @@ export function reportError(error: unknown, json: boolean): number {
     }
   }
   if (error instanceof InvalidInputError) return ExitCode.badInput;
-  return code === 'OUTCOME_UNKNOWN' ? ExitCode.unknown : ExitCode.failed;
+  return error instanceof OutcomeUnknownError ? ExitCode.unknown : ExitCode.failed;
 }
 
 /** A line of progress on stderr, so that stdout stays clean for --json. */

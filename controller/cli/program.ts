@@ -75,7 +75,9 @@ let stdoutGuarded = false;
 /**
  * Runs the `ferry` command line on `argv` (as process.argv: the node
  * binary and the script first) and resolves with its exit code: 0 done,
- * 1 failed, 2 bad input, 3 outcome unknown.
+ * 1 failed, 2 bad input, 3 outcome unknown. `context.hooks` is where a
+ * test may pause what the command runs (test/harness/ferry gives them);
+ * bin/ferry gives none.
  */
 export async function runCli(argv: readonly string[], options: { hooks?: TestHooks } = {}): Promise<number> {
   if (!stdoutGuarded) {

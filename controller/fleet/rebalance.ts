@@ -1,4 +1,5 @@
 import { InvalidInputError } from '../../src/errors.js';
+import type { TestHooks } from '../../src/hooks.js';
 import { formatBytes } from '../../src/units.js';
 import { LABEL_KEY, type NodeFacts } from '../../src/wire/index.js';
 import { connectAgent, type AgentEndpoint } from '../agents/index.js';
@@ -295,6 +296,8 @@ export interface ApplyOptions {
   maxConsecutiveFailures: number;
   onMove?: (outcome: MoveOutcome) => void;
   signal?: AbortSignal | undefined;
+  /** Given to every migration of the plan (where a test may pause them); default none. */
+  hooks?: TestHooks | undefined;
 }
 
 /**
@@ -329,6 +332,7 @@ export async function applyPlan(p: Plan, nodes: readonly NodeRef[], options: App
           to,
           softwareVersion: options.softwareVersion,
           signal: options.signal,
+          hooks: options.hooks,
         });
         failedInARow = 0;
         record({

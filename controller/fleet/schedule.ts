@@ -3,7 +3,7 @@ import { dirname } from 'node:path';
 import { Cron } from 'croner';
 import { InvalidInputError } from '../../src/errors.js';
 import { log } from '../../src/log.js';
-import { pauseAt } from '../../src/testpoints.js';
+import { NO_TEST_HOOKS, type TestHooks } from '../../src/hooks.js';
 import { applyPlan, plan, readNodes, type NodeRef, type PlanOptions } from './rebalance.js';
 
 export interface ScheduleOptions {
@@ -18,6 +18,8 @@ export interface ScheduleOptions {
   softwareVersion: string;
   signal: AbortSignal;
   onRun?: (run: RunRecord) => void;
+  /** Where a test may pause a run (and its migrations); default none. */
+  hooks?: TestHooks | undefined;
 }
 
 export interface RunRecord {
@@ -50,6 +52,7 @@ export function parseCron(expression: string): void {
  * stopped by the failure limit. Every run is appended to the history.
  */
 export async function runSchedule(options: ScheduleOptions): Promise<void> {
+  const hooks = options.hooks ?? NO_TEST_HOOKS;
   let runs = 0;
   let failedInARow = 0;
   let stopped = false;
@@ -60,7 +63,7 @@ export async function runSchedule(options: ScheduleOptions): Promise<void> {
     const mode: RunRecord['mode'] = stopped ? 'stopped' : options.dryRun ? 'dry-run' : 'apply';
     let record: Omit<RunRecord, 'finishedAt'>;
     try {
-      await pauseAt('schedule.run');
+      await hooks.pause('schedule.run');
       const nodes = await readNodes(options.nodes, options.softwareVersion);
       const p = plan(nodes, options.plan);
       if (mode !== 'apply' || p.moves.length === 0) {
@@ -84,6 +87,7 @@ export async function runSchedule(options: ScheduleOptions): Promise<void> {
           softwareVersion: options.softwareVersion,
           maxConsecutiveFailures: Math.max(1, options.maxFailures - failedInARow),
           signal: options.signal,
+          hooks,
         });
         for (const o of outcomes) {
           if (o.status === 'moved') failedInARow = 0;

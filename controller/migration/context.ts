@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
-import type { ProgressMessage, WireConnection } from '../../src/wire/index.js';
-import { connectAgent, type AgentEndpoint } from '../agents/index.js';
+import { NO_TEST_HOOKS, type TestHooks } from '../../src/hooks.js';
+import type { ProgressMessage } from '../../src/wire/index.js';
+import { connectAgent, type AgentEndpoint, type AgentLink, type ConnectLink } from '../agents/index.js';
 import type { PolicyLimits, SwitchoverCost } from './convergence.js';
 
 export type Phase = 'preflight' | 'precopy' | 'switchover' | 'commit' | 'postcopy' | 'rollback' | 'done';
@@ -37,6 +38,10 @@ export interface MigrateOptions {
   softwareVersion: string;
   onEvent?: ((event: MigrationEvent) => void) | undefined;
   signal?: AbortSignal | undefined;
+  /** How the migration reaches the agents; default connectAgent (the protocol tests give fakes). */
+  connect?: ConnectLink | undefined;
+  /** Where a test may pause the controller (after preflight, held, restored, commit); default none. */
+  hooks?: TestHooks | undefined;
 }
 
 const HOLD_MS = 60_000;
@@ -48,19 +53,20 @@ export interface MigrationRun {
   /** How long each agent holds its side of the switchover waiting for the next step. */
   readonly holdMs: number;
   readonly plainPages: boolean;
+  readonly hooks: TestHooks;
   /** The phase a failure is reported in; the steps move it on. */
   phase: Phase;
   /** Milliseconds since the migration started. */
   elapsed(): number;
   emit(phase: Phase, from: string, message: string, extra?: Partial<MigrationEvent>): void;
   /** A connection to an agent, its progress events told as this migration's (a resume may need a new one). */
-  connect(endpoint: AgentEndpoint): Promise<WireConnection>;
+  connect(endpoint: AgentEndpoint): Promise<AgentLink>;
 }
 
 /** The two agents of a migration, connected. */
 export interface Parties {
-  readonly source: WireConnection;
-  readonly destination: WireConnection;
+  readonly source: AgentLink;
+  readonly destination: AgentLink;
   readonly sourceName: string;
   readonly destinationName: string;
 }
@@ -69,6 +75,8 @@ export interface Parties {
 export type MigrationContext = MigrationRun & Parties;
 
 export function startRun(options: MigrateOptions): MigrationRun {
+  const connect: ConnectLink =
+    options.connect ?? ((endpoint, link) => connectAgent(endpoint, options.softwareVersion, link));
   const started = performance.now();
   const elapsed = (): number => Math.round(performance.now() - started);
   const run: MigrationRun = {
@@ -76,10 +84,11 @@ export function startRun(options: MigrateOptions): MigrationRun {
     options,
     holdMs: options.holdMs ?? HOLD_MS,
     plainPages: options.plainPages === true,
+    hooks: options.hooks ?? NO_TEST_HOOKS,
     phase: 'preflight',
     elapsed,
     emit: (phase, from, message, extra = {}) => options.onEvent?.({ atMs: elapsed(), phase, from, message, ...extra }),
-    connect: (endpoint) => connectAgent(endpoint, options.softwareVersion, { onProgress, signal: options.signal }),
+    connect: (endpoint) => connect(endpoint, { onProgress, signal: options.signal }),
   };
   // An agent's progress event without a phase belongs to the phase the migration is in.
   const onProgress = (p: ProgressMessage): void =>
@@ -104,9 +113,9 @@ export async function connectBoth(run: MigrationRun): Promise<MigrationContext> 
     for (const r of connected) if (r.status === 'fulfilled') r.value.close();
     throw failed.reason;
   }
-  const [source, destination] = connected.map((r) => (r as PromiseFulfilledResult<WireConnection>).value) as [
-    WireConnection,
-    WireConnection,
+  const [source, destination] = connected.map((r) => (r as PromiseFulfilledResult<AgentLink>).value) as [
+    AgentLink,
+    AgentLink,
   ];
   return Object.assign(run, {
     source,

@@ -1,6 +1,6 @@
 import { PAGE_SIZE } from '../../src/units.js';
-import { PeerGoneError, type DumpStatsMessage, type WireConnection } from '../../src/wire/index.js';
-import { AgentUnreachableError, localized } from '../agents/index.js';
+import type { DumpStatsMessage } from '../../src/wire/index.js';
+import { isRetryable, localized, type AgentLink } from '../agents/index.js';
 import type { MigrationContext } from './context.js';
 import { OutcomeUnknownError, PostcopyFailedError } from './errors.js';
 import type { MigrationReport } from './report.js';
@@ -51,7 +51,7 @@ async function awaitPostcopy(m: MigrationContext): Promise<{ ms: number; pages: 
   const { options, sourceName, destinationName } = m;
   const started = performance.now();
   let lastSaid = started;
-  let peer: WireConnection | undefined;
+  let peer: AgentLink | undefined;
   try {
     for (;;) {
       try {
@@ -72,7 +72,7 @@ async function awaitPostcopy(m: MigrationContext): Promise<{ ms: number; pages: 
           );
         }
       } catch (error) {
-        if (!(error instanceof PeerGoneError || error instanceof AgentUnreachableError)) throw localized(error);
+        if (!isRetryable(error)) throw localized(error);
         peer?.close();
         peer = undefined;
       }

@@ -1,5 +1,4 @@
 import { InvalidInputError } from '../../src/errors.js';
-import { pauseAt } from '../../src/testpoints.js';
 import { formatBytes } from '../../src/units.js';
 import type { Facts, ProcessFacts } from '../../src/wire/index.js';
 import type { MigrationContext, Strategy } from './context.js';
@@ -54,7 +53,7 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
       hint: 'migrate between machines with the same CPU features',
     });
   }
-  await pauseAt('controller.after-preflight');
+  await m.hooks.pause('controller.after-preflight');
   const { strategy, reason } = chooseStrategy(options.strategy ?? 'auto', sourceFacts, destinationFacts, {
     source: sourceName,
     destination: destinationName,

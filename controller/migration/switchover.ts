@@ -1,7 +1,6 @@
 import pRetry from 'p-retry';
-import { pauseAt } from '../../src/testpoints.js';
-import { PeerGoneError, type BodyOf, type DumpStatsMessage } from '../../src/wire/index.js';
-import { AgentUnreachableError } from '../agents/index.js';
+import type { BodyOf, DumpStatsMessage } from '../../src/wire/index.js';
+import { isRetryable } from '../agents/index.js';
 import type { MigrationContext } from './context.js';
 import { OutcomeUnknownError } from './errors.js';
 import type { Preflight } from './preflight.js';
@@ -54,7 +53,7 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
     { timeoutMs: 0, signal: options.signal },
   );
   const heldAt = performance.now();
-  await pauseAt('controller.after-held');
+  await m.hooks.pause('controller.after-held');
   m.emit(
     'switchover',
     sourceName,
@@ -76,7 +75,7 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
     { timeoutMs: 0, signal: options.signal },
   );
   m.emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);
-  await pauseAt('controller.after-restored');
+  await m.hooks.pause('controller.after-restored');
   return { held, heldAt, restored };
 }
 
@@ -105,7 +104,7 @@ export async function commit(m: MigrationContext, p: Preflight): Promise<DumpSta
       ? 'committed: the source copy stays frozen, serving memory, until the destination has all of it'
       : 'committed: the source copy has ended',
   );
-  await pauseAt('controller.after-commit');
+  await m.hooks.pause('controller.after-commit');
   return finalStats;
 }
 
@@ -129,7 +128,7 @@ export async function resume(m: MigrationContext, s: Switchover): Promise<number
           {
             retries: 3,
             minTimeout: 200,
-            shouldRetry: (e) => e instanceof PeerGoneError || e instanceof AgentUnreachableError,
+            shouldRetry: isRetryable,
           },
         )
       ).pid ?? 0
