@@ -41,6 +41,7 @@ export {
 export { WireServer } from './server.js';
 export type { WireServerOptions } from './server.js';
 export {
+  DEFAULT_HOLD_MS,
   HOLD_MS,
   IMAGE_NAME,
   LABEL_KEY,
