@@ -3,7 +3,7 @@ import { isFinalState } from '../../src/migration/index.js';
 import { DEFAULT_HOLD_MS, type MigrationRecord } from '../../src/wire/index.js';
 import { migrationRecords } from '../agents/index.js';
 import { migrate, POSTCOPY_RISK } from '../migration/index.js';
-import { holdMs, migrationTarget, positiveNumber, wholeNumberIn } from './arguments.js';
+import { collect, holdMs, migrationTarget, positiveNumber, wholeNumberIn } from './arguments.js';
 import type { CliContext } from './context.js';
 import { insecureOption, wrap } from './options.js';
 import { json } from './output.js';
@@ -116,8 +116,6 @@ ${wrap(
       },
     );
 }
-
-const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
 
 /** One line per migration of an agent's journal; with onlyOpen, those not yet in a final state. */
 function printRecords(agent: string, records: MigrationRecord[], onlyOpen: boolean): void {
