@@ -19,7 +19,7 @@ export const PEER_NAME = /^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$/;
  * every hold period. The ceiling is a day, well inside what a timer can wait.
  */
 export const HOLD_MS = { min: 1_000, max: 86_400_000 } as const;
-/** The hold when none is given (0 on the wire): a minute. */
+/** The hold when none is asked for: both agents' leases, and the controller's wait for commit and resume. */
 export const DEFAULT_HOLD_MS = 60_000;
 /** The largest PID Linux hands out (PID_MAX_LIMIT is 4194304, exclusive). */
 export const MAX_PID = 4_194_303;
