@@ -26,5 +26,5 @@ export {
   type AgentLink,
   type ConnectLink,
 } from './connect.js';
-export type { AgentEndpoint } from './endpoint.js';
+export { AGENT_PORT, type AgentEndpoint } from './endpoint.js';
 export { listWorkloads, migrationRecords, runWorkload } from './workloads.js';

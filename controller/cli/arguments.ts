@@ -69,6 +69,9 @@ export function wholeNumberIn(min: number, max = Number.MAX_SAFE_INTEGER): (text
   };
 }
 
+/** A repeatable option's values, in the order given. */
+export const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+
 /** A whole number, any size JavaScript holds exactly. */
 export function wholeNumber(value: string): number {
   if (!/^\d+$/.test(value) || !Number.isSafeInteger(Number(value)))

@@ -1,27 +1,27 @@
 import { join } from 'node:path';
 import { Option, type Command } from 'commander';
 import { InvalidInputError } from '../../src/errors.js';
-import { wholeNumberIn } from './arguments.js';
-import type { CliContext } from './context.js';
 import { formatBytes, formatDuration } from '../../src/units.js';
-import { resolveAgent, type ResolveOptions } from './resolve.js';
 import { configDir, readInventory } from '../agents/index.js';
-import { progress, renderTable } from './output.js';
-import { DEFAULT_LAB, readLab } from '../lab/index.js';
 import {
   applyPlan,
   DEFAULT_THRESHOLD,
+  parseCron,
   parseSelector,
   plan,
   readNodes,
+  runSchedule,
   setDraining,
   type MoveOutcome,
   type NodeRef,
   type NodeState,
   type Plan,
-  parseCron,
-  runSchedule,
 } from '../fleet/index.js';
+import { DEFAULT_LAB, readLab } from '../lab/index.js';
+import { collect, wholeNumberIn } from './arguments.js';
+import type { CliContext } from './context.js';
+import { progress, renderTable } from './output.js';
+import { resolveAgent, type ResolveOptions } from './resolve.js';
 
 /**
  * The commands that act on a set of nodes: nodes, rebalance, drain,
@@ -33,8 +33,6 @@ interface FleetOptions extends ResolveOptions {
   node?: string[];
   json?: boolean;
 }
-
-const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
 
 function fraction(value: string): number {
   const n = Number(value.replace(/%$/, '')) / (value.endsWith('%') ? 100 : 1);

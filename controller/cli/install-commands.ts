@@ -3,9 +3,8 @@ import { InvalidInputError } from '../../src/errors.js';
 import { formatDuration } from '../../src/units.js';
 import { wholeNumberIn } from './arguments.js';
 import type { CliContext } from './context.js';
-import { findNode } from '../agents/index.js';
+import { AGENT_PORT, findNode } from '../agents/index.js';
 import {
-  AGENT_PORT,
   DEFAULT_PREFIX,
   defaultKnownHosts,
   install,

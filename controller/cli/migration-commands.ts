@@ -1,8 +1,9 @@
 import { Option, type Command } from 'commander';
-import type { MigrationRecord } from '../../src/wire/index.js';
+import { isFinalState } from '../../src/migration/index.js';
+import { DEFAULT_HOLD_MS, type MigrationRecord } from '../../src/wire/index.js';
 import { migrationRecords } from '../agents/index.js';
 import { migrate, POSTCOPY_RISK } from '../migration/index.js';
-import { holdMs, migrationTarget, positiveNumber, wholeNumberIn } from './arguments.js';
+import { collect, holdMs, migrationTarget, positiveNumber, wholeNumberIn } from './arguments.js';
 import type { CliContext } from './context.js';
 import { insecureOption, wrap } from './options.js';
 import { json } from './output.js';
@@ -40,7 +41,7 @@ export function registerMigrate(program: Command, { version, interrupt, hooks }:
       '--hold <ms>',
       'how long each agent holds its side of the switchover waiting for the next step before settling it alone',
       holdMs,
-      60_000,
+      DEFAULT_HOLD_MS,
     )
     .option('--json', 'print the report as one JSON document on stdout, progress on stderr')
     .addOption(insecureOption())
@@ -116,13 +117,9 @@ ${wrap(
     );
 }
 
-const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
-
 /** One line per migration of an agent's journal; with onlyOpen, those not yet in a final state. */
 function printRecords(agent: string, records: MigrationRecord[], onlyOpen: boolean): void {
-  const shown = onlyOpen
-    ? records.filter((r) => !['committed', 'aborted', 'resumed', 'discarded'].includes(r.state ?? ''))
-    : records;
+  const shown = onlyOpen ? records.filter((r) => !isFinalState(r.state)) : records;
   if (shown.length === 0) {
     process.stdout.write(`${agent}: ${onlyOpen ? 'no migration in flight' : 'nothing to settle'}\n`);
     return;

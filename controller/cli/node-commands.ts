@@ -6,6 +6,7 @@ import { InvalidInputError } from '../../src/errors.js';
 import { log } from '../../src/log.js';
 import { loadIdentity, type Identity } from '../../src/tls/index.js';
 import { PEER_NAME } from '../../src/wire/index.js';
+import { AGENT_PORT } from '../agents/index.js';
 import { byteSize, directory, hostPort, nodeName } from './arguments.js';
 import { printCheck, runCheck } from './check.js';
 import type { CliContext } from './context.js';
@@ -17,7 +18,10 @@ export function registerAgent(program: Command, { version, hooks }: CliContext):
   program
     .command('agent')
     .description('Run the agent daemon of this node')
-    .option('--listen <HOST:PORT>', 'address to listen on (a numeric IP)', hostPort, { host: '127.0.0.1', port: 7070 })
+    .option('--listen <HOST:PORT>', 'address to listen on (a numeric IP)', hostPort, {
+      host: '127.0.0.1',
+      port: AGENT_PORT,
+    })
     .option('--name <NAME>', 'this node’s name', nodeName, hostname())
     .option('--data-dir <DIR>', 'workload records and logs', directory, '/var/lib/ferry')
     .option(

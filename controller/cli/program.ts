@@ -28,7 +28,8 @@ export function buildProgram(hooks: TestHooks = NO_TEST_HOOKS): Command {
       `
 AGENT is a URL (wss://HOST:PORT), a node name from the inventory (ferry install), or the
 name of a lab host (a, b) of the lab that is up. Agents speak mutual TLS: the controller shows
-the certificate \`ferry init\` made (in --config, default ~/.config/ferry).
+the certificate \`ferry init\` made (in --config, default ~/.config/ferry); to a lab host,
+named or by its URL, the lab's own.
 
 Exit codes: 0 done, 1 failed (a source process keeps running), 2 bad input (nothing changed),
 3 outcome unknown.

@@ -6,7 +6,7 @@
  */
 export { AgentNotAnsweringError, NodeBusyError, NodeUnsuitableError } from './errors.js';
 export { install, type InstallOptions } from './install.js';
-export { AGENT_PORT, DEFAULT_PREFIX, listenUrlOf, supervisorScript, systemdUnit } from './layout.js';
+export { DEFAULT_PREFIX, listenUrlOf, supervisorScript, systemdUnit } from './layout.js';
 export {
   defaultKnownHosts,
   KnownHosts,

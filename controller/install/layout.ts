@@ -7,7 +7,6 @@ import { sh } from './ssh.js';
  */
 
 export const DEFAULT_PREFIX = '/opt/ferry';
-export const AGENT_PORT = 7070;
 export const UNIT = '/etc/systemd/system/ferry-agent.service';
 
 /** Everything of an installation lives under its prefix: removing the prefix removes it (but a systemd unit). */

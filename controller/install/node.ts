@@ -1,6 +1,7 @@
 import { X509Certificate } from 'node:crypto';
 import { lookup } from 'node:dns/promises';
 import { isIP } from 'node:net';
+import { isFinalState } from '../../src/migration/index.js';
 import { WireConnection, type MigrationRecord } from '../../src/wire/index.js';
 import { controllerIdentity, migrationRecords } from '../agents/index.js';
 import { NodeBusyError, NodeUnsuitableError } from './errors.js';
@@ -93,7 +94,7 @@ export async function logTail(session: SshSession, prefix: string, systemd: bool
 export async function migrationsInFlight(url: string, softwareVersion: string): Promise<MigrationRecord[] | undefined> {
   try {
     const records = await migrationRecords({ url, tls: controllerIdentity() }, softwareVersion, false);
-    return records.filter((m) => !['committed', 'aborted', 'resumed', 'discarded'].includes(m.state ?? ''));
+    return records.filter((m) => !isFinalState(m.state));
   } catch {
     return undefined;
   }

@@ -7,6 +7,7 @@ import { createRequire } from 'node:module';
 import type * as Ssh2 from 'ssh2';
 import type { Client, ConnectConfig, ServerHostKeyAlgorithm } from 'ssh2';
 import { FerryError, InvalidInputError } from '../../src/errors.js';
+import { NODE_NAME } from '../agents/index.js';
 
 /**
  * ssh2, loaded on first use: it takes a third of a second to load (its
@@ -36,8 +37,6 @@ export class SshError extends FerryError {
   }
 }
 
-const NAME = /^[a-z0-9][a-z0-9.-]{0,62}$/;
-
 /** Parses every target before any is touched: one bad argument changes nothing anywhere. */
 export function parseTarget(text: string): SshTarget {
   const eq = text.indexOf('=');
@@ -59,7 +58,7 @@ export function parseTarget(text: string): SshTarget {
   }
   const host = url.hostname.replace(/^\[|\]$/g, '').toLowerCase();
   const nodeName = (name ?? host).toLowerCase();
-  if (!NAME.test(nodeName)) {
+  if (!NODE_NAME.test(nodeName)) {
     throw new InvalidInputError(`${JSON.stringify(nodeName)} cannot name a node`, {
       hint: 'name it: NAME=ssh://... (lower-case letters, digits, dots, dashes)',
     });

@@ -9,14 +9,13 @@ import { projectRoot } from '../../src/paths.js';
 import { isAlive } from '../../src/proc.js';
 import { createAuthority, issueIdentity, loadIdentity } from '../../src/tls/index.js';
 import { WireConnection } from '../../src/wire/index.js';
-import type { AgentEndpoint } from '../agents/index.js';
+import { AGENT_PORT, type AgentEndpoint } from '../agents/index.js';
 
 const execFileAsync = promisify(execFile);
 
 /** The lab's name prefixes its namespaces and interfaces (at most 15 characters each). */
 export const LAB_NAME = /^[a-z][a-z0-9]{0,9}$/;
 export const DEFAULT_LAB = 'ferry';
-const AGENT_PORT = 7070;
 
 export interface LabHost {
   /** "a", "b", ... */

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { NO_TEST_HOOKS, type TestHooks } from '../../src/hooks.js';
-import type { ProgressMessage } from '../../src/wire/index.js';
+import { DEFAULT_HOLD_MS, type ProgressMessage } from '../../src/wire/index.js';
 import { connectAgent, type AgentEndpoint, type AgentLink, type ConnectLink } from '../agents/index.js';
 import type { PolicyLimits, SwitchoverCost } from './convergence.js';
 
@@ -44,8 +44,6 @@ export interface MigrateOptions {
   hooks?: TestHooks | undefined;
 }
 
-const HOLD_MS = 60_000;
-
 /** One migration as it runs: its id, options, phase and clock, and how it tells what happens. */
 export interface MigrationRun {
   readonly id: string;
@@ -82,7 +80,7 @@ export function startRun(options: MigrateOptions): MigrationRun {
   const run: MigrationRun = {
     id: `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`,
     options,
-    holdMs: options.holdMs ?? HOLD_MS,
+    holdMs: options.holdMs ?? DEFAULT_HOLD_MS,
     plainPages: options.plainPages === true,
     hooks: options.hooks ?? NO_TEST_HOOKS,
     phase: 'preflight',
