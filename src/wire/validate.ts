@@ -1,6 +1,6 @@
 import { isIP } from 'node:net';
 import { WireProtocolError } from './errors.js';
-import { bodyName, IMAGE_CHUNK_BYTES, PeerRole, type EnvelopeMessage } from './messages.js';
+import { bodyName, IMAGE_CHUNK_BYTES, PeerRole, type BodyName, type BodyOf, type EnvelopeMessage } from './messages.js';
 
 /** A migration id: lower-case letters, digits and dashes (it names directories). */
 export const MIGRATION_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;
@@ -46,130 +46,122 @@ export function validateEnvelope(e: EnvelopeMessage): void {
     fail('an envelope cannot both ask and answer');
   }
   walkStrings(e, name);
-  const b = e[name];
-  switch (name) {
-    case 'hello':
-      if (e.hello?.role !== PeerRole.CONTROLLER && e.hello?.role !== PeerRole.AGENT) fail('hello: unknown role');
-      pattern(e.hello.name ?? '', PEER_NAME, 'peer name');
-      short(e.hello.softwareVersion, 'software version');
-      break;
-    case 'welcome':
-      pattern(e.welcome?.agentName ?? '', PEER_NAME, 'agent name');
-      short(e.welcome?.softwareVersion, 'software version');
-      break;
-    case 'factsQuery':
-      pid(e.factsQuery?.pid, true);
-      if (e.factsQuery?.workload) pattern(e.factsQuery.workload, WORKLOAD_NAME, 'workload name');
-      break;
-    case 'facts':
-      bytes(e.facts?.cpuinfo, 64 * 1024, 'cpuinfo');
-      count(e.facts?.takenPids, 64, 'taken PIDs');
-      for (const taken of e.facts?.takenPids ?? []) pid(taken, false);
-      if (e.facts?.process) pid(e.facts.process.pid, false);
-      for (const rate of [e.facts?.restoreBytesPerMs ?? 0, e.facts?.pageWriteBytesPerMs ?? 0]) {
-        if (!Number.isFinite(rate) || rate < 0) fail('rate out of range');
-      }
-      count(e.facts?.process?.workloadArgv, MAX_ARGV, 'arguments');
-      labels(e.facts?.process?.workloadLabels);
-      break;
-    case 'cpuCheck':
-      bytes(e.cpuCheck?.cpuinfo, 64 * 1024, 'cpuinfo');
-      break;
-    case 'prepareDestination':
-      migration(e.prepareDestination?.migrationId);
-      if (e.prepareDestination?.workload) workloadSpec(e.prepareDestination.workload);
-      agentUrl(e.prepareDestination?.sourceUrl, 'source URL');
-      hold(e.prepareDestination?.holdMs);
-      break;
-    case 'pageServerStart':
-      migration(e.pageServerStart?.migrationId);
-      round(e.pageServerStart?.round);
-      parent(e.pageServerStart?.parent);
-      break;
-    case 'preDumpRound':
-    case 'finalDump': {
-      const r = e[name];
-      migration(r?.migrationId);
-      round(r?.round);
-      parent(r?.parent);
-      pid(r?.pid, false);
-      if (name === 'preDumpRound' || e.finalDump?.postcopy !== true) {
-        address(r?.pageServerAddress, 'page server address');
-        port(r?.pageServerPort, 'page server port');
-      }
-      if (name === 'finalDump') {
-        agentUrl(e.finalDump?.destinationUrl, 'destination URL');
-        hold(e.finalDump?.holdMs);
-      }
-      break;
+  const check = BOUNDS[name] as ((body: unknown) => void) | undefined;
+  check?.(e[name]);
+}
+
+type Bounds = { [K in BodyName]?: (body: BodyOf<K>) => void };
+
+/** What each body must hold beyond its types, keyed by the body it checks (ferry.proto's Envelope oneof). */
+const BOUNDS: Bounds = {
+  hello: (b) => {
+    if (b.role !== PeerRole.CONTROLLER && b.role !== PeerRole.AGENT) fail('hello: unknown role');
+    pattern(b.name ?? '', PEER_NAME, 'peer name');
+    short(b.softwareVersion, 'software version');
+  },
+  welcome: (b) => {
+    pattern(b.agentName ?? '', PEER_NAME, 'agent name');
+    short(b.softwareVersion, 'software version');
+  },
+  factsQuery: (b) => {
+    pid(b.pid, true);
+    if (b.workload) pattern(b.workload, WORKLOAD_NAME, 'workload name');
+  },
+  facts: (b) => {
+    bytes(b.cpuinfo, 64 * 1024, 'cpuinfo');
+    count(b.takenPids, 64, 'taken PIDs');
+    for (const taken of b.takenPids ?? []) pid(taken, false);
+    if (b.process) pid(b.process.pid, false);
+    for (const rate of [b.restoreBytesPerMs ?? 0, b.pageWriteBytesPerMs ?? 0]) {
+      if (!Number.isFinite(rate) || rate < 0) fail('rate out of range');
     }
-    case 'dumpHeld':
-      if (e.dumpHeld?.postcopyPort) port(e.dumpHeld.postcopyPort, 'lazy page server port');
-      break;
-    case 'pageServerStarted':
-      address(e.pageServerStarted?.address, 'page server address');
-      port(e.pageServerStarted?.port, 'page server port');
-      break;
-    case 'imageChunk':
-      migration(e.imageChunk?.migrationId);
-      round(e.imageChunk?.round);
-      pattern(e.imageChunk?.name ?? '', IMAGE_NAME, 'image file name');
-      bytes(e.imageChunk?.data, IMAGE_CHUNK_BYTES, 'image chunk');
-      size(e.imageChunk?.offset, 'image offset');
-      break;
-    case 'imagesDone':
-      migration(e.imagesDone?.migrationId);
-      round(e.imagesDone?.round);
-      count(e.imagesDone?.files, MAX_FILES, 'image files');
-      for (const f of e.imagesDone?.files ?? []) {
-        pattern(f.name ?? '', IMAGE_NAME, 'image file name');
-        pattern(f.sha256 ?? '', /^[0-9a-f]{64}$/, 'sha256');
-        size(f.size, 'image size');
-      }
-      break;
-    case 'restore':
-      migration(e.restore?.migrationId);
-      round(e.restore?.round);
-      hold(e.restore?.holdMs);
-      if (e.restore?.postcopyPort) {
-        address(e.restore.postcopyAddress, 'lazy page server address');
-        port(e.restore.postcopyPort, 'lazy page server port');
-      }
-      break;
-    case 'restored':
-      pid(e.restored?.pid, false);
-      break;
-    case 'resumed':
-      pid(e.resumed?.pid, false);
-      break;
-    case 'commit':
-    case 'resume':
-    case 'abort':
-    case 'outcomeQuery':
-      migration(e[name]?.migrationId);
-      break;
-    case 'outcome':
-      pattern(e.outcome?.state ?? '', /^(committed|aborted|pending|unknown)$/, 'outcome');
-      break;
-    case 'migrationList':
-      count(e.migrationList?.migrations, MAX_FILES, 'migrations');
-      break;
-    case 'runWorkload':
-      pattern(e.runWorkload?.name ?? '', WORKLOAD_NAME, 'workload name');
-      command(e.runWorkload?.argv);
-      labels(e.runWorkload?.labels);
-      break;
-    case 'workloadList':
-      count(e.workloadList?.workloads, MAX_FILES, 'workloads');
-      for (const w of e.workloadList?.workloads ?? []) labels(w.labels);
-      break;
-    case 'nodeFacts':
-      count(e.nodeFacts?.workloads, MAX_FILES, 'workloads');
-      for (const w of e.nodeFacts?.workloads ?? []) labels(w.labels);
-      if (!Number.isFinite(e.nodeFacts?.load1 ?? 0) || (e.nodeFacts?.load1 ?? 0) < 0) fail('load out of range');
-      break;
-    default:
-      void b;
+    count(b.process?.workloadArgv, MAX_ARGV, 'arguments');
+    labels(b.process?.workloadLabels);
+  },
+  cpuCheck: (b) => bytes(b.cpuinfo, 64 * 1024, 'cpuinfo'),
+  prepareDestination: (b) => {
+    migration(b.migrationId);
+    if (b.workload) workloadSpec(b.workload);
+    agentUrl(b.sourceUrl, 'source URL');
+    hold(b.holdMs);
+  },
+  pageServerStart: (b) => {
+    migration(b.migrationId);
+    round(b.round);
+    parent(b.parent);
+  },
+  preDumpRound: (b) => dumpRound(b, true),
+  finalDump: (b) => {
+    dumpRound(b, b.postcopy !== true);
+    agentUrl(b.destinationUrl, 'destination URL');
+    hold(b.holdMs);
+  },
+  dumpHeld: (b) => {
+    if (b.postcopyPort) port(b.postcopyPort, 'lazy page server port');
+  },
+  pageServerStarted: (b) => {
+    address(b.address, 'page server address');
+    port(b.port, 'page server port');
+  },
+  imageChunk: (b) => {
+    migration(b.migrationId);
+    round(b.round);
+    pattern(b.name ?? '', IMAGE_NAME, 'image file name');
+    bytes(b.data, IMAGE_CHUNK_BYTES, 'image chunk');
+    size(b.offset, 'image offset');
+  },
+  imagesDone: (b) => {
+    migration(b.migrationId);
+    round(b.round);
+    count(b.files, MAX_FILES, 'image files');
+    for (const f of b.files ?? []) {
+      pattern(f.name ?? '', IMAGE_NAME, 'image file name');
+      pattern(f.sha256 ?? '', /^[0-9a-f]{64}$/, 'sha256');
+      size(f.size, 'image size');
+    }
+  },
+  restore: (b) => {
+    migration(b.migrationId);
+    round(b.round);
+    hold(b.holdMs);
+    if (b.postcopyPort) {
+      address(b.postcopyAddress, 'lazy page server address');
+      port(b.postcopyPort, 'lazy page server port');
+    }
+  },
+  restored: (b) => pid(b.pid, false),
+  resumed: (b) => pid(b.pid, false),
+  commit: (b) => migration(b.migrationId),
+  resume: (b) => migration(b.migrationId),
+  abort: (b) => migration(b.migrationId),
+  outcomeQuery: (b) => migration(b.migrationId),
+  outcome: (b) => pattern(b.state ?? '', /^(committed|aborted|pending|unknown)$/, 'outcome'),
+  migrationList: (b) => count(b.migrations, MAX_FILES, 'migrations'),
+  runWorkload: (b) => {
+    pattern(b.name ?? '', WORKLOAD_NAME, 'workload name');
+    command(b.argv);
+    labels(b.labels);
+  },
+  workloadList: (b) => {
+    count(b.workloads, MAX_FILES, 'workloads');
+    for (const w of b.workloads ?? []) labels(w.labels);
+  },
+  nodeFacts: (b) => {
+    count(b.workloads, MAX_FILES, 'workloads');
+    for (const w of b.workloads ?? []) labels(w.labels);
+    if (!Number.isFinite(b.load1 ?? 0) || (b.load1 ?? 0) < 0) fail('load out of range');
+  },
+};
+
+/** A pre-copy round or the final dump: where it writes, and (but for post-copy) the page server it sends to. */
+function dumpRound(b: BodyOf<'preDumpRound'> | BodyOf<'finalDump'>, toPageServer: boolean): void {
+  migration(b.migrationId);
+  round(b.round);
+  parent(b.parent);
+  pid(b.pid, false);
+  if (toPageServer) {
+    address(b.pageServerAddress, 'page server address');
+    port(b.pageServerPort, 'page server port');
   }
 }
 
