@@ -110,6 +110,17 @@ export class Hold {
       await this.#steps.release(answer, why);
       return answer;
     })();
+    // Leases and lost connections decide without waiting for the result: a release that fails
+    // (CRIU gone, a directory that would not go) is logged, never an unhandled rejection
+    // that ends the agent. Callers that await the decision still see the error.
+    this.#decision.catch((error: unknown) =>
+      log.error('a hold’s release failed', {
+        migration: this.#options.migrationId,
+        role: this.#options.role,
+        answer,
+        error: (error as Error).message,
+      }),
+    );
     return this.#decision;
   }
 

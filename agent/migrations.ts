@@ -1,5 +1,6 @@
 import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
+import { log } from '../src/log.js';
 import type { Hold } from './hold.js';
 import { MigrationStateError } from './errors.js';
 
@@ -82,7 +83,25 @@ export class Migrations<M extends LocalMigration> {
         }
       }
     }
-    rmSync(m.dir, { recursive: true, force: true });
+    removeSoon(m.dir);
     return kept;
+  }
+}
+
+/**
+ * Removes a migration's directory. A CRIU worker that was just cut off (a
+ * cancelled restore) can still be writing its log there for a moment, so a
+ * removal that meets new files is tried again for a few seconds, in the
+ * background, rather than failing the step that ended the migration.
+ */
+function removeSoon(dir: string, attempt = 0): void {
+  try {
+    rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 20 });
+  } catch (error) {
+    if (attempt >= 20) {
+      log.warn('could not remove a migration’s images', { dir, error: (error as Error).message });
+      return;
+    }
+    setTimeout(() => removeSoon(dir, attempt + 1), 250).unref();
   }
 }

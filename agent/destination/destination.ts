@@ -254,7 +254,12 @@ export class DestinationRole {
 
   /** Waits for resume; when it does not come in time, asks the source what happened. */
   #lease(m: DestinationMigration): void {
-    m.hold?.lease(m.holdMs, () => void this.#askSource(m));
+    m.hold?.lease(m.holdMs, () => {
+      this.#askSource(m).catch((error: unknown) => {
+        log.error('asking the source after the lease failed', { migration: m.id, error: (error as Error).message });
+        this.#lease(m);
+      });
+    });
   }
 
   async #askSource(m: DestinationMigration): Promise<void> {
