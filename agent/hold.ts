@@ -8,6 +8,8 @@ export interface HoldSteps {
   /**
    * Writes the answer where a crash cannot lose it (the journal), before
    * anyone hears it: a crash after this line leaves a record recovery reads.
+   * "Yes" is a move (committing, resuming); "no" is noted, and its final
+   * state is written by release once the rollback is complete.
    */
   record(answer: Answer, why: string): void;
   /** Gives the answer to whoever holds the process (CRIU's notify, a stopped process) and finishes with it. */

@@ -92,6 +92,12 @@ export class Journal {
     return this.#write({ ...entry, ...change, state });
   }
 
+  /** Records a change without a move (a decision taken, a PID learnt); undefined when there is no record. */
+  note(id: string, change: EntryChange): JournalEntry | undefined {
+    const entry = this.read(id);
+    return entry === undefined ? undefined : this.advance(id, entry.state, change);
+  }
+
   #write(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {
     const full: JournalEntry = { ...entry, updatedAtMs: Date.now() };
     const before = this.#onFinal === undefined ? undefined : this.read(entry.id);

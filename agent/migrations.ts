@@ -1,5 +1,6 @@
 import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { log } from '../src/log.js';
 import type { Hold } from './hold.js';
 import { MigrationStateError } from './errors.js';
@@ -63,11 +64,11 @@ export class Migrations<M extends LocalMigration> {
   }
 
   /**
-   * Drops the migration and its images. After a failure (keepLogs), CRIU's
-   * logs are first kept in DATA/failed/ID, whose path is returned. Safe to
-   * call twice.
+   * Drops the migration and its images, and resolves once they are gone.
+   * After a failure (keepLogs), CRIU's logs are first kept in DATA/failed/ID,
+   * whose path is returned. Safe to call twice.
    */
-  forget(m: LocalMigration, keepLogs = false): string | undefined {
+  async forget(m: LocalMigration, keepLogs = false): Promise<string | undefined> {
     if (this.#byId.get(m.id) === m) this.#byId.delete(m.id);
     m.onForget?.();
     m.onForget = undefined;
@@ -83,7 +84,7 @@ export class Migrations<M extends LocalMigration> {
         }
       }
     }
-    removeSoon(m.dir);
+    await remove(m.dir);
     return kept;
   }
 }
@@ -91,17 +92,19 @@ export class Migrations<M extends LocalMigration> {
 /**
  * Removes a migration's directory. A CRIU worker that was just cut off (a
  * cancelled restore) can still be writing its log there for a moment, so a
- * removal that meets new files is tried again for a few seconds, in the
- * background, rather than failing the step that ended the migration.
+ * removal that meets new files is tried again, for up to five seconds.
  */
-function removeSoon(dir: string, attempt = 0): void {
-  try {
-    rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 20 });
-  } catch (error) {
-    if (attempt >= 20) {
-      log.warn('could not remove a migration’s images', { dir, error: (error as Error).message });
+async function remove(dir: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 20 });
       return;
+    } catch (error) {
+      if (attempt >= 20) {
+        log.warn('could not remove a migration’s images', { dir, error: (error as Error).message });
+        return;
+      }
+      await sleep(250);
     }
-    setTimeout(() => removeSoon(dir, attempt + 1), 250).unref();
   }
 }

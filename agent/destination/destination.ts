@@ -225,9 +225,9 @@ export class DestinationRole {
       {
         record: (answer, why) => {
           if (answer === 'yes') journal.advance(m.id, 'resuming');
-          else journal.advance(m.id, 'discarded', { action: discardAction(why) });
+          else journal.note(m.id, { action: `discarding: ${why}` });
         },
-        release: async (answer) => {
+        release: async (answer, why) => {
           if (answer === 'yes') {
             await hooks.pause('destination.before-resume-answer');
             m.answer.resolve(true);
@@ -239,14 +239,16 @@ export class DestinationRole {
               return;
             }
             journal.advance(m.id, 'resumed', { pid, pidStart: processes.startTime(pid) });
-            migrations.forget(m);
+            await migrations.forget(m);
             log.info('resumed', { migration: m.id, pid });
             return;
           }
           m.answer.resolve(false);
           this.postcopy.discard(m);
           await migrations.cancel(m, new MigrationStateError('the copy here is discarded'));
-          migrations.forget(m, true);
+          await migrations.forget(m, true);
+          // Final only once the copy and its images are gone.
+          journal.advance(m.id, 'discarded', { action: discardAction(why) });
         },
       },
     );

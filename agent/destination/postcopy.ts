@@ -59,7 +59,7 @@ export class DestinationPostcopyRole {
         journal.advance(m.id, 'discarded', { action: `post-copy failed, the copy here was killed: ${why}` });
         log.error('post-copy failed: the copy here was killed', { migration: m.id, pid, reason: why });
       }
-      setTimeout(() => migrations.forget(m, postcopy.result?.ok !== true), KEPT_FOR_QUESTIONS_MS).unref();
+      setTimeout(() => void migrations.forget(m, postcopy.result?.ok !== true), KEPT_FOR_QUESTIONS_MS).unref();
     });
   }
 

@@ -128,21 +128,22 @@ export class SourcePostcopyRole {
       {
         record: (answer, why) => {
           if (answer === 'yes') journal.advance(m.id, 'committing');
-          else journal.advance(m.id, 'aborted', { action: why });
+          else journal.note(m.id, { action: `rolling back: ${why}` });
         },
-        release: async (answer) => {
+        release: async (answer, why) => {
           if (answer === 'yes') {
             processes.signal(m.pid, 'SIGKILL');
             journal.advance(m.id, 'committed');
             if (m.workload !== undefined) workloads.forget(m.workload);
             log.info('post-copy done: every page arrived; source process ended', { migration: m.id, pid: m.pid });
-            migrations.forget(m);
+            await migrations.forget(m);
             return;
           }
           await this.#stopServing(m, postcopy);
           processes.signal(m.pid, 'SIGCONT');
+          await migrations.forget(m, true);
+          journal.advance(m.id, 'aborted', { action: why });
           log.info('post-copy abandoned: source process continued', { migration: m.id, pid: m.pid });
-          migrations.forget(m, true);
         },
       },
     );

@@ -153,7 +153,7 @@ export class SourceRole {
     } catch (error) {
       // CRIU has already resumed the process (a failed or cancelled dump thaws it).
       journal.advance(m.id, 'aborted', { action: 'the dump failed; the process resumed' });
-      throw unchanged(new StepFailedError(error, { from: m.dir, to: migrations.forget(m, true) }));
+      throw unchanged(new StepFailedError(error, { from: m.dir, to: await migrations.forget(m, true) }));
     }
   }
 
@@ -170,9 +170,9 @@ export class SourceRole {
       {
         record: (decision, why) => {
           if (decision === 'yes') journal.advance(m.id, 'committing');
-          else journal.advance(m.id, 'aborted', { action: `the process resumed on the source (${why})` });
+          else journal.note(m.id, { action: `rolling back: ${why}` });
         },
-        release: async (decision) => {
+        release: async (decision, why) => {
           if (decision === 'yes') {
             await hooks.pause('source.before-commit-answer');
             answer.resolve(true);
@@ -185,7 +185,8 @@ export class SourceRole {
           }
           answer.resolve(false); // CRIU thaws the process
           await m.dump?.catch(() => undefined);
-          migrations.forget(m, true);
+          await migrations.forget(m, true);
+          journal.advance(m.id, 'aborted', { action: `the process resumed on the source (${why})` });
           log.info('aborted: source process resumed', { migration: m.id, pid: m.pid });
         },
       },
@@ -216,7 +217,7 @@ export class SourceRole {
     rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
     metrics.pagesSent.inc(stats.pagesWritten);
     metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
-    migrations.forget(m);
+    await migrations.forget(m);
     return { stats: statsMessage(stats) };
   }
 
@@ -240,7 +241,7 @@ export class SourceRole {
       return;
     }
     this.context.journal.advance(m.id, 'aborted', { action: 'the process resumed on the source' });
-    this.context.migrations.forget(m, true);
+    await this.context.migrations.forget(m, true);
     log.info('aborted: source process resumed', { migration: m.id, pid: m.pid });
   }
 

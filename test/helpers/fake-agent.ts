@@ -6,7 +6,7 @@
  * CRIU, no network): what they prove is the order of decisions, not what
  * CRIU does (the e2e tests prove that).
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DumpOptions, NotifyEvent, RestoreOptions } from '../../src/criu/index.js';
@@ -228,6 +228,8 @@ export interface FakeAgent {
   processes: FakeProcesses;
   journal: Journal;
   paused: PausePoint[];
+  /** Each migration's final record, and whether its images were still there when it was written. */
+  finals: { id: string; state: string; imagesLeft: boolean }[];
   cleanup(): void;
 }
 
@@ -236,7 +238,8 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
   const dataDir = join(root, 'data');
   const imagesRoot = join(root, 'images');
   mkdirSync(imagesRoot, { recursive: true });
-  const journal = new Journal(dataDir);
+  const finals: { id: string; state: string; imagesLeft: boolean }[] = [];
+  const journal = new Journal(dataDir, (e) => finals.push({ id: e.id, state: e.state, imagesLeft: existsSync(e.dir) }));
   const processes = new FakeProcesses();
   const criu = new FakeCriu(processes, () => journal);
   const peers = new FakePeers();
@@ -274,6 +277,7 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
     processes,
     journal,
     paused,
+    finals,
     cleanup: () => rmSync(root, { recursive: true, force: true }),
   };
 }

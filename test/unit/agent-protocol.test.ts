@@ -89,7 +89,7 @@ describe('the source', () => {
     await heldSource(a);
     await a.source.abort(a.context.migrations.get('m-1') as never, 'the destination failed');
     await expect(a.source.commit({ migrationId: 'm-1' })).rejects.toThrow(/not held here|rolled back/);
-    expect(postDump(a)).toEqual([{ script: 'post-dump', answer: false, journal: 'aborted' }]);
+    expect(postDump(a)).toEqual([{ script: 'post-dump', answer: false, journal: 'held' }]);
     expect(a.processes.states.get(PID)).toBe('running');
   });
 
@@ -97,7 +97,7 @@ describe('the source', () => {
     const a = agent();
     await heldSource(a, { holdMs: 30 });
     await waitFor(() => postDump(a).length > 0, { what: 'the lease to end', timeoutMs: 2_000 });
-    expect(postDump(a)[0]).toEqual({ script: 'post-dump', answer: false, journal: 'aborted' });
+    expect(postDump(a)[0]).toEqual({ script: 'post-dump', answer: false, journal: 'held' });
     await waitFor(() => a.processes.states.get(PID) === 'running', { what: 'the process to run', timeoutMs: 2_000 });
   });
 
@@ -217,6 +217,19 @@ describe('the destination', () => {
     expect(a.processes.states.get(4242)).toBe('killed');
   });
 
+  it('records a rollback as final only once the images are gone, on either side', async () => {
+    const destination = agent();
+    await heldDestination(destination);
+    await destination.destination.abort(destination.context.migrations.get('m-1') as never, 'rollback');
+    const source = agent();
+    await heldSource(source);
+    await source.source.abort(source.context.migrations.get('m-1') as never, 'rollback');
+    expect([...destination.finals, ...source.finals]).toEqual([
+      { id: 'm-1', state: 'discarded', imagesLeft: false },
+      { id: 'm-1', state: 'aborted', imagesLeft: false },
+    ]);
+  });
+
   it('a copy discarded by abort cannot be resumed after', async () => {
     const a = agent();
     await heldDestination(a);
@@ -274,7 +287,13 @@ describe('post-copy', () => {
   it('before the commit, a lease that ends rolls the source back; after it, only the destination decides', async () => {
     const a = agent();
     await heldSource(a, { postcopy: true, holdMs: 10 });
-    await waitFor(() => state(a) === 'aborted', { what: 'the lease to roll back', timeoutMs: 2_000 });
+    await waitFor(() => a.journal.read('m-1')?.action?.startsWith('rolling back') === true, {
+      what: 'the lease to roll back',
+      timeoutMs: 2_000,
+    });
+    a.criu.transfer?.fail('the connection that stops serving ended the transfer'); // what CRIU does then
+    await waitFor(() => state(a) === 'aborted', { what: 'the rollback to end', timeoutMs: 2_000 });
+    expect(a.processes.states.get(PID)).toBe('running');
     const b = agent();
     await heldSource(b, { postcopy: true, holdMs: 10 });
     await b.source.commit({ migrationId: 'm-1', settled: false });
