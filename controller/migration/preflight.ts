@@ -1,3 +1,4 @@
+import { CRIU_FLOOR, meetsCriuFloor } from '../../src/criu/index.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { formatBytes } from '../../src/units.js';
 import type { Facts, ProcessFacts } from '../../src/wire/index.js';
@@ -97,6 +98,20 @@ function refuseIfUnfit(source: Facts, destination: Facts, destinationName: strin
       { hint: 'upgrade CRIU on the destination (scripts/install-criu)' },
     );
   }
+  const sockets = proc?.inetSockets ?? 0;
+  if (sockets > 0) {
+    const behind = [
+      { side: 'the source', facts: source },
+      { side: destinationName, facts: destination },
+    ].filter((s) => !meetsCriuFloor(s.facts.criuVersion) && kernelAtLeast(s.facts.kernel, 6, 16));
+    if (behind.length > 0) {
+      throw new PreflightRefusedError(
+        `the process holds ${sockets} TCP or UDP socket(s), which CRIU before ${CRIU_FLOOR.text} cannot dump or ` +
+          `restore on Linux 6.16 and later: ${behind.map((b) => `${b.side} runs CRIU ${b.facts.criuVersion} on Linux ${b.facts.kernel}`).join('; ')}`,
+        { hint: `install CRIU ${CRIU_FLOOR.text} or newer there (scripts/install-criu), then restart its agent` },
+      );
+    }
+  }
   const needed = Number(proc?.residentBytes ?? 0) * 1.1 + 16 * 1024 * 1024;
   if (Number(destination.imagesFreeBytes ?? 0) < needed) {
     throw new PreflightRefusedError(
@@ -160,4 +175,10 @@ function chooseStrategy(
     reason:
       'the source kernel does not track dirty memory (no CONFIG_MEM_SOFT_DIRTY), so the process stops for the whole copy',
   };
+}
+
+/** Whether a kernel release ("6.18.3-cloud") is at least major.minor. */
+function kernelAtLeast(release: string | null | undefined, major: number, minor: number): boolean {
+  const [a = 0, b = 0] = (release ?? '').split(/[.-]/).map(Number);
+  return a > major || (a === major && b >= minor);
 }

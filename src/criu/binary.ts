@@ -23,6 +23,20 @@ export interface CriuVersionInfo {
   readonly text: string;
 }
 
+/**
+ * The oldest CRIU the project supports (scripts/install-criu pins the tested
+ * one): 4.1 reads SO_PASSCRED on every socket, which Linux 6.16 refuses on
+ * TCP and UDP sockets, so it cannot dump a process that has one (CRIU's fix,
+ * commit 4b7398595, is in 4.2).
+ */
+export const CRIU_FLOOR = { major: 4, minor: 2, text: '4.2' } as const;
+
+/** Whether a CRIU version ("4.1.1") is at or above the floor; unknown text is not. */
+export function meetsCriuFloor(text: string | null | undefined): boolean {
+  const [major = 0, minor = 0] = (text ?? '').split('.').map(Number);
+  return major > CRIU_FLOOR.major || (major === CRIU_FLOOR.major && minor >= CRIU_FLOOR.minor);
+}
+
 /** The environment variable that names a CRIU binary explicitly. */
 export const CRIU_BINARY_ENV = 'FERRY_CRIU';
 
@@ -56,7 +70,7 @@ export function resolveCriuBinary(explicit: string | undefined = process.env[CRI
     if (isExecutable(candidate)) return { path: candidate, source: 'system' };
   }
   throw new CriuNotFoundError('no CRIU binary found (no project prefix, none on PATH)', {
-    hint: `run scripts/install-criu to install CRIU 4.1 into the project, or set ${CRIU_BINARY_ENV}`,
+    hint: `run scripts/install-criu to install CRIU ${CRIU_FLOOR.text} or newer into the project, or set ${CRIU_BINARY_ENV}`,
   });
 }
 

@@ -3,7 +3,14 @@
  * request, NOTIFY callbacks, typed errors and the statistics reader. Knows
  * CRIU, not migration.
  */
-export { resolveCriuBinary, criuBinaryVersion, parseCriuVersion, CRIU_BINARY_ENV } from './binary.js';
+export {
+  resolveCriuBinary,
+  criuBinaryVersion,
+  parseCriuVersion,
+  CRIU_BINARY_ENV,
+  CRIU_FLOOR,
+  meetsCriuFloor,
+} from './binary.js';
 export type { CriuBinary, CriuSource, CriuVersionInfo } from './binary.js';
 export { CriuClient, CriuSocketEndpoint } from './client.js';
 export type {
