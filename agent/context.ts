@@ -28,6 +28,8 @@ export interface AgentContext {
   readonly rates: LearnedRates;
   readonly metrics: AgentMetrics;
   readonly hooks: TestHooks;
+  /** CRIU's network lock here: iptables where a binary exists, else nftables (ports.ts networkLock). */
+  readonly networkLock: 'iptables' | 'nftables';
 }
 
 /** The page TLS to use for a request: none when the controller asked for plain pages. */

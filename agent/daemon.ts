@@ -19,7 +19,7 @@ import { Journal, type JournalEntry } from './journal.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { Migrations, type LocalMigration } from './migrations.js';
 import { NodeFacts } from './node.js';
-import { criuPort, realPeers, realProcesses } from './ports.js';
+import { criuPort, networkLock, realPeers, realProcesses } from './ports.js';
 import { LearnedRates } from './rates.js';
 import { Recovery } from './recovery.js';
 import { route } from './routing.js';
@@ -104,6 +104,7 @@ export class Agent {
       rates: this.rates,
       metrics: this.metrics,
       hooks: options.hooks ?? NO_TEST_HOOKS,
+      networkLock: networkLock(),
     };
     this.#node = new NodeFacts(context, { criuBinary: service.binary.path, capacityBytes: options.capacityBytes });
     this.#source = new SourceRole(context);

@@ -19,6 +19,8 @@ import type { Identity } from '../src/tls/index.js';
 import { WireConnection } from '../src/wire/index.js';
 import { sameProcess, tracerOf } from './journal.js';
 import { processFacts } from './process.js';
+import { accessSync, constants } from 'node:fs';
+import { join } from 'node:path';
 
 /** The CRIU calls a migration makes, and the statistics CRIU leaves in an images directory. */
 export interface CriuPort extends Pick<
@@ -100,6 +102,26 @@ export interface Processes {
   tracer(pid: number): number;
   /** Sends a signal; a process that is gone already is not an error. */
   signal(pid: number, signal: NodeJS.Signals): void;
+  /** Established TCP connections the process's tree holds (CRIU locks the network for them). */
+  establishedTcp(pid: number): number;
+}
+
+/**
+ * How CRIU should keep packets off the connections it dumps: its default,
+ * iptables, where an iptables binary exists (it runs one); nftables, which
+ * CRIU drives through libnftables, where none does. Decided once per agent.
+ */
+export function networkLock(): 'iptables' | 'nftables' {
+  const path = (process.env.PATH ?? '').split(':').filter(Boolean);
+  for (const dir of [...path, '/usr/sbin', '/sbin']) {
+    try {
+      accessSync(join(dir, 'iptables'), constants.X_OK);
+      return 'iptables';
+    } catch {
+      // not there
+    }
+  }
+  return 'nftables';
 }
 
 export const realProcesses: Processes = {
@@ -114,4 +136,5 @@ export const realProcesses: Processes = {
       // gone already
     }
   },
+  establishedTcp: (pid) => (processFacts(pid).sockets ?? []).filter((s) => s.kind === 'tcp-established').length,
 };

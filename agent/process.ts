@@ -1,5 +1,6 @@
 import { readdirSync, readFileSync, readlinkSync, statfsSync } from 'node:fs';
 import type { ProcessFacts } from '../src/wire/index.js';
+import { heldSockets } from './sockets.js';
 
 /** What the agent can tell about a local process, for preflight. */
 export function processFacts(pid: number): ProcessFacts {
@@ -16,47 +17,17 @@ export function processFacts(pid: number): ProcessFacts {
   } catch {
     // gone meanwhile
   }
-  return { pid, exists: true, ownPidNamespace, residentBytes: resident, command, inetSockets: inetSockets(tree) };
-}
-
-/**
- * The TCP and UDP sockets the processes hold: their socket inodes
- * (/proc/PID/fd) found in their network namespace's tables (/proc/PID/net).
- * CRIU 4.1 cannot dump any of them on Linux 6.16 and later.
- */
-function inetSockets(tree: readonly number[]): number {
-  const held = new Set<string>();
-  for (const p of tree) {
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${p}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      try {
-        const match = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${p}/fd/${fd}`));
-        if (match?.[1] !== undefined) held.add(match[1]);
-      } catch {
-        // closed meanwhile
-      }
-    }
-  }
-  if (held.size === 0) return 0;
-  const inet = new Set<string>();
-  for (const table of ['tcp', 'tcp6', 'udp', 'udp6']) {
-    let text = '';
-    try {
-      text = readFileSync(`/proc/${tree[0]}/net/${table}`, 'utf8');
-    } catch {
-      continue;
-    }
-    for (const line of text.split('\n').slice(1)) {
-      const inode = line.trim().split(/\s+/)[9];
-      if (inode !== undefined && held.has(inode)) inet.add(inode);
-    }
-  }
-  return inet.size;
+  const sockets = heldSockets(tree);
+  const inetSockets = sockets.filter((s) => s.kind.startsWith('tcp') || s.kind === 'udp').length;
+  return {
+    pid,
+    exists: true,
+    ownPidNamespace,
+    residentBytes: resident,
+    command,
+    inetSockets,
+    sockets: sockets.map(({ kind, local, peer, state, moves, why }) => ({ kind, local, peer, state, moves, why })),
+  };
 }
 
 /** PIDs (as seen here) that are taken on this machine, among those asked about. */

@@ -149,6 +149,9 @@ export class DestinationRole {
         .restore({
           imagesDir: dir,
           lazyPages: m.postcopy !== undefined ? true : undefined,
+          // Connections dumped with their state come back with it; datagram peers by their path.
+          ...(r.tcpClose === true ? { tcpClose: true } : { tcpEstablished: true }),
+          extUnixSk: true,
           signal: m.abort.signal,
           timeoutMs: 0,
           onNotify: async (event) => {

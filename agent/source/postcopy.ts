@@ -10,7 +10,7 @@ import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
 import { Hold, type Answer } from '../hold.js';
 import type { SourceMigration, SourcePostcopy } from './migration.js';
-import type { ControllerLink } from './source.js';
+import { sockets, type ControllerLink } from './source.js';
 import { streamFinal, type Progress } from './stream.js';
 
 /**
@@ -55,6 +55,7 @@ export class SourcePostcopyRole {
           imagesDir: dir,
           parentImg: p.parent ? `../${p.parent}` : undefined,
           trackMem: p.parent ? true : undefined,
+          ...sockets(this.context, m, p),
           lazyPages: { port: 0, tls: pageTlsFor(this.context, p.plainPages) },
           leaveStopped: true,
           timeoutMs: 0,

@@ -109,6 +109,7 @@ export class SourceRole {
       criu
         .dump({
           ...this.#round(m, dir, p),
+          ...sockets(this.context, m, p),
           // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
           trackMem: p.parent ? true : undefined,
           timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
@@ -291,6 +292,28 @@ export class SourceRole {
     migrations.add(m);
     return m;
   }
+}
+
+/**
+ * What CRIU does with the tree's sockets (preflight checked each can move):
+ * established TCP connections are dumped with their state (tcp_established),
+ * or closed when the controller asked (tcp_close); unix datagram peers
+ * outside the tree are reconnected by path (ext_unix_sk). The network is
+ * locked only when there are connections to lock: with nftables CRIU makes
+ * a table even for none, and the restore on another host cannot remove it.
+ */
+export function sockets(
+  context: AgentContext,
+  m: SourceMigration,
+  p: BodyOf<'finalDump'>,
+): { tcpEstablished?: boolean; tcpClose?: boolean; extUnixSk?: boolean; networkLock?: 'iptables' | 'nftables' } {
+  const close = p.tcpClose === true;
+  const connections = context.processes.establishedTcp(m.pid);
+  return {
+    ...(close ? { tcpClose: true } : { tcpEstablished: true }),
+    extUnixSk: true,
+    ...(connections > 0 && !close ? { networkLock: context.networkLock } : {}),
+  };
 }
 
 export function statsMessage(s: DumpStats): DumpStatsMessage {

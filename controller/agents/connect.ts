@@ -61,7 +61,9 @@ export async function connectAgent(
           if (!isRetryable(error)) throw new RetryAbort(error as Error);
           throw error;
         }),
-      { retries: 2, minTimeout: 200, signal: options.signal },
+      // About 3 s in all (0.2 + 0.4 + 0.8 + 1.6): an agent that was just (re)started takes a second
+      // or more on a busy machine before it listens (its CRIU service starts first).
+      { retries: 4, minTimeout: 200, signal: options.signal },
     );
   } catch (error) {
     if (error instanceof RemoteError) throw error;

@@ -34,6 +34,10 @@ export function registerMigrate(program: Command, { version, interrupt, hooks }:
       '--plain-pages',
       'send memory pages unencrypted, only on a network you trust: CRIU’s TLS cuts the page rate several times (docs/security.md); the control connections stay mutual TLS',
     )
+    .option(
+      '--tcp-close',
+      'close the TCP connections that cannot move (preflight lists them) instead of refusing: their clients see a reset',
+    )
     .option('--max-rounds <N>', 'most pre-copy rounds before the switchover', wholeNumberIn(1, 100), 8)
     .option('--max-traffic <X>', 'stop pre-copy once it sent X times the resident memory', positiveNumber, 3)
     .option('--precopy-timeout <ms>', 'stop pre-copy rounds after this long (default: no limit)', positiveNumber)
@@ -80,6 +84,7 @@ ${wrap(
           maxDowntime: number;
           strictDowntime?: boolean;
           plainPages?: boolean;
+          tcpClose?: boolean;
           maxRounds: number;
           maxTraffic: number;
           precopyTimeout?: number;
@@ -105,6 +110,7 @@ ${wrap(
           },
           strictDowntime: opts.strictDowntime,
           plainPages: opts.plainPages,
+          tcpClose: opts.tcpClose,
           holdMs: opts.hold,
           softwareVersion: version,
           onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),

@@ -23,6 +23,11 @@ export function renderReport(r: MigrationReport): string {
         `${formatBytes(round.bytes)} in ${formatDuration(round.durationMs)}`,
     );
   }
+  const moved = r.sockets.filter((s) => s.fate === 'moved').length;
+  if (r.sockets.length > 0) lines.push(`  sockets      ${moved} moved with the process`);
+  for (const s of r.sockets.filter((x) => x.fate === 'closed')) {
+    lines.push(`  reset        ${s.local} ↔ ${s.peer} (--tcp-close): that client saw its connection end`);
+  }
   if (r.roundsStopReason !== undefined) lines.push(`  rounds       stopped (${r.policy.rule}): ${r.roundsStopReason}`);
   if (r.postcopy !== undefined) {
     lines.push(

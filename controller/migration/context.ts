@@ -32,6 +32,8 @@ export interface MigrateOptions {
   strictDowntime?: boolean | undefined;
   /** Send pages unencrypted (the control connections stay mutual TLS). */
   plainPages?: boolean | undefined;
+  /** Close the TCP connections that cannot move instead of refusing the migration: their peers see a reset. */
+  tcpClose?: boolean | undefined;
   cost?: SwitchoverCost | undefined;
   /** How long either agent holds its side of the switchover waiting for the next step. */
   holdMs?: number | undefined;

@@ -1,7 +1,7 @@
 import { CRIU_FLOOR, meetsCriuFloor } from '../../src/criu/index.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { formatBytes } from '../../src/units.js';
-import type { Facts, ProcessFacts } from '../../src/wire/index.js';
+import type { Facts, ProcessFacts, SocketFacts } from '../../src/wire/index.js';
 import type { MigrationContext, Strategy } from './context.js';
 import { PreflightRefusedError } from './errors.js';
 import { POSTCOPY_RISK } from './postcopy.js';
@@ -46,7 +46,9 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
     `${sourceName}: PID ${pid}${proc.workload ? ` (${proc.workload})` : ''}, ${formatBytes(Number(proc.residentBytes ?? 0))} resident; ` +
       `CRIU ${sourceFacts.criuVersion} → ${destinationFacts.criuVersion} on ${destinationName}`,
   );
-  refuseIfUnfit(sourceFacts, destinationFacts, destinationName);
+  refuseIfUnfit(sourceFacts, destinationFacts, destinationName, m.options.tcpClose === true);
+  for (const line of socketLines(proc.sockets ?? [], m.options.tcpClose === true))
+    m.emit('preflight', 'controller', line);
   try {
     await destination.call('cpuCheck', { cpuinfo: sourceFacts.cpuinfo });
   } catch (error) {
@@ -88,7 +90,7 @@ export async function prepareDestination(m: MigrationContext, p: Preflight): Pro
   });
 }
 
-function refuseIfUnfit(source: Facts, destination: Facts, destinationName: string): void {
+function refuseIfUnfit(source: Facts, destination: Facts, destinationName: string, tcpClose: boolean): void {
   const proc = source.process;
   const [srcMajor = 0, srcMinor = 0] = (source.criuVersion ?? '').split('.').map(Number);
   const [dstMajor = 0, dstMinor = 0] = (destination.criuVersion ?? '').split('.').map(Number);
@@ -112,6 +114,7 @@ function refuseIfUnfit(source: Facts, destination: Facts, destinationName: strin
       );
     }
   }
+  refuseUnmovableSockets(proc, tcpClose);
   const needed = Number(proc?.residentBytes ?? 0) * 1.1 + 16 * 1024 * 1024;
   if (Number(destination.imagesFreeBytes ?? 0) < needed) {
     throw new PreflightRefusedError(
@@ -181,4 +184,37 @@ function chooseStrategy(
 function kernelAtLeast(release: string | null | undefined, major: number, minor: number): boolean {
   const [a = 0, b = 0] = (release ?? '').split(/[.-]/).map(Number);
   return a > major || (a === major && b >= minor);
+}
+
+/** One line per socket the process holds: what it is and what the migration does with it. */
+export function socketLines(sockets: readonly SocketFacts[], tcpClose: boolean): string[] {
+  return sockets.map((s) => {
+    const ends = s.peer ? `${s.local || '(unnamed)'} ↔ ${s.peer}` : s.local || '(unnamed)';
+    const fate = s.moves ? 'moves' : tcpClose && s.kind === 'tcp-established' ? 'closed (--tcp-close)' : 'cannot move';
+    return `socket ${s.kind} ${ends} ${s.state}: ${fate}, ${s.why}`;
+  });
+}
+
+/**
+ * Refuses, before anything is touched, a process holding a socket that
+ * cannot move: with the list, and what to do. --tcp-close turns established
+ * TCP connections that cannot move into resets instead (CRIU's tcp_close);
+ * nothing turns a unix connection or a socket bound to the source's own
+ * address into one that moves.
+ */
+function refuseUnmovableSockets(proc: ProcessFacts | null | undefined, tcpClose: boolean): void {
+  const stuck = (proc?.sockets ?? []).filter((s) => !s.moves && !(tcpClose && s.kind === 'tcp-established'));
+  if (stuck.length === 0) return;
+  const closable = stuck.every((s) => s.kind === 'tcp-established');
+  throw new PreflightRefusedError(
+    `the process holds ${stuck.length} socket(s) that cannot move:\n` +
+      socketLines(stuck, tcpClose)
+        .map((line) => `  ${line}`)
+        .join('\n'),
+    {
+      hint: closable
+        ? 'add --tcp-close to close those connections (their clients see a reset), or let them end first'
+        : 'close those sockets in the process, or run it so that it listens on a wildcard address and its unix peers move with it',
+    },
+  );
 }

@@ -56,6 +56,8 @@ export interface MigrationReport {
   downtimeMs: number;
   /** Post-copy: the memory fetched after the copy started running. */
   postcopy?: { fetchMs: number; lazyPages: number; lazyBytes: number; risk: string } | undefined;
+  /** The sockets the process held, each as preflight saw it: what it was and what the migration did with it. */
+  sockets: { kind: string; local: string; peer: string; state: string; fate: 'moved' | 'closed'; why: string }[];
 }
 
 export function roundReport(
@@ -124,5 +126,14 @@ export function migrationReport(m: MigrationContext, o: Outcome): MigrationRepor
     totalMs: m.elapsed(),
     downtimeMs: Math.round(o.downtimeMs),
     postcopy: o.postcopy,
+    sockets: (o.preflight.process.sockets ?? []).map((s) => ({
+      kind: s.kind ?? '',
+      local: s.local ?? '',
+      peer: s.peer ?? '',
+      state: s.state ?? '',
+      // Preflight refused any socket that neither moves nor may be closed (--tcp-close).
+      fate: s.moves === true ? 'moved' : 'closed',
+      why: s.why ?? '',
+    })),
   };
 }

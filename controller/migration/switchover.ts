@@ -49,6 +49,7 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
       holdMs: m.holdMs,
       plainPages: m.plainPages,
       postcopy: lazy,
+      tcpClose: options.tcpClose === true,
     },
     { timeoutMs: 0, signal: options.signal },
   );
@@ -71,7 +72,7 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
     : {};
   const restored = await destination.call(
     'restore',
-    { migrationId: m.id, round: 'final', holdMs: m.holdMs, ...lazyRestore },
+    { migrationId: m.id, round: 'final', holdMs: m.holdMs, tcpClose: options.tcpClose === true, ...lazyRestore },
     { timeoutMs: 0, signal: options.signal },
   );
   m.emit('switchover', destinationName, `restored as PID ${restored.pid}, held before it runs`);

@@ -109,6 +109,8 @@ export interface PageServerTarget {
 export interface ProcessTreeOptions {
   shellJob?: boolean | undefined;
   tcpEstablished?: boolean | undefined;
+  /** Dump established TCP connections as closed: restored closed, their peers get a reset. */
+  tcpClose?: boolean | undefined;
   extUnixSk?: boolean | undefined;
   fileLocks?: boolean | undefined;
   linkRemap?: boolean | undefined;
@@ -600,6 +602,7 @@ function processOpts(o: ProcessTreeOptions): RpcOptions {
   const opts: RpcOptions = {};
   if (o.shellJob !== undefined) opts.shellJob = o.shellJob;
   if (o.tcpEstablished !== undefined) opts.tcpEstablished = o.tcpEstablished;
+  if (o.tcpClose !== undefined) opts.tcpClose = o.tcpClose;
   if (o.extUnixSk !== undefined) opts.extUnixSk = o.extUnixSk;
   if (o.fileLocks !== undefined) opts.fileLocks = o.fileLocks;
   if (o.linkRemap !== undefined) opts.linkRemap = o.linkRemap;

@@ -22,6 +22,7 @@ export {
   type MigrationRecord,
   type NodeFacts,
   type ProcessFacts,
+  type SocketFacts,
   type ProgressMessage,
   type WorkloadInfo,
   type WorkloadSpec,

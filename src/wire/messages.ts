@@ -22,6 +22,7 @@ export type BodyOf<K extends BodyName> = NonNullable<ferry.IEnvelope[K]>;
 
 export type Facts = ferry.IFacts;
 export type ProcessFacts = ferry.IProcessFacts;
+export type SocketFacts = ferry.ISocketFacts;
 export type DumpStatsMessage = ferry.IDumpStats;
 export type ProgressMessage = ferry.IProgress;
 export type WorkloadInfo = ferry.IWorkloadInfo;

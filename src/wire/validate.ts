@@ -76,6 +76,7 @@ const BOUNDS: Bounds = {
       if (!Number.isFinite(rate) || rate < 0) fail('rate out of range');
     }
     count(b.process?.workloadArgv, MAX_ARGV, 'arguments');
+    count(b.process?.sockets, MAX_FILES, 'sockets');
     labels(b.process?.workloadLabels);
   },
   cpuCheck: (b) => bytes(b.cpuinfo, 64 * 1024, 'cpuinfo'),

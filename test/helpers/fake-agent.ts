@@ -44,6 +44,9 @@ export class FakeProcesses implements Processes {
   tracer(): number {
     return 0;
   }
+  establishedTcp(): number {
+    return 0;
+  }
   signal(pid: number, signal: NodeJS.Signals): void {
     this.signals.push({ pid, signal });
     if (!this.exists(pid)) return;
@@ -266,6 +269,7 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
     rates: new LearnedRates(dataDir),
     metrics: new AgentMetrics(),
     hooks,
+    networkLock: 'nftables',
   };
   return {
     context,
