@@ -41,7 +41,7 @@ async function one(a: LabHost, b: LabHost, cell: Cell, strategy: Strategy, run: 
 
 async function main(): Promise<void> {
   process.env.BENCH_RATES = process.env.BENCH_KL_RATES ?? 'high';
-  const lab = await labUp({ name: 'klbench' });
+  const lab = await labUp({ name: 'klbench', agentStartMs: 180_000 });
   const [a, b] = lab.hosts as [LabHost, LabHost];
   try {
     for (const cell of cells(sizes)) {

@@ -72,6 +72,8 @@ export interface LabUpOptions {
    * the tests give theirs (test/harness), which adds their hooks. Kept for restartAgent.
    */
   agentProgram?: string | undefined;
+  /** How long each agent may take to answer once started (default 30 s; a machine under emulation needs more). */
+  agentStartMs?: number | undefined;
 }
 
 export const METRICS_PORT = 9464;
@@ -181,7 +183,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
       });
       writeFileSync(join(dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
     }
-    for (const h of lab.hosts) await waitForAgent(lab, h);
+    for (const h of lab.hosts) await waitForAgent(lab, h, options.agentStartMs);
     return lab;
   } catch (error) {
     await labDown(name).catch(() => undefined);
@@ -349,8 +351,8 @@ async function answers(lab: Lab, h: LabHost): Promise<void> {
   c.close();
 }
 
-async function waitForAgent(lab: Lab, h: LabHost): Promise<void> {
-  const deadline = Date.now() + 30_000;
+async function waitForAgent(lab: Lab, h: LabHost, startMs = 30_000): Promise<void> {
+  const deadline = Date.now() + startMs;
   for (;;) {
     try {
       await answers(lab, h);
