@@ -45,6 +45,8 @@ export function validateEnvelope(e: EnvelopeMessage): void {
   if (e.replyTo !== 0 && e.replyTo !== undefined && e.replyTo !== null && (e.id ?? 0) !== 0) {
     fail('an envelope cannot both ask and answer');
   }
+  // Progress is an event: it asks nothing, so one that carries an id would wait for an answer never sent.
+  if (name === 'progress' && (e.id ?? 0) !== 0) fail('a progress event cannot ask');
   walkStrings(e, name);
   const check = BOUNDS[name] as ((body: unknown) => void) | undefined;
   check?.(e[name]);

@@ -156,6 +156,11 @@ describe('an agent refuses', () => {
     expect(refusal({ replyTo: 1, welcome: { protocolVersion: 1, agentName: 'a\u001b[2J' } })).toMatch(/bad agent name/);
   });
 
+  it('a progress event that carries a request id, which would wait for an answer no one sends (found by the fuzz test)', () => {
+    expect(refusal({ id: 27, progress: { migrationId, message: 'x' } })).toMatch(/a progress event cannot ask/);
+    expect(() => validateEnvelope(arrived({ progress: { migrationId, message: 'x' } }))).not.toThrow();
+  });
+
   it('an envelope with two bodies, even when both are valid alone', () => {
     const bytes = Buffer.concat([
       Envelope.encode({ id: 1, listWorkloads: {} }).finish(),
