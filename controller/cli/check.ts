@@ -1,5 +1,7 @@
 import {
+  CRIU_FLOOR,
   CriuService,
+  meetsCriuFloor,
   LAZY_PIPE_BYTES,
   lazyPipeLimits,
   resolveCriuBinary,
@@ -8,7 +10,7 @@ import {
 } from '../../src/criu/index.js';
 
 export interface CheckReport {
-  criu: { path: string; source: CriuSource; version: string };
+  criu: { path: string; source: CriuSource; version: string; floor: string; meetsFloor: boolean };
   features: CriuFeatures;
   /** What Ferry can do on this machine, with the reason. */
   strategies: { precopy: boolean; stopAndCopy: boolean; reason: string };
@@ -29,7 +31,13 @@ export async function runCheck(options: { criu?: string | undefined; signal?: Ab
     await client.check({ signal: options.signal });
     const features = await client.featureCheck({ signal: options.signal });
     return {
-      criu: { path: binary.path, source: binary.source, version: version.text },
+      criu: {
+        path: binary.path,
+        source: binary.source,
+        version: version.text,
+        floor: CRIU_FLOOR.text,
+        meetsFloor: meetsCriuFloor(version.text),
+      },
       features,
       strategies: {
         precopy: features.memTrack,
@@ -66,6 +74,7 @@ export function printCheck(report: CheckReport): void {
   const yes = (b: boolean): string => (b ? 'yes' : 'no');
   const lines = [
     `CRIU        ${report.criu.version} (${report.criu.source}: ${report.criu.path})`,
+    `floor       ${report.criu.floor}: ${report.criu.meetsFloor ? 'met' : `NOT met: TCP and UDP sockets cannot move on Linux 6.16+ (scripts/install-criu installs ${report.criu.floor} or newer)`}`,
     `criu check  passed`,
     `mem_track   ${yes(report.features.memTrack)}`,
     `lazy_pages  ${yes(report.features.lazyPages)}`,
