@@ -209,7 +209,7 @@ export class Agent {
         return { ...w, state: 'running', agent: this.options.name };
       },
       prepareDestination: (p) => destination.prepare(p),
-      pageServerStart: (p) => destination.pageServer(p),
+      pageServerStart: (p, connection) => destination.pageServer(p, connection),
       preDumpRound: (p, connection) => source.preDump(p, connection),
       finalDump: (p, connection) => source.finalDump(p, connection),
       imageChunk: (c, connection) => destination.imageChunk(c, connection),

@@ -12,6 +12,7 @@ import { Hold } from '../hold.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
 import { isDestination, type DestinationMigration } from './migration.js';
+import { watchPageFlow } from './page-flow.js';
 import { placeWorkloadLog } from './workload-log.js';
 
 /** Who sent a request: its certificate, when it has one. */
@@ -83,7 +84,7 @@ export class DestinationRole {
     return {};
   }
 
-  async pageServer(p: BodyOf<'pageServerStart'>): Promise<ReplyOf<'pageServerStart'>> {
+  async pageServer(p: BodyOf<'pageServerStart'>, sender: Sender): Promise<ReplyOf<'pageServerStart'>> {
     const { criu, hooks, migrations, processes } = this.context;
     const m = this.#migration(p.migrationId ?? '');
     hooks.fault('destination.page-server', { imagesRoot: this.context.imagesRoot });
@@ -101,8 +102,21 @@ export class DestinationRole {
     );
     // CRIU 4.1 does not report the page server's PID: it is found by its listening port.
     const server = pid > 0 ? pid : tcpListener(port, 'page-server');
-    if (server !== undefined) m.pageServers.push({ pid: server, start: processes.startTime(server) });
+    const start = server === undefined ? undefined : processes.startTime(server);
+    if (server !== undefined) m.pageServers.push({ pid: server, start });
     log.info('page server started', { migration: m.id, round: p.round, port, pid: server });
+    watchPageFlow({
+      dir,
+      serverAlive: () => server !== undefined && start !== undefined && processes.startTime(server) === start,
+      progress: (message) => sender.progress(message),
+      base: {
+        migrationId: m.id,
+        phase: p.round === 'final' ? 'switchover' : 'precopy',
+        round: p.round ?? '',
+        source: this.context.node,
+      },
+      stop: m.abort.signal,
+    });
     return { address: this.context.advertise, port };
   }
 

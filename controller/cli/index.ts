@@ -6,5 +6,5 @@
 export { directory, holdMs, migrationTarget, nodeName, wholeNumberIn } from './arguments.js';
 export { ExitCode, reportError } from './output.js';
 export { buildProgram, runCli } from './program.js';
-export { renderEvent, renderReport } from './report.js';
+export { eventPrinter, renderEvent, renderReport } from './report.js';
 export { resolveAgent, type ResolveOptions } from './resolve.js';

@@ -7,7 +7,7 @@ import { collect, holdMs, migrationTarget, positiveNumber, wholeNumberIn } from 
 import type { CliContext } from './context.js';
 import { insecureOption, wrap } from './options.js';
 import { json } from './output.js';
-import { renderEvent, renderReport } from './report.js';
+import { eventPrinter, renderReport } from './report.js';
 import { resolveAgent, type ResolveOptions } from './resolve.js';
 
 /** `ferry migrate`: one live migration, its progress on stderr and its report. */
@@ -113,7 +113,7 @@ ${wrap(
           tcpClose: opts.tcpClose,
           holdMs: opts.hold,
           softwareVersion: version,
-          onEvent: (e) => process.stderr.write(renderEvent(e) + '\n'),
+          onEvent: eventPrinter(),
           signal: interrupt(),
           hooks,
         });

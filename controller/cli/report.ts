@@ -4,6 +4,13 @@ import type { MigrationEvent, MigrationReport } from '../migration/index.js';
 /** One line per progress event on stderr: elapsed, phase, who, what. */
 export function renderEvent(event: MigrationEvent): string {
   const at = `${(event.atMs / 1000).toFixed(2)}s`.padStart(8);
+  const t = event.transfer;
+  if (t !== undefined) {
+    const of = t.expectedBytes === undefined ? '' : ` of ~${formatBytes(t.expectedBytes)}`;
+    const bar = t.expectedBytes === undefined ? '' : ` ${progressBar(t.bytes / t.expectedBytes)}`;
+    const left = t.leftMs === undefined ? '' : `, ~${formatDuration(t.leftMs)} left`;
+    return `${at}  ${event.phase.padEnd(10)} ${event.from.padEnd(10)} pages${bar} ${formatBytes(t.bytes)}${of} at ${formatBytes(t.bytesPerSecond)}/s${left}`;
+  }
   const extra: string[] = [];
   if (event.pages !== undefined && event.pages > 0) extra.push(`${event.pages} pages`);
   if (event.bytes !== undefined && event.bytes > 0) extra.push(formatBytes(event.bytes));
@@ -50,4 +57,29 @@ export function renderReport(r: MigrationReport): string {
     `  predicted    ${r.policy.prediction}; budget ${formatDuration(r.policy.budgetMs)}: ${r.policy.meetsBudget ? 'predicted to fit' : 'not met'}`,
   );
   return lines.join('\n');
+}
+
+/** A 20-cell bar for a fraction (clamped to 0..1): "[#######.............]". */
+function progressBar(fraction: number): string {
+  const cells = Math.round(Math.min(1, Math.max(0, fraction)) * 20);
+  return `[${'#'.repeat(cells)}${'.'.repeat(20 - cells)}]`;
+}
+
+/**
+ * Prints progress events to a stream: one line each; on a terminal the
+ * transfer events of one round redraw a single line (a progress bar), and
+ * the next other event starts below it.
+ */
+export function eventPrinter(stream: NodeJS.WriteStream = process.stderr): (event: MigrationEvent) => void {
+  let redrawing = false;
+  return (event) => {
+    const line = renderEvent(event);
+    if (event.transfer !== undefined && stream.isTTY === true) {
+      stream.write(`\r${line}\x1b[K`);
+      redrawing = true;
+      return;
+    }
+    stream.write(`${redrawing ? '\n' : ''}${line}\n`);
+    redrawing = false;
+  };
 }

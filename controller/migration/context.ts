@@ -17,6 +17,12 @@ export interface MigrationEvent {
   round?: string | undefined;
   pages?: number | undefined;
   bytes?: number | undefined;
+  /**
+   * Pages on their way to the destination (told twice a second while a
+   * round's page server runs): bytes so far, the rate, and how long is left
+   * where the amount to send is known (the first copy of the memory).
+   */
+  transfer?: { bytes: number; bytesPerSecond: number; expectedBytes?: number; leftMs?: number } | undefined;
 }
 
 export interface MigrateOptions {
@@ -56,6 +62,8 @@ export interface MigrationRun {
   readonly hooks: TestHooks;
   /** The phase a failure is reported in; the steps move it on. */
   phase: Phase;
+  /** The page bytes the round now running will send, where known (the whole memory the first time); else 0. */
+  expectedPageBytes: number;
   /** Milliseconds since the migration started. */
   elapsed(): number;
   emit(phase: Phase, from: string, message: string, extra?: Partial<MigrationEvent>): void;
@@ -86,6 +94,7 @@ export function startRun(options: MigrateOptions): MigrationRun {
     plainPages: options.plainPages === true,
     hooks: options.hooks ?? NO_TEST_HOOKS,
     phase: 'preflight',
+    expectedPageBytes: 0,
     elapsed,
     emit: (phase, from, message, extra = {}) => options.onEvent?.({ atMs: elapsed(), phase, from, message, ...extra }),
     connect: (endpoint) => connect(endpoint, { onProgress, signal: options.signal }),
@@ -96,7 +105,16 @@ export function startRun(options: MigrateOptions): MigrationRun {
       round: p.round || undefined,
       bytes: p.bytes ?? undefined,
       pages: p.pages ?? undefined,
+      transfer: p.transfer === true ? transfer(Number(p.bytes ?? 0), Number(p.bytesPerSecond ?? 0)) : undefined,
     });
+  const transfer = (bytes: number, bytesPerSecond: number): MigrationEvent['transfer'] => {
+    const expectedBytes = run.expectedPageBytes > 0 ? run.expectedPageBytes : undefined;
+    const leftMs =
+      expectedBytes !== undefined && bytesPerSecond > 0
+        ? Math.max(0, Math.round(((expectedBytes - bytes) / bytesPerSecond) * 1000))
+        : undefined;
+    return { bytes, bytesPerSecond, expectedBytes, leftMs };
+  };
   return run;
 }
 

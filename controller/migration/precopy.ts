@@ -72,6 +72,8 @@ export async function precopy(m: MigrationContext, p: Preflight): Promise<Precop
     const started = performance.now();
     for (let k = 1; ; k++) {
       const round = String(k);
+      // The first round copies the whole memory; later ones what changed, which is not known ahead.
+      m.expectedPageBytes = k === 1 ? residentBytes : 0;
       const ps = await destination.call('pageServerStart', {
         migrationId: m.id,
         round,

@@ -23,6 +23,8 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
   const { options, source, destination, sourceName, destinationName } = m;
   m.phase = 'switchover';
   const lazy = p.strategy === 'postcopy';
+  // Without pre-copy rounds the final dump sends the whole memory.
+  m.expectedPageBytes = parent === '' && !lazy ? Number(p.process.residentBytes ?? 0) : 0;
   const ps = lazy
     ? { address: '', port: 0 }
     : await destination.call('pageServerStart', {

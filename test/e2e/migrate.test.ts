@@ -135,6 +135,35 @@ describe('ferry migrate between two lab hosts', () => {
     process.kill(newPid, 'SIGKILL');
   });
 
+  it('tells the page bytes arriving twice a second while the memory moves, with the rate and the time left', async () => {
+    const dir = workDir('flow');
+    await runWorkload(hostEndpoint(a), 'flow', [join(examples, 'counter'), join(dir, 'state'), '20', '512'], 'test');
+    await sleep(2_000); // the counter faults its memory in
+    const transfers: MigrationEvent[] = [];
+    const report = await migrate({
+      workload: 'flow',
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
+      softwareVersion: 'test',
+      onEvent: (e) => {
+        if (e.transfer !== undefined) transfers.push(e);
+      },
+    });
+    const dumpMs = report.final.heldMs - report.final.streamMs;
+    expect(transfers.length, `${transfers.length} transfer events over a ${dumpMs} ms dump`).toBeGreaterThanOrEqual(
+      Math.floor(dumpMs / 1000) * 2 - 1,
+    );
+    expect(transfers.length).toBeGreaterThanOrEqual(2);
+    const bytes = transfers.map((e) => e.transfer?.bytes ?? 0);
+    expect([...bytes].sort((x, y) => x - y)).toEqual(bytes); // only ever more
+    expect(bytes.at(-1)).toBe(report.final.bytes); // the last count is what CRIU wrote
+    expect(transfers[0]?.transfer?.expectedBytes).toBe(report.residentBytes);
+    expect(transfers.every((e) => (e.transfer?.bytesPerSecond ?? 0) > 0 && e.transfer?.leftMs !== undefined)).toBe(
+      true,
+    );
+    process.kill(report.to.pid, 'SIGKILL');
+  }, 60_000);
+
   it('reports progress during the migration, at least one event per phase, in order', async () => {
     const dir = workDir('progress');
     await runWorkload(

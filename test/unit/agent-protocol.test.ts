@@ -50,7 +50,7 @@ async function heldSource(a: FakeAgent, options: { holdMs?: number; postcopy?: b
 /** A destination holding a restored copy at post-restore: where Resume or the source's word decides. */
 async function heldDestination(a: FakeAgent, options: { holdMs?: number } = {}) {
   a.destination.prepare({ migrationId: 'm-1', sourceUrl: SOURCE_URL, holdMs: options.holdMs ?? 60_000 });
-  await a.destination.pageServer({ migrationId: 'm-1', round: 'final' });
+  await a.destination.pageServer({ migrationId: 'm-1', round: 'final' }, new FakeController());
   return a.destination.restore({ migrationId: 'm-1', round: 'final' }, new FakeController());
 }
 
@@ -241,7 +241,7 @@ describe('the destination', () => {
   it('takes images only from the migration’s source host', async () => {
     const a = agent();
     a.destination.prepare({ migrationId: 'm-1', sourceUrl: SOURCE_URL, holdMs: 60_000 });
-    await a.destination.pageServer({ migrationId: 'm-1', round: 'final' });
+    await a.destination.pageServer({ migrationId: 'm-1', round: 'final' }, new FakeController());
     const from = (name: string, address: string) => ({
       certificate: { role: 'agent' as const, name, subjectAltName: `IP Address:${address}`, fingerprint: '' },
       progress: () => undefined,

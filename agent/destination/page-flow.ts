@@ -1,0 +1,68 @@
+import { readdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { formatBytes } from '../../src/units.js';
+import type { ProgressMessage } from '../../src/wire/index.js';
+
+/** How often the pages arriving are counted and told. */
+export const PAGE_FLOW_INTERVAL_MS = 500;
+
+/** The bytes of page data CRIU's page server has written into a round's directory so far. */
+export function pageBytes(dir: string): number {
+  let total = 0;
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return 0;
+  }
+  for (const name of names) {
+    if (!/^pages-\d+\.img$/.test(name)) continue;
+    try {
+      total += statSync(join(dir, name)).size;
+    } catch {
+      // renamed or removed meanwhile
+    }
+  }
+  return total;
+}
+
+/**
+ * Tells the controller, twice a second, how many page bytes have arrived
+ * in a round's directory and at what rate, while its page server runs: a
+ * dump can take seconds with nothing else to say (a 1 GiB stop-and-copy
+ * printed "freezing and dumping" and then nothing for 7 s). Ends when the
+ * page server has ended (it serves one dump) or `stop` is aborted, with one
+ * last count.
+ */
+export function watchPageFlow(options: {
+  dir: string;
+  serverAlive: () => boolean;
+  progress: (p: ProgressMessage) => void;
+  base: Pick<ProgressMessage, 'migrationId' | 'phase' | 'round' | 'source'>;
+  stop: AbortSignal;
+}): void {
+  const started = performance.now();
+  let told = 0;
+  const tell = (): void => {
+    const bytes = pageBytes(options.dir);
+    if (bytes === told) return;
+    told = bytes;
+    const seconds = (performance.now() - started) / 1000;
+    const rate = seconds > 0 ? Math.round(bytes / seconds) : 0;
+    options.progress({
+      ...options.base,
+      message: `pages arriving: ${formatBytes(bytes)} at ${formatBytes(rate)}/s`,
+      bytes,
+      transfer: true,
+      bytesPerSecond: rate,
+    });
+  };
+  const timer = setInterval(() => {
+    // Alive asked before counting: the count after it ended is the whole round.
+    const alive = options.serverAlive();
+    tell();
+    if (!alive || options.stop.aborted) clearInterval(timer);
+  }, PAGE_FLOW_INTERVAL_MS);
+  timer.unref();
+  options.stop.addEventListener('abort', () => clearInterval(timer), { once: true });
+}
