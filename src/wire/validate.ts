@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { WireProtocolError } from './errors.js';
+import { REQUESTS } from './requests.js';
 import { bodyName, IMAGE_CHUNK_BYTES, PeerRole, type BodyName, type BodyOf, type EnvelopeMessage } from './messages.js';
 
 /** A migration id: lower-case letters, digits and dashes (it names directories). */
@@ -26,6 +27,13 @@ export const MAX_PID = 4_194_303;
 /** At most this many image files in one round's stream, and in one manifest. */
 export const MAX_IMAGE_FILES = 10_000;
 
+/** What an envelope with reply_to may carry: the replies of the request table, a failure, the welcome. */
+const ANSWER_BODIES: ReadonlySet<string> = new Set<string>([
+  ...Object.values(REQUESTS).map((r) => r.reply),
+  'failure',
+  'welcome',
+]);
+
 const MAX_STRING = 4096;
 const MAX_ARGV = 256;
 const MAX_FILES = MAX_IMAGE_FILES;
@@ -47,6 +55,9 @@ export function validateEnvelope(e: EnvelopeMessage): void {
   }
   // Progress is an event: it asks nothing, so one that carries an id would wait for an answer never sent.
   if (name === 'progress' && (e.id ?? 0) !== 0) fail('a progress event cannot ask');
+  // An answer carries a reply (or a failure, or the welcome); a request or an event in one would be
+  // dropped as an answer to nothing while its sender waits (found by the fuzz test).
+  if ((e.replyTo ?? 0) !== 0 && !ANSWER_BODIES.has(name)) fail(`an answer cannot carry ${name}`);
   walkStrings(e, name);
   const check = BOUNDS[name] as ((body: unknown) => void) | undefined;
   check?.(e[name]);

@@ -93,6 +93,16 @@ describe('wire connection', () => {
     c.close();
   });
 
+  it('closes on an answer that carries a request (found by the fuzz test: the peer waited), and ignores a stray ack', async () => {
+    const url = await start();
+    const { ws, frames, closed } = await rawPeer(url);
+    ws.send(helloFrame());
+    ws.send(Envelope.encode({ replyTo: 35, ack: {} }).finish()); // a late answer: dropped
+    ws.send(Envelope.encode({ replyTo: 34, statusQuery: {} }).finish());
+    expect(await closed).toBe(1008);
+    expect(frames.some((f) => f.failure?.message?.includes('an answer cannot carry statusQuery'))).toBe(true);
+  });
+
   it('closes on text frames and on an image name that leaves its directory', async () => {
     const url = await start();
     const text = await rawPeer(url);
