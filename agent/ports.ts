@@ -5,6 +5,8 @@
  * protocol's unit tests plug in fakes and run without root, CRIU or a
  * network.
  */
+import { accessSync, constants } from 'node:fs';
+import { join } from 'node:path';
 import {
   readDumpStats,
   startLazyPagesDaemon,
@@ -19,8 +21,6 @@ import type { Identity } from '../src/tls/index.js';
 import { WireConnection } from '../src/wire/index.js';
 import { sameProcess, tracerOf } from './journal.js';
 import { processFacts } from './process.js';
-import { accessSync, constants } from 'node:fs';
-import { join } from 'node:path';
 
 /** The CRIU calls a migration makes, and the statistics CRIU leaves in an images directory. */
 export interface CriuPort extends Pick<

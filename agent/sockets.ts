@@ -93,7 +93,7 @@ export function procAddress(hex: string): { ip: string; port: number; text: stri
       const w = address.slice(i, i + 8);
       words.push(w.slice(6, 8) + w.slice(4, 6), w.slice(2, 4) + w.slice(0, 2));
     }
-    const groups = words.flatMap((w) => [w]).map((g) => g.replace(/^0+(?=.)/, '').toLowerCase());
+    const groups = words.map((g) => g.replace(/^0+(?=.)/, '').toLowerCase());
     ip = compressIpv6(groups);
     const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(ip);
     if (mapped?.[1] !== undefined && mapped[2] !== undefined) {
