@@ -86,16 +86,24 @@ export class Journal {
     circumstances: readonly Circumstance[] = [],
   ): JournalEntry | undefined {
     const entry = this.read(id);
-    if (entry === undefined) return undefined;
-    const all: Circumstance[] = entry.postcopy === true ? [...circumstances, 'postcopy'] : [...circumstances];
-    checkTransition(id, entry.role, entry.state, state, all);
-    return this.#write({ ...entry, ...change, state });
+    return entry === undefined ? undefined : this.#move(entry, state, change, circumstances);
   }
 
   /** Records a change without a move (a decision taken, a PID learnt); undefined when there is no record. */
   note(id: string, change: EntryChange): JournalEntry | undefined {
     const entry = this.read(id);
-    return entry === undefined ? undefined : this.advance(id, entry.state, change);
+    return entry === undefined ? undefined : this.#move(entry, entry.state, change, []);
+  }
+
+  #move(
+    entry: JournalEntry,
+    state: MigrationState,
+    change: EntryChange,
+    circumstances: readonly Circumstance[],
+  ): JournalEntry {
+    const all: Circumstance[] = entry.postcopy === true ? [...circumstances, 'postcopy'] : [...circumstances];
+    checkTransition(entry.id, entry.role, entry.state, state, all);
+    return this.#write({ ...entry, ...change, state });
   }
 
   #write(entry: Omit<JournalEntry, 'updatedAtMs'>): JournalEntry {

@@ -12,7 +12,7 @@ import { Hold } from '../hold.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
 import { isDestination, type DestinationMigration } from './migration.js';
-import { watchPageFlow } from './page-flow.js';
+import { pageBytes, watchPageFlow } from './page-flow.js';
 import { placeWorkloadLog } from './workload-log.js';
 
 /** Who sent a request: its certificate, when it has one. */
@@ -345,14 +345,12 @@ function keptLogs(context: AgentContext, m: DestinationMigration): string | unde
   return existsSync(kept) ? kept : undefined;
 }
 
+/** The page data of every round of the migration, as its page servers wrote it. */
 function pageImageBytes(dir: string): number {
   let total = 0;
   for (const round of readdirSync(dir)) {
     const roundDir = join(dir, round);
-    if (!statSync(roundDir).isDirectory()) continue;
-    for (const name of readdirSync(roundDir)) {
-      if (/^pages-\d+\.img$/.test(name)) total += statSync(join(roundDir, name)).size;
-    }
+    if (statSync(roundDir).isDirectory()) total += pageBytes(roundDir);
   }
   return total;
 }
