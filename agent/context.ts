@@ -3,6 +3,7 @@ import type { TestHooks } from '../src/hooks.js';
 import type { Journal } from './journal.js';
 import type { AgentMetrics } from './metrics.js';
 import type { LocalMigration, Migrations } from './migrations.js';
+import type { AddressPort } from './address.js';
 import type { CriuPort, Peers, Processes } from './ports.js';
 import type { LearnedRates } from './rates.js';
 import type { Workloads } from './workloads.js';
@@ -22,6 +23,8 @@ export interface AgentContext {
   readonly criu: CriuPort;
   readonly peers: Peers;
   readonly processes: Processes;
+  /** This node's network, for a workload's service address. */
+  readonly addresses: AddressPort;
   readonly journal: Journal;
   readonly workloads: Workloads;
   readonly migrations: Migrations<LocalMigration>;

@@ -19,10 +19,12 @@ import { Journal, type JournalEntry } from './journal.js';
 import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { Migrations, type LocalMigration } from './migrations.js';
 import { NodeFacts } from './node.js';
+import { realAddresses } from './address.js';
 import { criuPort, networkLock, realPeers, realProcesses } from './ports.js';
 import { LearnedRates } from './rates.js';
 import { Recovery } from './recovery.js';
 import { route } from './routing.js';
+import { runWorkload } from './run.js';
 import { isSource, SourceRole } from './source/index.js';
 
 import { Workloads } from './workloads.js';
@@ -98,6 +100,7 @@ export class Agent {
       criu: criuPort(service.client(), service),
       peers: realPeers({ name: options.name, softwareVersion: options.softwareVersion, tls }),
       processes: realProcesses,
+      addresses: realAddresses(service.binary.path),
       journal: this.journal,
       workloads: this.workloads,
       migrations: this.#migrations,
@@ -110,7 +113,7 @@ export class Agent {
     this.#source = new SourceRole(context);
     this.#destination = new DestinationRole(context, () => this.#node.draining);
     this.#recovery = new Recovery(context);
-    this.#handlers = this.#requestHandlers();
+    this.#handlers = this.#requestHandlers(context);
   }
 
   static async start(options: AgentOptions): Promise<Agent> {
@@ -187,7 +190,7 @@ export class Agent {
     return this.#recovery.recover();
   }
 
-  #requestHandlers(): RequestHandlers<WireConnection> {
+  #requestHandlers(context: AgentContext): RequestHandlers<WireConnection> {
     const node = this.#node;
     const source = this.#source;
     const destination = this.#destination;
@@ -200,14 +203,7 @@ export class Agent {
         node.setDraining(d.draining === true);
         return node.nodeFacts();
       },
-      runWorkload: async (r) => {
-        const w = await this.workloads.run(r.name ?? '', r.argv ?? [], {
-          labels: r.labels ?? {},
-          pinned: r.pinned === true,
-        });
-        log.info('workload started', { name: w.name, pid: w.pid });
-        return { ...w, state: 'running', agent: this.options.name };
-      },
+      runWorkload: (r) => runWorkload(context, r),
       prepareDestination: (p) => destination.prepare(p),
       pageServerStart: (p, connection) => destination.pageServer(p, connection),
       preDumpRound: (p, connection) => source.preDump(p, connection),

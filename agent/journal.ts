@@ -42,6 +42,12 @@ export interface JournalEntry {
   /** The other agent: on the destination, the source to ask for the outcome. */
   peerUrl: string;
   workload?: WorkloadSpec | undefined;
+  /**
+   * The interface the workload's service address was on when this agent let
+   * it go (source) or took it (destination): recovery puts it back, or takes
+   * it away, with the copy that runs or not.
+   */
+  addressDevice?: string | undefined;
   /** What recovery did, once it did something. */
   action?: string | undefined;
   updatedAtMs: number;
@@ -52,7 +58,7 @@ export function isFinal(entry: JournalEntry): boolean {
 }
 
 /** Fields a move may change besides the state. */
-export type EntryChange = Partial<Pick<JournalEntry, 'pid' | 'pidStart' | 'action' | 'workload'>>;
+export type EntryChange = Partial<Pick<JournalEntry, 'pid' | 'pidStart' | 'action' | 'workload' | 'addressDevice'>>;
 
 /** One file per migration in DATA/journal, replaced atomically and synced to disk before anyone acts on it. */
 export class Journal {

@@ -2,6 +2,7 @@ import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
+import { parseServiceAddress } from '../src/address.js';
 import { CriuOperationError } from '../src/criu/index.js';
 import { InvalidInputError } from '../src/errors.js';
 import { log } from '../src/log.js';
@@ -89,6 +90,8 @@ export class NodeFacts {
       workloadStartedAtMs: record?.startedAtMs ?? 0,
       workloadLabels: record?.labels ?? {},
       workloadPinned: record?.pinned === true,
+      workloadAddress: record?.address ?? '',
+      workloadAddressHook: record?.addressHook ?? '',
     };
     return {
       agentName: this.context.node,
@@ -98,12 +101,14 @@ export class NodeFacts {
       cpuinfo,
       imagesFreeBytes: freeBytes(imagesRoot),
       address: this.context.advertise,
-      process: pid > 0 ? { ...processFacts(pid), ...workload } : null,
+      process: pid > 0 ? { ...processFacts(pid, serviceIp(record?.address)), ...workload } : null,
       takenPids: pid > 0 ? takenPids([pid]) : [],
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
       restoreBytesPerMs: rates.get('restore'),
       pageWriteBytesPerMs: rates.get('pageWrite'),
       postcopy: q.probePostcopy === true ? await this.#postcopySupport() : null,
+      addressProblem: q.address ? await this.context.addresses.problem(parseServiceAddress(q.address)) : '',
+      addressHookProblem: q.addressHook ? this.context.addresses.hookProblem(q.addressHook) : '',
     };
   }
 
@@ -152,4 +157,9 @@ export class NodeFacts {
     probe.catch(() => (this.#postcopyProbe = undefined));
     return probe;
   }
+}
+
+/** The IP of a workload's service address ("10.0.0.50/24"), or undefined. */
+function serviceIp(cidr: string | undefined): string | undefined {
+  return cidr ? cidr.split('/')[0] : undefined;
 }

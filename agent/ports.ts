@@ -8,6 +8,7 @@
 import { accessSync, constants } from 'node:fs';
 import { join } from 'node:path';
 import {
+  readDumpRunId,
   readDumpStats,
   startLazyPagesDaemon,
   type CriuClient,
@@ -28,6 +29,8 @@ export interface CriuPort extends Pick<
   'version' | 'featureCheck' | 'cpuinfoDump' | 'cpuinfoCheck' | 'preDump' | 'dump' | 'restore' | 'pageServer'
 > {
   dumpStats(dir: string): Promise<DumpStats>;
+  /** The dump's run id (inventory.img), which names CRIU's nftables lock table. */
+  dumpRunId(dir: string): Promise<string | undefined>;
   /** `criu lazy-pages`: the destination's half of post-copy, which CRIU's RPC does not offer. */
   startLazyPages(options: Omit<LazyPagesDaemonOptions, 'binary'>): LazyPagesDaemon;
   /** The service's master process (its workers are its children), when it runs. */
@@ -45,6 +48,7 @@ export function criuPort(client: CriuClient, service: { binary: { path: string }
     restore: (o) => client.restore(o),
     pageServer: (o) => client.pageServer(o),
     dumpStats: (dir) => readDumpStats(dir),
+    dumpRunId: (dir) => readDumpRunId(dir),
     startLazyPages: (o) => startLazyPagesDaemon({ ...o, binary: service.binary.path }),
     get servicePid() {
       return service.pid;

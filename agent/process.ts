@@ -2,8 +2,8 @@ import { readdirSync, readFileSync, readlinkSync, statfsSync } from 'node:fs';
 import type { ProcessFacts } from '../src/wire/index.js';
 import { heldSockets } from './sockets.js';
 
-/** What the agent can tell about a local process, for preflight. */
-export function processFacts(pid: number): ProcessFacts {
+/** What the agent can tell about a local process, for preflight; `serviceIp`: the address that moves with it. */
+export function processFacts(pid: number, serviceIp?: string): ProcessFacts {
   const status = readStatus(pid);
   if (status === undefined) return { pid, exists: false };
   const nspid = (status.get('NSpid') ?? '').trim().split(/\s+/);
@@ -17,7 +17,7 @@ export function processFacts(pid: number): ProcessFacts {
   } catch {
     // gone meanwhile
   }
-  const sockets = heldSockets(tree);
+  const sockets = heldSockets(tree, serviceIp);
   const inetSockets = sockets.filter((s) => s.kind.startsWith('tcp') || s.kind === 'udp').length;
   return {
     pid,

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { log } from '../src/log.js';
 import type { AgentContext } from './context.js';
+import { giveUp, movingAddress, takeBack } from './address-move.js';
 import { isFinal, type JournalEntry } from './journal.js';
 
 const RECOVERY = ['recovery'] as const;
@@ -59,6 +60,12 @@ export class Recovery {
     for (let i = 0; i < 300 && entry.pid !== undefined && processes.tracer(entry.pid) !== 0; i++) await sleep(50);
     const alive = processes.same(entry.pid, entry.pidStart);
     const committed = entry.state === 'committing' && !alive;
+    // The process resumed here without the address it had let go: it gets it back.
+    const moving = movingAddress(entry.workload?.name ? workloads.find(entry.workload.name) : undefined);
+    if (alive && moving !== undefined && entry.addressDevice !== undefined) {
+      moving.device = entry.addressDevice;
+      await takeBack(this.context, entry.id, moving, entry.peerUrl);
+    }
     if (committed && entry.workload?.name) workloads.forget(entry.workload.name);
     rmSync(entry.dir, { recursive: true, force: true });
     const after = journal.advance(
@@ -95,6 +102,7 @@ export class Recovery {
         action = 'recovered: restored from the kept images after the commit';
       }
       if (entry.workload?.name) workloads.adopt(entry.workload, pid ?? 0);
+      await this.context.addresses.release(entry.id);
       rmSync(entry.dir, { recursive: true, force: true });
       const after = journal.advance(
         entry.id,
@@ -107,6 +115,12 @@ export class Recovery {
     }
     if (processes.same(entry.pid, entry.pidStart) && entry.state !== 'resuming') {
       processes.signal(entry.pid ?? 0, 'SIGKILL');
+    }
+    // The address this agent took for the copy goes back to the source.
+    const moving = movingAddress(entry.workload);
+    if (moving !== undefined && entry.addressDevice !== undefined) {
+      moving.device = entry.addressDevice;
+      await giveUp(this.context, entry.id, moving);
     }
     rmSync(entry.dir, { recursive: true, force: true });
     return journal.advance(entry.id, 'discarded', { action: `recovered: the source says ${outcome}` }, RECOVERY)!;

@@ -132,7 +132,7 @@ export function isLoopback(ip: string): boolean {
 }
 
 /** The sockets of a process tree, each with whether it can move and why; `tree[0]` names its network namespace. */
-export function heldSockets(tree: readonly number[]): HeldSocket[] {
+export function heldSockets(tree: readonly number[], serviceIp?: string): HeldSocket[] {
   const held = heldInodes(tree);
   if (held.size === 0) return [];
   const sockets: HeldSocket[] = [];
@@ -184,7 +184,7 @@ export function heldSockets(tree: readonly number[]): HeldSocket[] {
       peer: s.peer.port === 0 ? '' : s.peer.text,
       state: s.state || (connected ? 'connected' : 'bound'),
       peerInTree,
-      ...inetVerdict(kind, s.local.ip, s.peer.ip, peerInTree),
+      ...inetVerdict(kind, s.local.ip, s.peer.ip, peerInTree, serviceIp),
     });
   }
   sockets.push(...unixSockets(tree[0] ?? 0, held));
@@ -196,24 +196,31 @@ function inetVerdict(
   local: string,
   peer: string,
   peerInTree: boolean,
+  serviceIp: string | undefined,
 ): { moves: boolean; why: string } {
   if (kind === 'tcp-other')
     return { moves: false, why: 'a TCP socket in the middle of opening or closing: wait for it to settle' };
+  const own = serviceIp !== undefined && local === serviceIp;
   if (kind === 'tcp-established') {
     if (peerInTree) return { moves: true, why: 'both ends are in the process tree and move together' };
     if (isLoopback(peer)) return { moves: false, why: 'its peer is on the source host (loopback) and stays behind' };
+    if (own) return { moves: true, why: `its local address ${local} is the workload's and moves with it` };
     return {
       moves: false,
       why: `its local address ${local} belongs to the source host and is not on the destination (CRIU rebinds the connection to it)`,
     };
   }
+  if (own) return { moves: true, why: `bound to the workload's address ${local}, which moves with it` };
   if (isWildcard(local) || isLoopback(local)) {
     return {
       moves: true,
       why: kind === 'udp' ? 'bound to a wildcard or loopback address' : 'listening on a wildcard or loopback address',
     };
   }
-  return { moves: false, why: `bound to ${local}, an address of the source host that the destination does not have` };
+  return {
+    moves: false,
+    why: `bound to ${local}, an address of the source host that the destination does not have (not the workload's)`,
+  };
 }
 
 /** Unix sockets held, from /proc/net/unix, with their peers from ss (unix_diag). */

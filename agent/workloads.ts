@@ -17,6 +17,10 @@ export interface WorkloadRecord {
   labels?: Record<string, string>;
   /** Never moved by rebalancing (an explicit `ferry migrate` still may). */
   pinned?: boolean;
+  /** The service address it owns (IP/PREFIX), on this node while it runs here; it moves with it. */
+  address?: string;
+  /** Run at the address step of a migration (docs/network.md). */
+  addressHook?: string;
 }
 
 export class WorkloadError extends FerryError {
@@ -44,7 +48,7 @@ export class Workloads {
   async run(
     name: string,
     argv: readonly string[],
-    placement: { labels?: Record<string, string>; pinned?: boolean } = {},
+    placement: { labels?: Record<string, string>; pinned?: boolean; address?: string; addressHook?: string } = {},
   ): Promise<WorkloadRecord> {
     const existing = this.#load().find((w) => w.name === name);
     if (existing !== undefined && isAlive(existing.pid)) {
@@ -83,6 +87,8 @@ export class Workloads {
       startedAtMs: Date.now(),
       labels: { ...placement.labels },
       pinned: placement.pinned === true,
+      ...(placement.address ? { address: placement.address } : {}),
+      ...(placement.addressHook ? { addressHook: placement.addressHook } : {}),
     };
     this.#save([...this.#load().filter((w) => w.name !== name), record]);
     return record;
@@ -99,6 +105,7 @@ export class Workloads {
       agent: this.agentName,
       labels: w.labels ?? {},
       pinned: w.pinned === true,
+      address: w.address ?? '',
       residentBytes: isAlive(w.pid) ? Number(processFacts(w.pid).residentBytes ?? 0) : 0,
     }));
   }
@@ -121,6 +128,8 @@ export class Workloads {
       startedAtMs: Number(spec.startedAtMs ?? Date.now()),
       labels: { ...spec.labels },
       pinned: spec.pinned === true,
+      ...(spec.address ? { address: spec.address } : {}),
+      ...(spec.addressHook ? { addressHook: spec.addressHook } : {}),
     };
     this.#save([...this.#load().filter((w) => w.name !== record.name), record]);
   }

@@ -8,6 +8,7 @@ import { tcpListener } from '../../src/proc.js';
 import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf, type WireConnection } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
+import { giveUp, movingAddress, openAddress, take } from '../address-move.js';
 import { Hold } from '../hold.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
@@ -58,6 +59,7 @@ export class DestinationRole {
       id,
       dir,
       workload: p.workload ?? undefined,
+      address: movingAddress(p.workload ?? undefined),
       receivers: new Map(),
       pageServers: [],
       sourceUrl: p.sourceUrl ?? '',
@@ -156,6 +158,20 @@ export class DestinationRole {
         throw new StepFailedError(error, { from: m.dir, to: keptLogs(this.context, m) });
       }
     }
+    if (m.address !== undefined) {
+      try {
+        await take(this.context, m.id, m.address, m.sourceUrl);
+      } catch (error) {
+        await hold.decide('no', 'the address step failed');
+        throw new StepFailedError(error, { from: m.dir, to: keptLogs(this.context, m) });
+      }
+      sender.progress({
+        migrationId: m.id,
+        phase: 'switchover',
+        message: `address ${m.address.address.cidr} taken and announced; its packets wait for the restore`,
+        source: this.context.node,
+      });
+    }
     const reachedHold = deferred<number>();
     m.restore = migrations.track(
       m,
@@ -249,6 +265,8 @@ export class DestinationRole {
             await hooks.pause('destination.before-resume-answer');
             m.answer.resolve(true);
             await m.restore;
+            // The copy runs: the address's packets may reach its sockets now.
+            if (m.address !== undefined) await openAddress(this.context, m.id);
             const pid = m.restoredPid ?? 0;
             if (m.workload !== undefined) workloads.adopt(m.workload, pid);
             if (m.postcopy !== undefined) {
@@ -263,6 +281,7 @@ export class DestinationRole {
           m.answer.resolve(false);
           this.postcopy.discard(m);
           await migrations.cancel(m, new MigrationStateError('the copy here is discarded'));
+          if (m.address !== undefined) await giveUp(this.context, m.id, m.address);
           await migrations.forget(m, true);
           // Final only once the copy and its images are gone.
           journal.advance(m.id, 'discarded', { action: discardAction(why) });

@@ -1,6 +1,7 @@
 import type { LazyPagesDaemon } from '../../src/criu/index.js';
 import type { Deferred } from '../../src/deferred.js';
 import type { WorkloadSpec } from '../../src/wire/index.js';
+import type { MovingAddress } from '../address-move.js';
 import type { ImageReceiver } from '../images.js';
 import type { LocalMigration } from '../migrations.js';
 
@@ -8,6 +9,8 @@ import type { LocalMigration } from '../migrations.js';
 export interface DestinationMigration extends LocalMigration {
   readonly role: 'destination';
   readonly workload: WorkloadSpec | undefined;
+  /** The workload's service address, which arrives with it (docs/network.md). */
+  readonly address: MovingAddress | undefined;
   readonly receivers: Map<string, ImageReceiver>;
   /** CRIU's page servers for its rounds: each waits for one dump, and for ever if none comes. */
   readonly pageServers: { pid: number; start: number | undefined }[];

@@ -1,3 +1,4 @@
+import type { MovingAddress } from '../address-move.js';
 import type { LocalMigration } from '../migrations.js';
 
 /** A migration whose process runs (or ran) here. */
@@ -9,6 +10,10 @@ export interface SourceMigration extends LocalMigration {
   /** The final dump, once it began: it ends when CRIU has heard the hold's answer and acted on it. */
   dump?: Promise<unknown> | undefined;
   finalRound?: string | undefined;
+  /** The workload's service address, which leaves with it (docs/network.md). */
+  address?: MovingAddress | undefined;
+  /** The final dump asked CRIU for its nftables lock: its table stays here after a commit. */
+  criuLock?: boolean | undefined;
   /** Post-copy: the destination whose word ends or continues the stopped source. */
   postcopy?: SourcePostcopy | undefined;
 }

@@ -14,6 +14,7 @@ import {
 } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
+import { letGo, movingAddress, takeBack } from '../address-move.js';
 import { Hold } from '../hold.js';
 import { isSource, type SourceMigration } from './migration.js';
 import { SourcePostcopyRole } from './postcopy.js';
@@ -98,18 +99,23 @@ export class SourceRole {
         source: this.context.node,
         ...extra,
       });
+    const record = m.workload === undefined ? undefined : this.context.workloads.find(m.workload);
+    m.address = movingAddress(record);
+    const peer = p.destinationUrl ?? '';
     if (p.postcopy === true) return this.postcopy.finalDump(m, p, round, connection, progress);
+    const socketOptions = sockets(this.context, m, p);
+    m.criuLock = socketOptions.networkLock === 'nftables';
 
     let frozenAt = 0;
     const reachedHold = deferred<ReplyOf<'finalDump'>>();
     const answer = deferred<boolean>();
-    const hold = this.#hold(m, answer);
+    const hold = this.#hold(m, answer, peer);
     m.dump = migrations.track(
       m,
       criu
         .dump({
           ...this.#round(m, dir, p),
-          ...sockets(this.context, m, p),
+          ...socketOptions,
           // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
           trackMem: p.parent ? true : undefined,
           timeoutMs: 0, // the lease below bounds the hold; CRIU's own work is bounded by the controller
@@ -123,6 +129,10 @@ export class SourceRole {
               hooks.fault('source.frozen', { criuServicePid: criu.servicePid });
             }
             if (event.script !== 'post-dump') return true;
+            if (m.address !== undefined) {
+              await letGo(this.context, m.id, m.address);
+              progress(`address ${m.address.address.cidr} withdrawn`);
+            }
             const { sent, streamStarted } = await streamFinal(this.context, m, round, p.destinationUrl ?? '', progress);
             metrics.phaseSeconds.observe({ phase: 'dump' }, (streamStarted - frozenAt) / 1000);
             m.hold = hold;
@@ -153,6 +163,7 @@ export class SourceRole {
       return await reachedHold.promise;
     } catch (error) {
       // CRIU has already resumed the process (a failed or cancelled dump thaws it).
+      if (m.address !== undefined) await takeBack(this.context, m.id, m.address, peer);
       journal.advance(m.id, 'aborted', { action: 'the dump failed; the process resumed' });
       throw unchanged(new StepFailedError(error, { from: m.dir, to: await migrations.forget(m, true) }));
     }
@@ -164,7 +175,7 @@ export class SourceRole {
    * crash before CRIU hears it makes CRIU resume the process, which
    * recovery sees (the process exists) and records as aborted.
    */
-  #hold(m: SourceMigration, answer: { resolve(go: boolean): void }): Hold {
+  #hold(m: SourceMigration, answer: { resolve(go: boolean): void }, peer: string): Hold {
     const { hooks, journal, migrations, workloads } = this.context;
     return new Hold(
       { migrationId: m.id, role: 'source', signal: m.abort.signal },
@@ -178,12 +189,15 @@ export class SourceRole {
             await hooks.pause('source.before-commit-answer');
             answer.resolve(true);
             await m.dump;
+            await this.#dropCriuLock(m);
             journal.advance(m.id, 'committed');
             await hooks.pause('source.after-commit');
             if (m.workload !== undefined) workloads.forget(m.workload);
             log.info('committed: source process ended', { migration: m.id, pid: m.pid });
             return;
           }
+          // The address first: the process resumes with it.
+          if (m.address !== undefined) await takeBack(this.context, m.id, m.address, peer);
           answer.resolve(false); // CRIU thaws the process
           await m.dump?.catch(() => undefined);
           await migrations.forget(m, true);
@@ -192,6 +206,22 @@ export class SourceRole {
         },
       },
     );
+  }
+
+  /**
+   * CRIU's lock table stays after a commit: only a restore on this host
+   * would remove it, and the copy was restored elsewhere. Its rules drop
+   * packets of connections that now live on the destination.
+   */
+  async #dropCriuLock(m: SourceMigration): Promise<void> {
+    if (m.criuLock !== true) return;
+    const dir = join(m.dir, m.finalRound ?? 'final');
+    try {
+      const runId = await this.context.criu.dumpRunId(dir);
+      if (runId !== undefined) await this.context.addresses.dropCriuLock(runId);
+    } catch (error) {
+      log.warn('cannot remove CRIU’s network lock table', { migration: m.id, error: (error as Error).message });
+    }
   }
 
   /** Commit: the hold's "yes". After it the process never resumes here. */

@@ -8,9 +8,16 @@ export async function runWorkload(
   name: string,
   argv: readonly string[],
   softwareVersion: string,
-  placement: { labels?: Record<string, string>; pinned?: boolean } = {},
+  placement: { labels?: Record<string, string>; pinned?: boolean; address?: string; addressHook?: string } = {},
 ): Promise<WorkloadInfo> {
-  const params = { name, argv: [...argv], labels: { ...placement.labels }, pinned: placement.pinned === true };
+  const params = {
+    name,
+    argv: [...argv],
+    labels: { ...placement.labels },
+    pinned: placement.pinned === true,
+    address: placement.address ?? '',
+    addressHook: placement.addressHook ?? '',
+  };
   // The agent would refuse it as malformed and drop the connection; here it is the user's input.
   try {
     validateEnvelope({ id: 1, runWorkload: params });

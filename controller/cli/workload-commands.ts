@@ -1,4 +1,6 @@
 import type { Command } from 'commander';
+import { isAbsolute } from 'node:path';
+import { parseServiceAddress } from '../../src/address.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { WORKLOAD_NAME } from '../../src/wire/index.js';
 import { listWorkloads, runWorkload } from '../agents/index.js';
@@ -17,6 +19,11 @@ export function registerRun(program: Command, { version }: CliContext): void {
     .option('--name <NAME>', 'a name to migrate it by (default: the command name)')
     .option('--label <KEY=VALUE>', 'a label rebalancing can select on (--exclude); repeat', label)
     .option('--pin', 'never moved by rebalancing or drain (ferry migrate still can)')
+    .option(
+      '--address <IP/PREFIX>',
+      'a service address for the workload: added on this agent now, moved with the workload (IPv4)',
+    )
+    .option('--address-hook <PATH>', 'run at every move of the address (take / return; see docs/network.md)')
     .option('--json', 'print the workload as JSON')
     .addOption(insecureOption())
     .argument('<CMD...>', 'the command, after --')
@@ -26,7 +33,15 @@ export function registerRun(program: Command, { version }: CliContext): void {
 The command runs in its own PID namespace (so its PIDs never collide where it is restored),
 detached, in its own session, with its output in a log file on the agent.
 
-Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'`,
+With --address, the agent adds the address to the interface that routes to it and announces it,
+before the command starts; clients should connect to it. A migration withdraws it from the source
+once the process is frozen and adds it on the destination before the restore, so that connections
+to it survive the move; a rollback puts it back. Without it, a listener moves but answers at the
+destination's own address, and connections from clients elsewhere cannot move (docs/network.md).
+
+Examples:
+  ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'
+  ferry run --on a --name web --address 10.0.0.50/24 -- python3 -m http.server 8080`,
     )
     .action(
       async (
@@ -37,8 +52,17 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
           json?: boolean;
           label?: Record<string, string>;
           pin?: boolean;
+          address?: string;
+          addressHook?: string;
         } & ResolveOptions,
       ) => {
+        const address = opts.address === undefined ? undefined : parseServiceAddress(opts.address).cidr;
+        if (opts.addressHook !== undefined && address === undefined)
+          throw new InvalidInputError('--address-hook needs --address', { hint: 'add --address IP/PREFIX' });
+        if (opts.addressHook !== undefined && !isAbsolute(opts.addressHook))
+          throw new InvalidInputError(`--address-hook ${opts.addressHook} is not an absolute path`, {
+            hint: 'agents run it by path on every node the workload moves to',
+          });
         const name = opts.name ?? (cmd[0] ?? '').split('/').at(-1) ?? '';
         if (!WORKLOAD_NAME.test(name))
           throw new InvalidInputError(`bad workload name ${JSON.stringify(name)}`, {
@@ -47,9 +71,14 @@ Example: ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); 
         const w = await runWorkload(resolveAgent(opts.on, opts), name, cmd, version, {
           labels: opts.label,
           pinned: opts.pin,
+          address,
+          addressHook: opts.addressHook,
         });
         if (opts.json === true) json(w);
-        else process.stdout.write(`started ${w.name} on ${w.agent} as PID ${w.pid}; output: ${w.logFile}\n`);
+        else
+          process.stdout.write(
+            `started ${w.name} on ${w.agent} as PID ${w.pid}${w.address ? ` at ${w.address}` : ''}; output: ${w.logFile}\n`,
+          );
       },
     );
 }
@@ -68,9 +97,16 @@ export function registerPs(program: Command, { version }: CliContext): void {
         json(workloads);
         return;
       }
-      const rows = [['NAME', 'PID', 'STATE', 'AGENT', 'COMMAND']];
+      const rows = [['NAME', 'PID', 'STATE', 'AGENT', 'ADDRESS', 'COMMAND']];
       for (const w of workloads)
-        rows.push([w.name ?? '', String(w.pid ?? ''), w.state ?? '', w.agent ?? '', (w.argv ?? []).join(' ')]);
+        rows.push([
+          w.name ?? '',
+          String(w.pid ?? ''),
+          w.state ?? '',
+          w.agent ?? '',
+          w.address || '-',
+          (w.argv ?? []).join(' '),
+        ]);
       process.stdout.write(renderTable(rows) + '\n');
     });
 }

@@ -39,7 +39,11 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
     });
   }
   const pid = proc.pid ?? 0;
-  const destinationFacts = await destination.call('factsQuery', { pid, probePostcopy }, { timeoutMs: 120_000 });
+  const destinationFacts = await destination.call(
+    'factsQuery',
+    { pid, probePostcopy, address: proc.workloadAddress ?? '', addressHook: proc.workloadAddressHook ?? '' },
+    { timeoutMs: 120_000 },
+  );
   m.emit(
     'preflight',
     'controller',
@@ -47,6 +51,15 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
       `CRIU ${sourceFacts.criuVersion} → ${destinationFacts.criuVersion} on ${destinationName}`,
   );
   refuseIfUnfit(sourceFacts, destinationFacts, destinationName, m.options.tcpClose === true);
+  refuseIfAddressCannotMove(proc, destinationFacts, destinationName);
+  if (proc.workloadAddress)
+    m.emit(
+      'preflight',
+      'controller',
+      `address ${proc.workloadAddress} moves with ${proc.workload}: withdrawn from ${sourceName} once frozen, ` +
+        `added and announced on ${destinationName} before the restore` +
+        (proc.workloadAddressHook ? `, with the hook ${proc.workloadAddressHook}` : ''),
+    );
   for (const line of socketLines(proc.sockets ?? [], m.options.tcpClose === true))
     m.emit('preflight', 'controller', line);
   try {
@@ -85,6 +98,8 @@ export async function prepareDestination(m: MigrationContext, p: Preflight): Pro
           startedAtMs: proc.workloadStartedAtMs ?? 0,
           labels: proc.workloadLabels ?? {},
           pinned: proc.workloadPinned === true,
+          address: proc.workloadAddress ?? '',
+          addressHook: proc.workloadAddressHook ?? '',
         }
       : null,
   });
@@ -127,6 +142,25 @@ function refuseIfUnfit(source: Facts, destination: Facts, destinationName: strin
     throw new PreflightRefusedError(
       `PID ${proc?.pid} is taken on ${destinationName}, and the process is not in its own PID namespace, so it cannot keep its PID there`,
       { hint: 'start workloads with `ferry run`, which gives each its own PID namespace' },
+    );
+  }
+}
+
+/** The workload's address must be free on the destination, with an interface there that routes to it, and its hook runnable. */
+function refuseIfAddressCannotMove(proc: ProcessFacts, destination: Facts, destinationName: string): void {
+  if (!proc.workloadAddress) return;
+  if (destination.addressProblem) {
+    throw new PreflightRefusedError(
+      `the workload's address ${proc.workloadAddress} cannot move to ${destinationName}: ${destination.addressProblem}`,
+      {
+        hint: `remove it from ${destinationName} first (another host or workload has it), or pick a destination on the address's subnet`,
+      },
+    );
+  }
+  if (destination.addressHookProblem) {
+    throw new PreflightRefusedError(
+      `the address hook cannot run on ${destinationName}: ${destination.addressHookProblem}`,
+      { hint: `install the hook at the same path on ${destinationName}` },
     );
   }
 }

@@ -56,7 +56,7 @@ export type { LazyPagesDaemon, LazyPagesDaemonOptions, LazyPipeLimits } from './
 export { readLogExcerpt } from './log.js';
 export { CriuService } from './service.js';
 export type { CriuServiceEvent, CriuServiceOptions, CriuServiceState } from './service.js';
-export { decodeStats, readDumpStats, readRestoreStats } from './stats.js';
+export { decodeStats, readDumpRunId, readDumpStats, readRestoreStats } from './stats.js';
 export type { DumpStats, RestoreStats } from './stats.js';
 export { SeqpacketConnection, SeqpacketListener } from './transport.js';
 export type { Packet, PacketConnection } from './transport.js';

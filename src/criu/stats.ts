@@ -1,11 +1,16 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CriuProtocolError } from './errors.js';
+import protobuf from 'protobufjs/minimal.js';
 import { StatsEntry } from './rpc.js';
 
 /** CRIU's image magics: every image starts with the "IMG_SERVICE" magic, then the file's own. */
 const IMG_SERVICE_MAGIC = 0x55105940;
 const STATS_MAGIC = 0x57093306;
+/** The inventory has no common magic in front of its own. */
+const INVENTORY_MAGIC = 0x58313116;
+/** inventory_entry's dump_criu_run_id (images/inventory.proto). */
+const INVENTORY_RUN_ID_FIELD = 13;
 
 /** What CRIU measured during a dump or pre-dump (stats-dump). Times in microseconds. */
 export interface DumpStats {
@@ -78,6 +83,28 @@ export function decodeStats(bytes: Uint8Array, file = 'stats file'): InstanceTyp
   } catch (cause) {
     throw new CriuProtocolError(`${file} does not decode: ${(cause as Error).message}`, 'stats', { cause });
   }
+}
+
+/**
+ * The run id of the dump whose images these are (inventory.img's
+ * dump_criu_run_id). CRIU names its nftables lock table after it
+ * (`inet CRIU-<run id>`); undefined when the inventory has none.
+ */
+export async function readDumpRunId(imagesDir: string): Promise<string | undefined> {
+  const file = join(imagesDir, 'inventory.img');
+  const bytes = await readFile(file);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (bytes.length < 8 || view.getUint32(0, true) !== INVENTORY_MAGIC) {
+    throw new CriuProtocolError(`${file} is not a CRIU inventory image`, 'inventory');
+  }
+  const length = view.getUint32(4, true);
+  const reader = protobuf.Reader.create(bytes.subarray(8, Math.min(bytes.length, 8 + length)));
+  while (reader.pos < reader.len) {
+    const tag = reader.uint32();
+    if (tag >>> 3 === INVENTORY_RUN_ID_FIELD && (tag & 7) === 2) return reader.string();
+    reader.skipType(tag & 7);
+  }
+  return undefined;
 }
 
 async function readStatsFile(file: string): Promise<InstanceType<typeof StatsEntry>> {

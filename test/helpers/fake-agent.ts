@@ -13,6 +13,8 @@ import type { DumpOptions, NotifyEvent, RestoreOptions } from '../../src/criu/in
 import { AbortedError } from '../../src/errors.js';
 import { PeerGoneError } from '../../src/wire/index.js';
 import { NO_TEST_HOOKS, type PausePoint, type TestHooks } from '../../src/hooks.js';
+import type { ServiceAddress } from '../../src/address.js';
+import type { AddressPort } from '../../agent/address.js';
 import type { AgentContext } from '../../agent/context.js';
 import { DestinationRole } from '../../agent/destination/index.js';
 import { Journal } from '../../agent/journal.js';
@@ -84,6 +86,7 @@ export class FakeCriu implements CriuPort {
   featureCheck = () => Promise.resolve({ memTrack: true, lazyPages: true, pidfdStore: true } as never);
   cpuinfoDump = () => Promise.resolve();
   cpuinfoCheck = () => Promise.resolve();
+  dumpRunId = (): Promise<string | undefined> => Promise.resolve('00000000-fake-run');
   dumpStats = () =>
     Promise.resolve({
       pagesScanned: 0,
@@ -208,6 +211,54 @@ export class FakePeers implements Peers {
   }
 }
 
+/** A node's network as the address steps see it: a set of addresses, and a log of what was done. */
+export class FakeAddresses implements AddressPort {
+  readonly present = new Map<string, string>();
+  readonly blocked = new Set<string>();
+  readonly log: string[] = [];
+  hookFails = false;
+
+  holder(ip: string): Promise<string | undefined> {
+    return Promise.resolve(this.present.get(ip));
+  }
+  add(a: ServiceAddress, device = 'eth0'): Promise<string> {
+    this.present.set(a.ip, device);
+    this.log.push(`add ${a.cidr}`);
+    return Promise.resolve(device);
+  }
+  remove(a: ServiceAddress): Promise<void> {
+    this.present.delete(a.ip);
+    this.log.push(`remove ${a.cidr}`);
+    return Promise.resolve();
+  }
+  announce(a: ServiceAddress): void {
+    this.log.push(`announce ${a.ip}`);
+  }
+  block(id: string, a: ServiceAddress): Promise<void> {
+    this.blocked.add(id);
+    this.log.push(`block ${a.ip}`);
+    return Promise.resolve();
+  }
+  release(id: string): Promise<void> {
+    if (this.blocked.delete(id)) this.log.push('release');
+    return Promise.resolve();
+  }
+  dropCriuLock(runId: string): Promise<void> {
+    this.log.push(`drop CRIU-${runId}`);
+    return Promise.resolve();
+  }
+  problem(a: ServiceAddress): Promise<string> {
+    return Promise.resolve(this.present.has(a.ip) ? `${a.ip} is already on eth0 there` : '');
+  }
+  hookProblem(): string {
+    return '';
+  }
+  hook(_hook: string, action: 'take' | 'return'): Promise<void> {
+    this.log.push(`hook ${action}`);
+    return this.hookFails ? Promise.reject(new Error('the hook failed')) : Promise.resolve();
+  }
+}
+
 /** A controller connection: progress is dropped; close() ends it as a lost controller would. */
 export class FakeController {
   readonly certificate = undefined;
@@ -229,6 +280,7 @@ export interface FakeAgent {
   criu: FakeCriu;
   peers: FakePeers;
   processes: FakeProcesses;
+  addresses: FakeAddresses;
   journal: Journal;
   paused: PausePoint[];
   /** Each migration's final record, and whether its images were still there when it was written. */
@@ -246,6 +298,7 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
   const processes = new FakeProcesses();
   const criu = new FakeCriu(processes, () => journal);
   const peers = new FakePeers();
+  const addresses = new FakeAddresses();
   const paused: PausePoint[] = [];
   const hooks: TestHooks = {
     pause: async (point) => {
@@ -263,6 +316,7 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
     criu,
     peers,
     processes,
+    addresses,
     journal,
     workloads: new Workloads(dataDir, 'fake'),
     migrations: new Migrations<LocalMigration>(dataDir),
@@ -279,6 +333,7 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
     criu,
     peers,
     processes,
+    addresses,
     journal,
     paused,
     finals,
