@@ -6,6 +6,8 @@
  * gives it up if its copy is discarded. The journal records which interface
  * held it, so that recovery can do the same after a crash.
  */
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { parseServiceAddress, type ServiceAddress } from '../src/address.js';
 import { log } from '../src/log.js';
 import type { WorkloadSpec } from '../src/wire/index.js';
@@ -126,6 +128,26 @@ export async function giveUp(context: AgentContext, id: string, moving: MovingAd
         error: (error as Error).message,
       }),
     );
+}
+
+/**
+ * Source, after a commit: CRIU's lock table stays, since only a restore on
+ * this host would remove it and the copy was restored elsewhere. Its rules
+ * drop packets of connections that now live on the destination.
+ */
+export async function dropCriuLock(
+  context: AgentContext,
+  m: { id: string; pid: number; dir: string; finalRound?: string | undefined; criuLock?: boolean | undefined },
+): Promise<void> {
+  if (m.criuLock !== true) return;
+  // Not before the process is gone: its sockets close, and the table keeps that from reaching the peers.
+  for (let i = 0; i < 100 && context.processes.exists(m.pid); i++) await sleep(20);
+  try {
+    const runId = await context.criu.dumpRunId(join(m.dir, m.finalRound ?? 'final'));
+    if (runId !== undefined) await context.addresses.dropCriuLock(runId);
+  } catch (error) {
+    log.warn('cannot remove CRIU’s network lock table', { migration: m.id, error: (error as Error).message });
+  }
 }
 
 function hookEnv(moving: MovingAddress, id: string, node: string, peer: string) {

@@ -8,9 +8,10 @@ import { log } from '../../src/log.js';
 import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
+import { dropCriuLock, letGo, takeBack } from '../address-move.js';
 import { Hold, type Answer } from '../hold.js';
 import type { SourceMigration, SourcePostcopy } from './migration.js';
-import { sockets, type ControllerLink } from './source.js';
+import type { sockets, ControllerLink } from './source.js';
 import { streamFinal, type Progress } from './stream.js';
 
 /**
@@ -34,6 +35,7 @@ export class SourcePostcopyRole {
     round: string,
     connection: ControllerLink,
     progress: Progress,
+    socketOptions: ReturnType<typeof sockets>,
   ): Promise<ReplyOf<'finalDump'>> {
     const { criu, hooks, journal, metrics, migrations } = this.context;
     const dir = join(m.dir, round);
@@ -55,7 +57,7 @@ export class SourcePostcopyRole {
           imagesDir: dir,
           parentImg: p.parent ? `../${p.parent}` : undefined,
           trackMem: p.parent ? true : undefined,
-          ...sockets(this.context, m, p),
+          ...socketOptions,
           lazyPages: { port: 0, tls: pageTlsFor(this.context, p.plainPages) },
           leaveStopped: true,
           timeoutMs: 0,
@@ -68,6 +70,10 @@ export class SourcePostcopyRole {
               hooks.fault('source.frozen', { criuServicePid: criu.servicePid });
             }
             if (event.script === 'post-dump') {
+              if (m.address !== undefined) {
+                await letGo(this.context, m.id, m.address);
+                progress(`address ${m.address.address.cidr} withdrawn`);
+              }
               const streamed = await streamFinal(this.context, m, round, p.destinationUrl ?? '', progress);
               metrics.phaseSeconds.observe({ phase: 'dump' }, (streamed.streamStarted - frozenAt) / 1000);
               sent = streamed.sent;
@@ -134,6 +140,7 @@ export class SourcePostcopyRole {
         release: async (answer, why) => {
           if (answer === 'yes') {
             processes.signal(m.pid, 'SIGKILL');
+            await dropCriuLock(this.context, m);
             journal.advance(m.id, 'committed');
             if (m.workload !== undefined) workloads.forget(m.workload);
             log.info('post-copy done: every page arrived; source process ended', { migration: m.id, pid: m.pid });
@@ -141,6 +148,7 @@ export class SourcePostcopyRole {
             return;
           }
           await this.#stopServing(m, postcopy);
+          if (m.address !== undefined) await takeBack(this.context, m.id, m.address, postcopy.destinationUrl);
           processes.signal(m.pid, 'SIGCONT');
           await migrations.forget(m, true);
           journal.advance(m.id, 'aborted', { action: why });

@@ -14,7 +14,7 @@ import {
 } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
-import { letGo, movingAddress, takeBack } from '../address-move.js';
+import { dropCriuLock, letGo, movingAddress, takeBack } from '../address-move.js';
 import { Hold } from '../hold.js';
 import { isSource, type SourceMigration } from './migration.js';
 import { SourcePostcopyRole } from './postcopy.js';
@@ -102,9 +102,9 @@ export class SourceRole {
     const record = m.workload === undefined ? undefined : this.context.workloads.find(m.workload);
     m.address = movingAddress(record);
     const peer = p.destinationUrl ?? '';
-    if (p.postcopy === true) return this.postcopy.finalDump(m, p, round, connection, progress);
     const socketOptions = sockets(this.context, m, p);
     m.criuLock = socketOptions.networkLock === 'nftables';
+    if (p.postcopy === true) return this.postcopy.finalDump(m, p, round, connection, progress, socketOptions);
 
     let frozenAt = 0;
     const reachedHold = deferred<ReplyOf<'finalDump'>>();
@@ -189,7 +189,7 @@ export class SourceRole {
             await hooks.pause('source.before-commit-answer');
             answer.resolve(true);
             await m.dump;
-            await this.#dropCriuLock(m);
+            await dropCriuLock(this.context, m);
             journal.advance(m.id, 'committed');
             await hooks.pause('source.after-commit');
             if (m.workload !== undefined) workloads.forget(m.workload);
@@ -206,22 +206,6 @@ export class SourceRole {
         },
       },
     );
-  }
-
-  /**
-   * CRIU's lock table stays after a commit: only a restore on this host
-   * would remove it, and the copy was restored elsewhere. Its rules drop
-   * packets of connections that now live on the destination.
-   */
-  async #dropCriuLock(m: SourceMigration): Promise<void> {
-    if (m.criuLock !== true) return;
-    const dir = join(m.dir, m.finalRound ?? 'final');
-    try {
-      const runId = await this.context.criu.dumpRunId(dir);
-      if (runId !== undefined) await this.context.addresses.dropCriuLock(runId);
-    } catch (error) {
-      log.warn('cannot remove CRIU’s network lock table', { migration: m.id, error: (error as Error).message });
-    }
   }
 
   /** Commit: the hold's "yes". After it the process never resumes here. */

@@ -46,8 +46,10 @@ export class FakeProcesses implements Processes {
   tracer(): number {
     return 0;
   }
+  /** Established TCP connections every process holds (CRIU's network lock is asked for when any). */
+  connections = 0;
   establishedTcp(): number {
-    return 0;
+    return this.connections;
   }
   signal(pid: number, signal: NodeJS.Signals): void {
     this.signals.push({ pid, signal });
