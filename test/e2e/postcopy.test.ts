@@ -26,6 +26,7 @@ const PIPE_MAX_SIZE = '/proc/sys/fs/pipe-max-size';
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;
+let c: LabHost;
 let original: string;
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-postcopy-'));
 const ferry = (...args: string[]): Promise<CliResult> => runFerry(args, { FERRY_LAB: LAB });
@@ -33,8 +34,9 @@ const ferry = (...args: string[]): Promise<CliResult> => runFerry(args, { FERRY_
 beforeAll(async () => {
   requireRoot();
   original = readFileSync(PIPE_MAX_SIZE, 'utf8').trim();
-  lab = await labUp({ name: LAB });
-  [a, b] = lab.hosts as [LabHost, LabHost];
+  // c holds a client connection to a workload's service address.
+  lab = await labUp({ name: LAB, hosts: 3 });
+  [a, b, c] = lab.hosts as [LabHost, LabHost, LabHost];
 }, 120_000);
 
 afterAll(async () => {
@@ -80,6 +82,62 @@ describe('post-copy', () => {
     expect(await names(a)).toContain('refused');
     expect(await names(b)).not.toContain('refused');
     expect(corrupt(state)).toBe(false);
+  }, 120_000);
+
+  it('moves a service with an established connection from another host: the client goes on, nothing lost', async () => {
+    writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
+    const ip = `${a.address.replace(/\.\d+$/, '')}.60`;
+    const started = await ferry(
+      'run',
+      '--on',
+      'a',
+      '--name',
+      'pc-echo',
+      '--address',
+      `${ip}/24`,
+      '--',
+      'python3',
+      join(projectRoot(), 'examples', 'echo.py'),
+      '--port',
+      '9000',
+    );
+    expect(started.code, started.stderr).toBe(0);
+    const out = join(scratch, 'pc-echo.json');
+    const client = spawn(
+      'ip',
+      [
+        'netns',
+        'exec',
+        c.netns,
+        'python3',
+        join(projectRoot(), 'test', 'helpers', 'clients', 'echo_client.py'),
+        ip,
+        '9000',
+        out,
+      ],
+      { stdio: 'ignore' },
+    );
+    const echoed = (): number => (existsSync(`${out}.count`) ? Number(readFileSync(`${out}.count`, 'utf8') || 0) : 0);
+    try {
+      await waitFor(() => echoed() > 20, { what: 'the client to echo', timeoutMs: 15_000 });
+      const result = await ferry('migrate', 'pc-echo', '--from', 'a', '--to', 'b', '--strategy', 'postcopy', '--json');
+      expect(result.code, result.stderr).toBe(0);
+      expect(result.stderr).toMatch(/tcp-established .*:9000 ↔ .*: moves/);
+      const after = echoed();
+      await waitFor(() => echoed() > after + 20, { what: 'echoes from b', timeoutMs: 15_000 });
+    } finally {
+      client.kill('SIGTERM');
+    }
+    await waitFor(() => existsSync(out), { what: 'the client to write its result', timeoutMs: 10_000 });
+    const summary = JSON.parse(readFileSync(out, 'utf8')) as { errors: string[]; echoed: number; max_gap_ms: number };
+    console.log(`post-copy with a connection: ${summary.echoed} echoes, longest gap ${summary.max_gap_ms} ms`);
+    expect(summary.errors).toEqual([]);
+    expect(await names(b)).toContain('pc-echo');
+    // Once every page arrived, the source removes CRIU's lock table.
+    const nft = join(projectRoot(), '.criu', 'bin', 'nft');
+    const tables = (): string =>
+      spawnSync('ip', ['netns', 'exec', a.netns, nft, 'list', 'tables'], { encoding: 'utf8' }).stdout.trim();
+    await waitFor(() => tables() === '', { what: 'CRIU’s lock table to go from a', timeoutMs: 10_000 });
   }, 120_000);
 
   it('moves 256 MiB and 1 GiB with a downtime that does not grow with the memory, every page intact', async () => {
