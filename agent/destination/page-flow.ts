@@ -30,9 +30,9 @@ export function pageBytes(dir: string): number {
  * Tells the controller, twice a second, how many page bytes have arrived
  * in a round's directory and at what rate, while its page server runs: a
  * dump can take seconds with nothing else to say (a 1 GiB stop-and-copy
- * printed "freezing and dumping" and then nothing for 7 s). Ends when the
- * page server has ended (it serves one dump) or `stop` is aborted, with one
- * last count.
+ * printed "freezing and dumping" and then nothing for 7 s). Ends, without
+ * another word, when the page server has ended (it serves one dump: the
+ * round's own report has its total) or `stop` is aborted.
  */
 export function watchPageFlow(options: {
   dir: string;
@@ -58,10 +58,12 @@ export function watchPageFlow(options: {
     });
   };
   const timer = setInterval(() => {
-    // Alive asked before counting: the count after it ended is the whole round.
-    const alive = options.serverAlive();
+    // A count after the round ended would come after the steps that followed it (a restore, a commit).
+    if (!options.serverAlive() || options.stop.aborted) {
+      clearInterval(timer);
+      return;
+    }
     tell();
-    if (!alive || options.stop.aborted) clearInterval(timer);
   }, PAGE_FLOW_INTERVAL_MS);
   timer.unref();
   options.stop.addEventListener('abort', () => clearInterval(timer), { once: true });
