@@ -48,13 +48,15 @@ export function registerLab(program: Command, _context: CliContext): void {
     });
 }
 
-/** `ferry demo`: a live migration between two lab hosts, narrated. */
+/** `ferry demo`: a live migration between lab hosts with a client connected, narrated. */
 export function registerDemo(program: Command, { version, interrupt }: CliContext): void {
   program
     .command('demo')
-    .description('Bring up the lab, start a counting workload on host a, migrate it live to b, show it counting on')
+    .description(
+      'Bring up the lab, start an HTTP server on host a with a client on c asking it, migrate it live to b, show the client served on',
+    )
     .option('--keep', 'leave the lab and the workload running at the end')
-    .option('--json', 'print the migration report as JSON on stdout')
+    .option('--json', 'print the migration report, with what the client saw, as JSON on stdout')
     .addHelpText('after', '\nNeeds root. Tears down what it created unless --keep.')
     .action(async (opts: { keep?: boolean; json?: boolean }) => {
       const report = await runDemo({

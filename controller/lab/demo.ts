@@ -1,7 +1,7 @@
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { InvalidInputError } from '../../src/errors.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
 import { runWorkload } from '../agents/index.js';
@@ -20,37 +20,58 @@ export interface DemoOptions {
 }
 
 const DEMO_LAB = 'ferrydemo';
+/** How often the demo's client asks, in seconds. */
+const POLL_INTERVAL = 0.05;
+
+/** What the demo's client saw, from its own count. */
+export interface DemoClient {
+  asked: number;
+  answered: number;
+  errors: number;
+  /** The longest it waited for one answer. */
+  longestMs: number;
+}
+
+export interface DemoResult extends MigrationReport {
+  client: DemoClient;
+}
 
 /**
- * The main job, end to end: two lab hosts, a counting workload on a, a live
- * migration to b, and the count going on there in b's network namespace.
+ * The main job, end to end: three lab hosts; a small HTTP server on a,
+ * with a service address of its own; a client on c asking it every 50 ms
+ * over one keep-alive connection; a live migration of the server to b;
+ * and the client's own account: every answer, no error, the longest wait
+ * next to the downtime.
  */
-export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
+export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   const { say } = options;
-  const workload = join(projectRoot(), 'dist', 'examples', 'counter');
-  if (!existsSync(workload)) throw new InvalidInputError(`${workload} is not built`, { hint: 'run `npm run build`' });
-  say('Ferry demo: a live migration between two lab hosts on this machine.\n');
-  const lab = await labUp({ name: DEMO_LAB });
-  const [a, b] = lab.hosts;
-  if (a === undefined || b === undefined) throw new Error('the lab has fewer than two hosts');
+  const server = join(projectRoot(), 'examples', 'web.py');
+  const poller = join(projectRoot(), 'examples', 'poll.py');
+  say('Ferry demo: a live migration of an HTTP server between lab hosts on this machine, a client connected.\n');
+  const lab = await labUp({ name: DEMO_LAB, hosts: 3 });
+  const [a, b, c] = lab.hosts;
+  if (a === undefined || b === undefined || c === undefined) throw new Error('the lab has fewer than three hosts');
   let keep = false;
+  let client: Poller | undefined;
   try {
     for (const h of lab.hosts) say(`host ${h.host}: agent at ${h.url} (network namespace ${h.netns})`);
-    const stateFile = join(a.dataDir, 'counter.state');
-    // 64 MiB of memory, 4 MiB of it rewritten every tick; a line every second.
+    const ip = `${a.address.replace(/\.\d+$/, '')}.80`;
     const started = await runWorkload(
       hostEndpoint(a),
-      'counter',
-      [workload, stateFile, '100', '64', '4', '10'],
+      'web',
+      ['python3', server, '--port', '8080', '--memory-mb', '8'],
       options.softwareVersion,
+      { address: `${ip}/24` },
     );
-    const logFile = started.logFile ?? '';
-    say(`\nstarted workload "counter" on a as PID ${started.pid}; its output:`);
-    const shown = await follow(logFile, 0, 3, 'a', say, options.signal);
+    say(`\nstarted workload "web" (examples/web.py) on a as PID ${started.pid}, at its own address ${ip}`);
+    const url = `http://${ip}:8080/`;
+    say(`a client on host c asks ${url} every ${POLL_INTERVAL * 1000} ms, on one connection:`);
+    client = startPoller(c.netns, poller, url);
+    await client.lines(3, (line) => say(`  c │ ${line}`), options.signal);
 
-    say('\nmigrating it to b while it runs:');
+    say('\nmigrating the server to b while the client keeps asking:');
     const report = await migrate({
-      workload: 'counter',
+      workload: 'web',
       from: hostEndpoint(a),
       to: hostEndpoint(b),
       softwareVersion: options.softwareVersion,
@@ -60,18 +81,25 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
     say(options.render.report(report));
 
     const pid = report.to.pid;
-    const inB = inNetns(pid, b.netns);
-    say(`\nits output now, from PID ${pid}${inB ? ` in host b's network namespace` : ''}:`);
-    await follow(logFile, shown, 3, 'b', say, options.signal);
+    say(`\nthe client now, answered by PID ${pid}${inNetns(pid, b.netns) ? ` in host b's network namespace` : ''}:`);
+    client.skip();
+    await client.lines(3, (line) => say(`  c │ ${line}`), options.signal);
+    const seen = await client.stop();
+    say(
+      `\nThe client asked ${seen.asked} times: ${seen.answered} answered, ${seen.errors} error${seen.errors === 1 ? '' : 's'}; ` +
+        `its longest wait was ${seen.longestMs} ms (downtime ${report.downtimeMs} ms). ` +
+        `The count went on: the same process answers, with its memory.`,
+    );
     say(
       existsSync(`/proc/${report.from.pid}`)
-        ? `\nPID ${report.from.pid} still exists on a: this should not happen`
-        : `\nNothing of it runs on a any more; it counted on without starting over.`,
+        ? `PID ${report.from.pid} still exists on a: this should not happen`
+        : `Nothing of it runs on a any more, and ${ip} is on b now.`,
     );
     keep = options.keep === true;
     if (keep) say(`The lab stays up (\`ferry lab down --name ${DEMO_LAB}\` removes it).`);
-    return report;
+    return { ...report, client: seen };
   } finally {
+    await client?.stop();
     if (!keep) {
       await labDown(DEMO_LAB);
       say('lab removed.');
@@ -79,31 +107,55 @@ export async function runDemo(options: DemoOptions): Promise<MigrationReport> {
   }
 }
 
-/** Prints new lines of a log file as they come, `count` of them; returns the offset reached. */
-async function follow(
-  file: string,
-  from: number,
-  count: number,
-  host: string,
-  say: (line: string) => void,
-  signal?: AbortSignal,
-): Promise<number> {
-  let offset = from;
-  let printed = 0;
-  const deadline = Date.now() + 10_000;
-  while (printed < count && Date.now() < deadline) {
-    if (existsSync(file) && statSync(file).size > offset) {
-      const text = readFileSync(file).subarray(offset).toString('utf8');
-      const end = text.lastIndexOf('\n');
-      if (end >= 0) {
-        for (const line of text.slice(0, end).split('\n')) {
-          if (printed < count) say(`  ${host} │ ${line}`);
-          printed += 1;
-        }
-        offset += Buffer.byteLength(text.slice(0, end + 1));
-      }
+interface Poller {
+  /** Hands on the next `count` answer lines. */
+  lines(count: number, each: (line: string) => void, signal?: AbortSignal): Promise<void>;
+  /** Forgets the lines seen so far. */
+  skip(): void;
+  /** Stops the client; resolves with its own summary. */
+  stop(): Promise<DemoClient>;
+}
+
+/** examples/poll.py in a lab host's network namespace, its lines kept as they come. */
+function startPoller(netns: string, script: string, url: string): Poller {
+  const child = spawn('ip', ['netns', 'exec', netns, 'python3', script, url, String(POLL_INTERVAL)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const pending: string[] = [];
+  let summary: DemoClient | undefined;
+  let rest = '';
+  child.stdout.on('data', (chunk: Buffer) => {
+    rest += chunk.toString();
+    const lines = rest.split('\n');
+    rest = lines.pop() ?? '';
+    for (const line of lines) {
+      const [kind, a1, a2, a3, a4] = line.split(' ');
+      if (kind === 'summary') {
+        summary = { asked: Number(a1), answered: Number(a2), errors: Number(a3), longestMs: Number(a4) };
+      } else if (kind === 'ok') pending.push(`${line.slice(kind.length + a1!.length + 2)} (${a1} ms)`);
+      else pending.push(line);
     }
-    await sleep(100, undefined, { signal });
-  }
-  return offset;
+  });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  return {
+    async lines(count, each, signal) {
+      const deadline = Date.now() + 10_000;
+      for (let shown = 0; shown < count && Date.now() < deadline;) {
+        const line = pending.shift();
+        if (line === undefined) await sleep(20, undefined, { signal });
+        else {
+          each(line);
+          shown += 1;
+        }
+      }
+    },
+    skip() {
+      pending.length = 0;
+    },
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      await exited;
+      return summary ?? { asked: 0, answered: 0, errors: 0, longestMs: 0 };
+    },
+  };
 }

@@ -2,7 +2,7 @@
  * The lab: hosts on this machine (a network namespace each, one bridge)
  * with an agent on each, and the demo that migrates a workload between two.
  */
-export { runDemo, type DemoOptions } from './demo.js';
+export { runDemo, type DemoClient, type DemoOptions, type DemoResult } from './demo.js';
 export {
   DEFAULT_LAB,
   hostEndpoint,
