@@ -104,7 +104,7 @@ export async function take(context: AgentContext, id: string, moving: MovingAddr
   }
 }
 
-/** Destination, once its copy runs: the address's packets reach the restored sockets. */
+/** Destination, once its copy is restored (held, not yet running): the address's packets reach the restored sockets. */
 export async function openAddress(context: AgentContext, id: string): Promise<void> {
   await context.addresses.release(id);
 }

@@ -28,6 +28,8 @@ lock = threading.Lock()
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+    # As servers built for load do: no Nagle wait for the ACK of the headers before the body.
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         global served

@@ -12,7 +12,9 @@
  * BENCH_RATES ("low,high"), BENCH_RUNS (3), BENCH_KERNEL_LAB (1; 0 skips the
  * pre-copy part), BENCH_KL_SIZES ("64,256"), BENCH_KL_RUNS (1),
  * BENCH_POSTCOPY (1; 0 skips the post-copy rows, which also need a machine
- * where post-copy works: docs/postcopy.md), BENCH_OUT (bench-results).
+ * where post-copy works: docs/postcopy.md), BENCH_SERVICE (1; 0 skips the
+ * service rows, scripts/bench-service.ts, which take their own
+ * BENCH_SERVICE_SIZES and BENCH_SERVICE_RUNS), BENCH_OUT (bench-results).
  */
 import { execFile, spawn } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -24,6 +26,7 @@ import { migrate } from '../controller/migration/index.js';
 import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';
+import { serviceBench } from './bench-service.js';
 import {
   cells,
   csv,
@@ -363,6 +366,7 @@ async function main(): Promise<void> {
   } finally {
     await labDown(LAB);
   }
+  const service = process.env.BENCH_SERVICE === '0' ? undefined : await serviceBench();
   if (process.env.BENCH_KERNEL_LAB !== '0') samples.push(...(await kernelLab()));
 
   if (failures.length > 0)
@@ -390,6 +394,8 @@ async function main(): Promise<void> {
         `Ferry ${((fd / bd - 1) * 100).toFixed(0)} % ${fd >= bd ? 'over' : 'under'}\n`,
     );
   }
+
+  if (service !== undefined) process.stdout.write(`\n${service}\n`);
 
   const out = resolve(process.env.BENCH_OUT ?? join(projectRoot(), 'bench-results'));
   mkdirSync(out, { recursive: true });

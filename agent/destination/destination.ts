@@ -189,6 +189,11 @@ export class DestinationRole {
             if (hold.answer !== undefined) return false; // rolled back while CRIU restored
             m.restoredPid = event.pid;
             journal.advance(m.id, 'restored', { pid: event.pid, pidStart: processes.startTime(event.pid ?? 0) });
+            // The sockets exist now, still in repair mode: the address's packets may reach them. CRIU
+            // unlocks its own network lock at the same point, before it turns repair off, so that the
+            // peers can answer the window probe repair-off sends (held back, a response waiting for
+            // its peer's ACK waited for the 1 s first retransmission instead).
+            if (m.address !== undefined) await openAddress(this.context, m.id);
             await hooks.pause('destination.after-restore-held');
             this.#lease(m);
             reachedHold.resolve(event.pid ?? 0);
@@ -265,8 +270,6 @@ export class DestinationRole {
             await hooks.pause('destination.before-resume-answer');
             m.answer.resolve(true);
             await m.restore;
-            // The copy runs: the address's packets may reach its sockets now.
-            if (m.address !== undefined) await openAddress(this.context, m.id);
             const pid = m.restoredPid ?? 0;
             if (m.workload !== undefined) workloads.adopt(m.workload, pid);
             if (m.postcopy !== undefined) {
