@@ -23,6 +23,7 @@ def on_term(*_):
 
 
 signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGINT, on_term)
 conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
 asked = answered = errors = 0
 longest = 0.0

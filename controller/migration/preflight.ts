@@ -247,8 +247,10 @@ function refuseUnmovableSockets(proc: ProcessFacts | null | undefined, tcpClose:
         .join('\n'),
     {
       hint: closable
-        ? 'add --tcp-close to close those connections (their clients see a reset), or let them end first'
-        : 'close those sockets in the process, or run it so that it listens on a wildcard address and its unix peers move with it',
+        ? 'add --tcp-close to close those connections (their clients see a reset), or let them end first; ' +
+          'connections to an address of the workload’s own move (`ferry run --address`, docs/network.md)'
+        : 'close those sockets in the process, or run it with an address of its own (`ferry run --address`) ' +
+          'or on a wildcard address, with its unix peers in its tree',
     },
   );
 }
