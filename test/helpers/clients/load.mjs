@@ -3,6 +3,7 @@
 // longest a request waited (the longest gap a client saw).
 //
 //   node load.mjs URL SECONDS CONNECTIONS
+import process from 'node:process';
 import autocannon from 'autocannon';
 
 const [url, seconds = '10', connections = '8'] = process.argv.slice(2);
