@@ -30,9 +30,9 @@ export function pageBytes(dir: string): number {
  * Tells the controller, twice a second, how many page bytes have arrived
  * in a round's directory and at what rate, while its page server runs: a
  * dump can take seconds with nothing else to say (a 1 GiB stop-and-copy
- * printed "freezing and dumping" and then nothing for 7 s). Ends, without
- * another word, when the page server has ended (it serves one dump: the
- * round's own report has its total) or `stop` is aborted.
+ * printed "freezing and dumping" and then nothing for 7 s). Ends when the
+ * page server has ended (it serves one dump), with one last count if any
+ * was told, or when `stop` is aborted.
  */
 export function watchPageFlow(options: {
   dir: string;
@@ -58,12 +58,11 @@ export function watchPageFlow(options: {
     });
   };
   const timer = setInterval(() => {
-    // A count after the round ended would come after the steps that followed it (a restore, a commit).
-    if (!options.serverAlive() || options.stop.aborted) {
-      clearInterval(timer);
-      return;
-    }
-    tell();
+    const alive = options.serverAlive();
+    // The last count after the round ended completes a bar already shown; with none shown (a round
+    // shorter than the interval) it would only come after the steps that followed (restore, commit).
+    if (alive || told > 0) tell();
+    if (!alive || options.stop.aborted) clearInterval(timer);
   }, PAGE_FLOW_INTERVAL_MS);
   timer.unref();
   options.stop.addEventListener('abort', () => clearInterval(timer), { once: true });
