@@ -4,6 +4,7 @@ import type { Journal } from './journal.js';
 import type { AgentMetrics } from './metrics.js';
 import type { LocalMigration, Migrations } from './migrations.js';
 import type { AddressPort } from './address.js';
+import type { PageLinks } from './page-stream.js';
 import type { CriuPort, Peers, Processes } from './ports.js';
 import type { LearnedRates } from './rates.js';
 import type { Workloads } from './workloads.js';
@@ -23,6 +24,8 @@ export interface AgentContext {
   readonly criu: CriuPort;
   readonly peers: Peers;
   readonly processes: Processes;
+  /** Page connections to and from other agents (agent/page-stream.ts). */
+  readonly pages: PageLinks;
   /** This node's network, for a workload's service address. */
   readonly addresses: AddressPort;
   readonly journal: Journal;

@@ -20,6 +20,7 @@ import { AgentMetrics, type MetricsServer } from './metrics.js';
 import { Migrations, type LocalMigration } from './migrations.js';
 import { NodeFacts } from './node.js';
 import { realAddresses } from './address.js';
+import { realPageLinks } from './page-stream.js';
 import { criuPort, networkLock, realPeers, realProcesses } from './ports.js';
 import { LearnedRates } from './rates.js';
 import { Recovery } from './recovery.js';
@@ -101,6 +102,7 @@ export class Agent {
       peers: realPeers({ name: options.name, softwareVersion: options.softwareVersion, tls }),
       processes: realProcesses,
       addresses: realAddresses(service.binary.path),
+      pages: realPageLinks,
       journal: this.journal,
       workloads: this.workloads,
       migrations: this.#migrations,

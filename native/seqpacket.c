@@ -7,13 +7,19 @@
  * accept, for fake services in tests), send one packet, receive one packet
  * of whatever size with any file descriptors attached (SCM_RIGHTS), and a
  * readiness watcher on the libuv loop so that nothing ever blocks Node's
- * main thread. Everything else (framing, timeouts, errors) lives in
+ * main thread; and for CRIU's swrk workers, socket pairs, a way to make a
+ * descriptor blocking before it is handed over, and a splice relay between
+ * two descriptors in a thread of its own. Everything else (framing, timeouts, errors) lives in
  * TypeScript.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <node_api.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -125,6 +131,166 @@ static napi_value js_accept(napi_env env, napi_callback_info info) {
   }
   napi_create_int32(env, conn, &result);
   return result;
+}
+
+/*
+ * socketpair(stream: boolean): [number, number]. A connected pair of Unix
+ * sockets, SOCK_SEQPACKET (for CRIU's swrk RPC) or SOCK_STREAM (the page
+ * stream CRIU reads or writes as ps.fd), both close-on-exec: the end given
+ * to a child is placed by spawn, which clears the flag there. The first
+ * end is made non-blocking (the one this process keeps); the second stays
+ * blocking, as CRIU expects of its descriptors.
+ */
+static napi_value js_socketpair(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result, value;
+  bool stream = false;
+  int fds[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc > 0) napi_get_value_bool(env, argv[0], &stream);
+  if (socketpair(AF_UNIX, (stream ? SOCK_STREAM : SOCK_SEQPACKET) | SOCK_CLOEXEC, 0, fds) < 0)
+    return throw_errno(env, "socketpair", errno);
+  if (fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK) < 0) {
+    int err = errno;
+    close(fds[0]);
+    close(fds[1]);
+    return throw_errno(env, "fcntl", err);
+  }
+  napi_create_array_with_length(env, 2, &result);
+  for (uint32_t i = 0; i < 2; i++) {
+    napi_create_int32(env, fds[i], &value);
+    napi_set_element(env, result, i, value);
+  }
+  return result;
+}
+
+/*
+ * blocking(fd: number): void. Clears O_NONBLOCK on a descriptor about to be
+ * handed to CRIU, which reads and writes its sockets blocking (libuv made
+ * it non-blocking, and the flag belongs to the open file, which the child
+ * shares).
+ */
+static napi_value js_blocking(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || !get_fd(env, argv[0], &fd)) return throw_type(env, "blocking(fd): fd must be a number");
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) return throw_errno(env, "fcntl", errno);
+  return NULL;
+}
+
+/*
+ * relay(from: number, to: number, callback: (error: Error | null, bytes: number) => void): void
+ *
+ * Moves bytes from one descriptor to another with splice(2) through a pipe,
+ * in a thread of its own, until end of file on `from`; then shuts down
+ * writing on `to` and calls back with the bytes moved. Both descriptors must
+ * be blocking and stay open until the callback (the caller closes them).
+ * The source agent joins CRIU's end of a page stream (a Unix socket, which
+ * takes no TCP_CORK) to its TCP connection this way: the kernel moves the
+ * pages, nothing is copied through JavaScript. No SPLICE_F_MORE on the
+ * write: it would hold a short last command back like a cork.
+ */
+typedef struct {
+  int from, to;
+  int64_t bytes;
+  int err;
+  napi_threadsafe_function done;
+} relay_t;
+
+static void relay_call_js(napi_env env, napi_value callback, void *context, void *data) {
+  (void)context;
+  relay_t *r = (relay_t *)data;
+  if (env != NULL && callback != NULL) {
+    napi_value argv[2], undefined;
+    if (r->err != 0) {
+      char msg[160];
+      napi_value code, message;
+      snprintf(msg, sizeof(msg), "splice: %s", strerror(r->err));
+      napi_create_string_utf8(env, uv_err_name(uv_translate_sys_error(r->err)), NAPI_AUTO_LENGTH, &code);
+      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+      napi_create_error(env, code, message, &argv[0]);
+    } else {
+      napi_get_null(env, &argv[0]);
+    }
+    napi_create_double(env, (double)r->bytes, &argv[1]);
+    napi_get_undefined(env, &undefined);
+    napi_call_function(env, undefined, callback, 2, argv, NULL);
+  }
+  free(r);
+}
+
+static void *relay_thread(void *arg) {
+  relay_t *r = (relay_t *)arg;
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) < 0) {
+    r->err = errno;
+  } else {
+    fcntl(p[1], F_SETPIPE_SZ, 1 << 20);
+    for (;;) {
+      ssize_t n = splice(r->from, NULL, p[1], NULL, 1 << 20, SPLICE_F_MOVE);
+      if (n == 0) break;
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        r->err = errno;
+        break;
+      }
+      while (n > 0) {
+        ssize_t m = splice(p[0], NULL, r->to, NULL, (size_t)n, SPLICE_F_MOVE);
+        if (m < 0) {
+          if (errno == EINTR) continue;
+          r->err = errno;
+          break;
+        }
+        n -= m;
+        r->bytes += m;
+      }
+      if (r->err != 0) break;
+    }
+    close(p[0]);
+    close(p[1]);
+    shutdown(r->to, SHUT_WR);
+  }
+  napi_threadsafe_function done = r->done;
+  napi_call_threadsafe_function(done, r, napi_tsfn_blocking);
+  napi_release_threadsafe_function(done, napi_tsfn_release);
+  return NULL;
+}
+
+static napi_value js_relay(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], name;
+  int from, to;
+  napi_valuetype type;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 3 || !get_fd(env, argv[0], &from) || !get_fd(env, argv[1], &to))
+    return throw_type(env, "relay(from, to, callback): from and to must be descriptors");
+  napi_typeof(env, argv[2], &type);
+  if (type != napi_function) return throw_type(env, "relay(from, to, callback): callback must be a function");
+  relay_t *r = calloc(1, sizeof(*r));
+  if (r == NULL) return throw_errno(env, "calloc", ENOMEM);
+  r->from = from;
+  r->to = to;
+  napi_create_string_utf8(env, "ferry-page-relay", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, NULL, NULL, NULL, relay_call_js, &r->done) !=
+      napi_ok) {
+    free(r);
+    return throw_errno(env, "napi_create_threadsafe_function", EINVAL);
+  }
+  pthread_t thread;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int err = pthread_create(&thread, &attr, relay_thread, r);
+  pthread_attr_destroy(&attr);
+  if (err != 0) {
+    napi_release_threadsafe_function(r->done, napi_tsfn_abort);
+    free(r);
+    return throw_errno(env, "pthread_create", err);
+  }
+  return NULL;
 }
 
 /* send(fd: number, packet: Uint8Array): void. One call, one packet. */
@@ -364,6 +530,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"connect", NULL, js_connect, NULL, NULL, NULL, napi_enumerable, NULL},
       {"listen", NULL, js_listen, NULL, NULL, NULL, napi_enumerable, NULL},
       {"accept", NULL, js_accept, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"socketpair", NULL, js_socketpair, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"blocking", NULL, js_blocking, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"relay", NULL, js_relay, NULL, NULL, NULL, napi_enumerable, NULL},
       {"send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL},
       {"recv", NULL, js_recv, NULL, NULL, NULL, napi_enumerable, NULL},
       {"close", NULL, js_close, NULL, NULL, NULL, napi_enumerable, NULL},

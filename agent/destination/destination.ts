@@ -4,12 +4,12 @@ import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import { deferred } from '../../src/deferred.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { log } from '../../src/log.js';
-import { tcpListener } from '../../src/proc.js';
 import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf, type WireConnection } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
 import { giveUp, movingAddress, openAddress, take } from '../address-move.js';
 import { Hold } from '../hold.js';
+import type { PassedFd } from '../../src/criu/index.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
 import { isDestination, type DestinationMigration } from './migration.js';
@@ -62,13 +62,17 @@ export class DestinationRole {
       address: movingAddress(p.workload ?? undefined),
       receivers: new Map(),
       pageServers: [],
+      pageStreams: [],
       sourceUrl: p.sourceUrl ?? '',
       holdMs: p.holdMs || DEFAULT_HOLD_MS,
       abort: new AbortController(),
       work: new Set(),
       answer: deferred<boolean>(),
     };
-    m.onForget = () => this.#endPageServers(m);
+    m.onForget = () => {
+      this.#endPageServers(m);
+      for (const stream of m.pageStreams) stream.close();
+    };
     m.hold = this.#hold(m);
     migrations.add(m);
     journal.begin({
@@ -86,27 +90,55 @@ export class DestinationRole {
     return {};
   }
 
+  /**
+   * A round's page server. The reply names this agent's page port at once;
+   * CRIU's page server starts when the source's connection arrives (before
+   * the source's CRIU starts, so that the start is not inside a freeze),
+   * reading the plain connection itself or the pair behind this agent's TLS.
+   */
   async pageServer(p: BodyOf<'pageServerStart'>, sender: Sender): Promise<ReplyOf<'pageServerStart'>> {
-    const { criu, hooks, migrations, processes } = this.context;
+    const { hooks } = this.context;
     const m = this.#migration(p.migrationId ?? '');
     hooks.fault('destination.page-server', { imagesRoot: this.context.imagesRoot });
     const dir = join(m.dir, p.round ?? '');
     mkdirSync(dir, { mode: 0o700 });
-    const { port, pid } = await migrations.track(
+    const listener = await this.context.pages.listen(
+      this.context.advertise,
+      pageTlsFor(this.context, p.plainPages),
+      URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '',
+    );
+    m.pageStreams.push(listener);
+    const started = listener.connection.then((socket) => this.#startPageServer(m, p, dir, socket, sender));
+    // A page server that does not start fails the source's dump (its connection ends): that is the error it sees.
+    started.catch((error: unknown) => {
+      log.error('the page server did not start', { migration: m.id, round: p.round, error: (error as Error).message });
+      listener.close();
+    });
+    return { address: this.context.advertise, port: listener.port };
+  }
+
+  async #startPageServer(
+    m: DestinationMigration,
+    p: BodyOf<'pageServerStart'>,
+    dir: string,
+    socket: PassedFd,
+    sender: Sender,
+  ): Promise<void> {
+    const { criu, migrations, processes } = this.context;
+    const { pid } = await migrations.track(
       m,
       criu.pageServer({
         imagesDir: dir,
         address: this.context.advertise,
         parentImg: p.parent ? `../${p.parent}` : undefined,
-        tls: pageTlsFor(this.context, p.plainPages),
+        socket,
         signal: m.abort.signal,
       }),
     );
-    // CRIU 4.1 does not report the page server's PID: it is found by its listening port.
-    const server = pid > 0 ? pid : tcpListener(port, 'page-server');
+    const server = pid > 0 ? pid : undefined;
     const start = server === undefined ? undefined : processes.startTime(server);
     if (server !== undefined) m.pageServers.push({ pid: server, start });
-    log.info('page server started', { migration: m.id, round: p.round, port, pid: server });
+    log.info('page server started', { migration: m.id, round: p.round, pid: server });
     watchPageFlow({
       dir,
       serverAlive: () => server !== undefined && start !== undefined && processes.startTime(server) === start,
@@ -119,7 +151,6 @@ export class DestinationRole {
       },
       stop: m.abort.signal,
     });
-    return { address: this.context.advertise, port };
   }
 
   async imageChunk(c: BodyOf<'imageChunk'>, sender: Sender): Promise<ReplyOf<'imageChunk'>> {

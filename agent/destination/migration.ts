@@ -3,6 +3,7 @@ import type { Deferred } from '../../src/deferred.js';
 import type { WorkloadSpec } from '../../src/wire/index.js';
 import type { MovingAddress } from '../address-move.js';
 import type { ImageReceiver } from '../images.js';
+import type { PageListener } from '../page-stream.js';
 import type { LocalMigration } from '../migrations.js';
 
 /** A migration whose copy is being made (or runs) here. */
@@ -14,6 +15,8 @@ export interface DestinationMigration extends LocalMigration {
   readonly receivers: Map<string, ImageReceiver>;
   /** CRIU's page servers for its rounds: each waits for one dump, and for ever if none comes. */
   readonly pageServers: { pid: number; start: number | undefined }[];
+  /** The rounds' page listeners (and their connections), ended with the migration. */
+  readonly pageStreams: PageListener[];
   readonly sourceUrl: string;
   readonly holdMs: number;
   restore?: Promise<unknown> | undefined;

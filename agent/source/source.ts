@@ -16,6 +16,7 @@ import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
 import { dropCriuLock, letGo, movingAddress, takeBack } from '../address-move.js';
 import { Hold } from '../hold.js';
+import type { PageStream } from '../page-stream.js';
 import { isSource, type SourceMigration } from './migration.js';
 import { SourcePostcopyRole } from './postcopy.js';
 import { streamFinal, type Progress } from './stream.js';
@@ -49,13 +50,18 @@ export class SourceRole {
     mkdirSync(dir, { mode: 0o700 });
     const started = performance.now();
     connection.progress({ migrationId: m.id, phase: 'precopy', round, message: 'pre-dump', source: this.context.node });
-    await migrations.track(
-      m,
-      criu.preDump({
-        ...this.#round(m, dir, p),
-        signal: m.abort.signal,
-      }),
-    );
+    const pages = await this.#pageStream(m, p);
+    try {
+      await migrations.track(
+        m,
+        criu.preDump({
+          ...this.#round(m, dir, p, pages),
+          signal: m.abort.signal,
+        }),
+      );
+    } finally {
+      pages.close();
+    }
     const stats = await criu.dumpStats(dir);
     rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
     metrics.phaseSeconds.observe({ phase: 'predump' }, (performance.now() - started) / 1000);
@@ -106,6 +112,14 @@ export class SourceRole {
     m.criuLock = socketOptions.networkLock === 'nftables';
     if (p.postcopy === true) return this.postcopy.finalDump(m, p, round, connection, progress, socketOptions);
 
+    let pages: PageStream;
+    try {
+      pages = await this.#pageStream(m, p);
+    } catch (error) {
+      // Nothing was frozen: the process runs on as it was.
+      journal.advance(m.id, 'aborted', { action: 'no page connection to the destination; the process runs on' });
+      throw unchanged(new StepFailedError(error, { from: m.dir, to: await migrations.forget(m, true) }));
+    }
     let frozenAt = 0;
     const reachedHold = deferred<ReplyOf<'finalDump'>>();
     const answer = deferred<boolean>();
@@ -114,7 +128,7 @@ export class SourceRole {
       m,
       criu
         .dump({
-          ...this.#round(m, dir, p),
+          ...this.#round(m, dir, p, pages),
           ...socketOptions,
           // After pre-copy rounds, dirty tracking lets the final dump skip what the rounds already sent.
           trackMem: p.parent ? true : undefined,
@@ -156,7 +170,8 @@ export class SourceRole {
         .catch((error: unknown) => {
           reachedHold.reject(error);
           throw error;
-        }),
+        })
+        .finally(() => pages.close()),
     );
     m.dump.catch(() => undefined);
     try {
@@ -268,18 +283,24 @@ export class SourceRole {
     return (await decision) === 'yes' ? 'committed' : 'aborted';
   }
 
-  /** What a round's dump sends where: the process, its images here and its parent, the destination's page server. */
-  #round(m: SourceMigration, dir: string, p: BodyOf<'preDumpRound'> | BodyOf<'finalDump'>) {
+  /** What a round's dump sends where: the process, its images here and its parent, the page stream. */
+  #round(m: SourceMigration, dir: string, p: BodyOf<'preDumpRound'> | BodyOf<'finalDump'>, pages: PageStream) {
     return {
       pid: m.pid,
       imagesDir: dir,
       parentImg: p.parent ? `../${p.parent}` : undefined,
-      pageServer: {
-        address: p.pageServerAddress ?? '',
-        port: p.pageServerPort ?? 0,
-        tls: pageTlsFor(this.context, p.plainPages),
-      },
+      pageServer: { socket: pages.handOver() },
     };
+  }
+
+  /** The round's page stream: this agent's connection to the destination's page port, CRIU's end of it. */
+  #pageStream(m: SourceMigration, p: BodyOf<'preDumpRound'> | BodyOf<'finalDump'>): Promise<PageStream> {
+    return this.context.pages.connect(
+      p.pageServerAddress ?? '',
+      p.pageServerPort ?? 0,
+      pageTlsFor(this.context, p.plainPages),
+      m.abort.signal,
+    );
   }
 
   #migration(id: string, pid: number): SourceMigration {

@@ -1,3 +1,5 @@
+import { spawn } from 'node:child_process';
+import type { Socket } from 'node:net';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -25,11 +27,55 @@ import {
   type RpcRequestMessage,
   type RpcResponseMessage,
 } from './rpc.js';
+import { seqpacketAddon } from './native.js';
 import { closeAll, SeqpacketConnection, type PacketConnection } from './transport.js';
 
 /** Something that hands out fresh connections to a CRIU RPC service (one worker per connection). */
 export interface CriuEndpoint {
   connect(options?: { signal?: AbortSignal | undefined }): Promise<PacketConnection>;
+}
+
+/** A descriptor handed to a swrk worker: a number, or a socket of this process (its descriptor is passed). */
+export type PassedFd = number | Socket;
+
+/** The first descriptor number a swrk worker sees the caller's descriptors at (0-2 stdio, 3 the RPC socket). */
+export const SWRK_FIRST_FD = 4;
+
+/**
+ * `criu swrk`: a CRIU process of its own for one call, this process's
+ * child, speaking the RPC on a socket pair. Unlike the service it may be
+ * handed descriptors (they appear at SWRK_FIRST_FD, SWRK_FIRST_FD + 1, ...):
+ * CRIU accepts ps.fd (a page stream it does not open itself) and
+ * inherit_fd only from a swrk worker.
+ */
+export class SwrkEndpoint implements CriuEndpoint {
+  constructor(
+    readonly binaryPath: string,
+    readonly fds: readonly PassedFd[] = [],
+  ) {}
+
+  connect(): Promise<PacketConnection> {
+    const native = seqpacketAddon();
+    // CRIU does blocking I/O on what it is given; a Node socket's descriptor is non-blocking.
+    for (const fd of this.fds) if (typeof fd !== 'number') native.blocking(socketFd(fd));
+    const [ours, theirs] = native.socketpair(false);
+    try {
+      const child = spawn(this.binaryPath, ['swrk', '3'], {
+        stdio: ['ignore', 'ignore', 'ignore', theirs, ...this.fds],
+      });
+      // A worker that cannot start ends the connection: the call sees CRIU disconnected.
+      child.once('error', () => undefined);
+      child.unref();
+    } catch (cause) {
+      native.close(ours);
+      throw new CriuServiceUnavailableError(`cannot start ${this.binaryPath} swrk: ${(cause as Error).message}`, {
+        cause,
+      });
+    } finally {
+      native.close(theirs);
+    }
+    return Promise.resolve(SeqpacketConnection.fromDescriptor(ours));
+  }
 }
 
 /** A `criu service` socket that someone else runs. */
@@ -98,13 +144,24 @@ export interface PageTls {
   key: string;
 }
 
-export interface PageServerTarget {
-  /** Numeric IP literal: CRIU does not resolve host names. */
-  address: string;
-  port: number;
-  /** Encrypt the pages; the page server's certificate must name `address` (CRIU checks it). */
-  tls?: PageTls | undefined;
-}
+export type PageServerTarget =
+  | {
+      /** Numeric IP literal: CRIU does not resolve host names. */
+      address: string;
+      port: number;
+      /** Encrypt the pages; the page server's certificate must name `address` (CRIU checks it). */
+      tls?: PageTls | undefined;
+    }
+  | {
+      /**
+       * A connected stream socket of this process that carries the pages to
+       * the page server (ps.fd, in a swrk worker): CRIU neither connects
+       * nor encrypts, and a Unix socket here takes no TCP_CORK, so the
+       * dump's last command is not held for the kernel's 200 ms cork timer.
+       * Handed over to the call: closed here once the worker has it.
+       */
+      socket: number;
+    };
 
 export interface ProcessTreeOptions {
   shellJob?: boolean | undefined;
@@ -152,6 +209,16 @@ export interface RestoreOptions extends ImageOptions, ProcessTreeOptions {
 }
 
 export interface PageServerOptions extends ImageOptions {
+  /**
+   * A connected stream socket of this process to serve instead of listening
+   * (ps.fd, in a swrk worker): one dump's pages arrive on it. address and
+   * port are then ignored; with tls, CRIU's page server still does its TLS
+   * handshake on it (its dump side does not, on a ps.fd). Handed over to the
+   * call, like a dump's: a
+   * Node socket (paused, never read here) is destroyed here once CRIU has
+   * its descriptor.
+   */
+  socket?: PassedFd | undefined;
   /** Numeric IP literal to listen on. */
   address: string;
   /** Omit to let CRIU pick a free port (reported back). */
@@ -222,6 +289,8 @@ type RpcOptions = Omit<FullRpcOptions, 'imagesDirFd'>;
 
 interface CallPlan {
   type: RequestTypeValue;
+  /** Descriptors of this process the call hands to CRIU: it runs in a swrk worker of its own. */
+  passFds?: readonly PassedFd[] | undefined;
   opts?: FullRpcOptions | undefined;
   features?: RpcRequestMessage['features'];
   keepOpen?: boolean | undefined;
@@ -239,7 +308,14 @@ interface CallPlan {
 export class CriuClient {
   #features: Promise<CriuFeatures> | undefined;
 
-  constructor(readonly endpoint: CriuEndpoint) {}
+  /**
+   * `swrkBinary`: the CRIU binary for calls that hand CRIU a descriptor
+   * (a page socket), which only a swrk worker accepts.
+   */
+  constructor(
+    readonly endpoint: CriuEndpoint,
+    readonly options: { swrkBinary?: string | undefined } = {},
+  ) {}
 
   async version(options: CallOptions = {}): Promise<CriuVersion> {
     const resp = await this.#call({ type: RequestType.VERSION, call: options });
@@ -323,6 +399,8 @@ export class CriuClient {
       options,
       { ...processOpts(options), pid: options.pid, trackMem: true, ...pageServerOpts(options) },
       undefined,
+      false,
+      pageSocket(options),
     );
   }
 
@@ -342,7 +420,14 @@ export class CriuClient {
       opts.ps = { port: options.lazyPages.port };
       if (options.lazyPages.tls !== undefined) Object.assign(opts, tlsOpts(options.lazyPages.tls));
     }
-    const resp = await this.#withImages(RequestType.DUMP, options, opts, options.onNotify);
+    const resp = await this.#withImages(
+      RequestType.DUMP,
+      options,
+      opts,
+      options.onNotify,
+      false,
+      options.lazyPages === undefined ? pageSocket(options) : undefined,
+    );
     return { restored: resp.dump?.restored === true };
   }
 
@@ -361,8 +446,9 @@ export class CriuClient {
    * exits. Without a port, CRIU binds a free one and reports it.
    */
   async pageServer(options: PageServerOptions): Promise<PageServerResult> {
-    const ps: { address: string; port?: number } = { address: options.address };
-    if (options.port !== undefined) ps.port = options.port;
+    const ps: { address?: string; port?: number; fd?: number } =
+      options.socket !== undefined ? { fd: SWRK_FIRST_FD } : { address: options.address };
+    if (options.port !== undefined && options.socket === undefined) ps.port = options.port;
     const opts: RpcOptions = { ps };
     if (options.parentImg !== undefined) opts.parentImg = options.parentImg;
     if (options.tls !== undefined) {
@@ -372,9 +458,16 @@ export class CriuClient {
       // the source, so the name check is off on this end only.
       Object.assign(opts, tlsOpts(options.tls), { tlsNoCnVerify: true });
     }
-    const resp = await this.#withImages(RequestType.PAGE_SERVER, options, opts, undefined, true);
-    const port = resp.ps?.port;
-    if (port === undefined || port === null || port <= 0) {
+    const resp = await this.#withImages(
+      RequestType.PAGE_SERVER,
+      options,
+      opts,
+      undefined,
+      true,
+      options.socket === undefined ? undefined : [options.socket],
+    );
+    const port = resp.ps?.port ?? 0;
+    if (options.socket === undefined && port <= 0) {
       throw new CriuProtocolError('CRIU answered PAGE_SERVER without a port', 'PAGE_SERVER');
     }
     return { port, pid: resp.ps?.pid ?? 0 };
@@ -386,6 +479,7 @@ export class CriuClient {
     opts: RpcOptions,
     onNotify: NotifyHandler | undefined,
     keepOpen?: boolean,
+    passFds?: readonly PassedFd[],
   ): Promise<RpcResponseMessage> {
     const logFile = options.logFile ?? LOG_NAMES[type] ?? 'criu.log';
     const dirFd = openImagesDir(options.imagesDir);
@@ -406,6 +500,7 @@ export class CriuClient {
             : {}),
         },
         keepOpen,
+        passFds,
         logPath: join(options.imagesDir, logFile),
         onNotify,
         call: options,
@@ -415,6 +510,18 @@ export class CriuClient {
     }
   }
 
+  /** The service, or a swrk worker of its own for a call that hands CRIU descriptors. */
+  #endpointFor(plan: CallPlan): CriuEndpoint {
+    if (plan.passFds === undefined || plan.passFds.length === 0) return this.endpoint;
+    const binary = this.options.swrkBinary;
+    if (binary === undefined) {
+      throw new CriuServiceUnavailableError(`${requestTypeName(plan.type)} with a page socket needs a swrk worker`, {
+        hint: 'construct the client with swrkBinary',
+      });
+    }
+    return new SwrkEndpoint(binary, plan.passFds);
+  }
+
   async #call(plan: CallPlan): Promise<RpcResponseMessage> {
     const name = requestTypeName(plan.type);
     const timeoutMs = plan.call.timeoutMs ?? DEFAULT_TIMEOUT_MS[plan.type] ?? 60_000;
@@ -422,7 +529,15 @@ export class CriuClient {
     let connection: PacketConnection | undefined;
     try {
       if (signal.aborted) throw abortReason(signal, name);
-      connection = await this.endpoint.connect({ signal });
+      try {
+        connection = await this.#endpointFor(plan).connect({ signal });
+      } finally {
+        // Handed over: the worker has its own copies now (or never will).
+        for (const fd of plan.passFds ?? []) {
+          if (typeof fd === 'number') closeAll([fd]);
+          else fd.destroy();
+        }
+      }
       const request: RpcRequestMessage = { type: plan.type };
       if (plan.opts !== undefined) request.opts = plan.opts;
       if (plan.features !== undefined) request.features = plan.features;
@@ -453,6 +568,18 @@ export class CriuClient {
       dispose();
     }
   }
+}
+
+/** The descriptor of a Node socket (its handle's; Node has no public accessor). */
+function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) throw new Error('the socket has no descriptor to hand over');
+  return fd;
+}
+
+/** The page socket a dump or pre-dump hands CRIU, if its target is one. */
+function pageSocket(o: PreDumpOptions): number[] | undefined {
+  return o.pageServer !== undefined && 'socket' in o.pageServer ? [o.pageServer.socket] : undefined;
 }
 
 function send(connection: PacketConnection, request: RpcRequestMessage, name: string): void {
@@ -620,7 +747,8 @@ function processOpts(o: ProcessTreeOptions): RpcOptions {
 function pageServerOpts(o: PreDumpOptions): RpcOptions {
   const opts: RpcOptions = {};
   if (o.parentImg !== undefined) opts.parentImg = o.parentImg;
-  if (o.pageServer !== undefined) {
+  if (o.pageServer !== undefined && 'socket' in o.pageServer) opts.ps = { fd: SWRK_FIRST_FD };
+  else if (o.pageServer !== undefined) {
     opts.ps = { address: o.pageServer.address, port: o.pageServer.port };
     if (o.pageServer.tls !== undefined) Object.assign(opts, tlsOpts(o.pageServer.tls));
   }

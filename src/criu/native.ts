@@ -15,6 +15,12 @@ export interface SeqpacketAddon {
   connect(path: string): number;
   listen(path: string, backlog: number): number;
   accept(fd: number): number | null;
+  /** A connected pair: SOCK_STREAM when `stream`, else SOCK_SEQPACKET; the first end non-blocking. */
+  socketpair(stream: boolean): [number, number];
+  /** Clears O_NONBLOCK (on the open file, which a child given the descriptor shares). */
+  blocking(fd: number): void;
+  /** Moves bytes from one blocking descriptor to another in a thread (splice), to end of file; then shuts `to` for writing. */
+  relay(from: number, to: number, callback: (error: Error | null, bytes: number) => void): void;
   send(fd: number, packet: Uint8Array): void;
   recv(fd: number): RawPacket | null;
   close(fd: number): void;

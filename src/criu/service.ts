@@ -106,7 +106,7 @@ export class CriuService implements CriuEndpoint {
 
   /** A client bound to this service. */
   client(): CriuClient {
-    return new CriuClient(this);
+    return new CriuClient(this, { swrkBinary: this.binary.path });
   }
 
   async connect(options: { signal?: AbortSignal | undefined } = {}): Promise<PacketConnection> {

@@ -7,6 +7,7 @@
  * CRIU does (the e2e tests prove that).
  */
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DumpOptions, NotifyEvent, RestoreOptions } from '../../src/criu/index.js';
@@ -16,6 +17,7 @@ import { NO_TEST_HOOKS, type PausePoint, type TestHooks } from '../../src/hooks.
 import type { ServiceAddress } from '../../src/address.js';
 import type { AddressPort } from '../../agent/address.js';
 import type { AgentContext } from '../../agent/context.js';
+import type { PageLinks } from '../../agent/page-stream.js';
 import { DestinationRole } from '../../agent/destination/index.js';
 import { Journal } from '../../agent/journal.js';
 import { AgentMetrics } from '../../agent/metrics.js';
@@ -261,6 +263,17 @@ export class FakeAddresses implements AddressPort {
   }
 }
 
+/** Page connections that carry nothing: the fake CRIU needs no pages. */
+export const fakePageLinks: PageLinks = {
+  listen: () =>
+    Promise.resolve({
+      port: 40_000,
+      connection: Promise.resolve(new Socket()),
+      close: () => undefined,
+    }),
+  connect: () => Promise.resolve({ done: Promise.resolve(0), close: () => undefined, handOver: () => -1 }),
+};
+
 /** A controller connection: progress is dropped; close() ends it as a lost controller would. */
 export class FakeController {
   readonly certificate = undefined;
@@ -319,6 +332,7 @@ export function fakeAgent(options: { hooks?: Partial<TestHooks> } = {}): FakeAge
     peers,
     processes,
     addresses,
+    pages: fakePageLinks,
     journal,
     workloads: new Workloads(dataDir, 'fake'),
     migrations: new Migrations<LocalMigration>(dataDir),
