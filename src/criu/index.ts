@@ -60,3 +60,4 @@ export { decodeStats, readDumpRunId, readDumpStats, readRestoreStats } from './s
 export type { DumpStats, RestoreStats } from './stats.js';
 export { SeqpacketConnection, SeqpacketListener } from './transport.js';
 export type { Packet, PacketConnection } from './transport.js';
+export { seqpacketAddon } from './native.js';

@@ -21,6 +21,16 @@ export interface SeqpacketAddon {
   blocking(fd: number): void;
   /** Moves bytes from one blocking descriptor to another in a thread (splice), to end of file; then shuts `to` for writing. */
   relay(from: number, to: number, callback: (error: Error | null, bytes: number) => void): void;
+  /**
+   * Mutual TLS 1.3 on `net` (OpenSSL; the PEM files given; `peer`: what the other end's
+   * certificate must name), relaying `plain` through it in a thread until both directions end.
+   */
+  tlsRelay(
+    plain: number,
+    net: number,
+    options: { server: boolean; ca: string; cert: string; key: string; peer: string },
+    callback: (error: Error | null, bytes: number, protocol: string, cipher: string) => void,
+  ): void;
   send(fd: number, packet: Uint8Array): void;
   recv(fd: number): RawPacket | null;
   close(fd: number): void;

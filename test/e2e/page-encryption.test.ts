@@ -28,17 +28,18 @@ afterAll(async () => {
 });
 
 /**
- * Migrates with the destination paused while its copy is held, reads what
- * its page server logged (the images are gone once the migration ends),
- * then lets it finish.
+ * Migrates a counter and resolves with what the destination's agent logged
+ * about its page connection meanwhile (the agents carry the pages:
+ * agent/page-stream.ts), and what its page server logged.
  */
-async function pageServerLog(name: string, plainPages: boolean): Promise<string> {
+async function pageLogs(name: string, plainPages: boolean): Promise<{ agent: string; pageServer: string }> {
   const dir = mkdtempSync(join(scratch, `${name}-`));
   const counter = join(projectRoot(), 'dist', 'examples', 'counter');
   await runWorkload(hostEndpoint(a), name, [counter, join(dir, 'state'), '20', '16'], 'test');
   rmSync(pause, { recursive: true, force: true });
   mkdirSync(pause, { recursive: true });
   writeFileSync(join(pause, 'armed'), 'destination.after-restore-held');
+  const logStart = readFileSync(b.logFile, 'utf8').length;
   const migration = migrate({
     workload: name,
     from: hostEndpoint(a),
@@ -51,22 +52,28 @@ async function pageServerLog(name: string, plainPages: boolean): Promise<string>
   const logs = readdirSync(b.imagesDir)
     .map((id) => join(b.imagesDir, id, 'final', 'page-server.log'))
     .filter((f) => existsSync(f));
-  const text = logs.map((f) => readFileSync(f, 'utf8')).join('\n');
+  const pageServer = logs.map((f) => readFileSync(f, 'utf8')).join('\n');
   rmSync(marker);
   const report = await migration;
   process.kill(report.to.pid, 'SIGKILL');
   expect(logs.length).toBe(1);
-  return text;
+  await waitFor(() => /page (stream ended|connection)/.test(readFileSync(b.logFile, 'utf8').slice(logStart)), {
+    what: 'the destination agent to log its page connection',
+  });
+  return { agent: readFileSync(b.logFile, 'utf8').slice(logStart), pageServer };
 }
 
 describe('page encryption', () => {
-  it('is on by default: the page server logs a TLS handshake', async () => {
-    expect(await pageServerLog('enc', false)).toContain('TLS handshake completed');
+  it('is on by default: the agents carry the pages over mutual TLS 1.3, and the page server reads them from its agent', async () => {
+    const { agent, pageServer } = await pageLogs('enc', false);
+    expect(agent).toMatch(/page stream ended peer=\S+ protocol=TLSv1\.3 cipher=TLS_AES_256_GCM_SHA384/);
+    expect(pageServer).toContain('Reusing ps socket');
   });
 
   it('--plain-pages sends pages without TLS, and the migration still completes', async () => {
-    const log = await pageServerLog('plain', true);
-    expect(log).not.toContain('TLS handshake');
-    expect(log.length).toBeGreaterThan(0);
+    const { agent, pageServer } = await pageLogs('plain', true);
+    expect(agent).toMatch(/page connection peer=\S+ tls=false/);
+    expect(agent).not.toMatch(/page stream ended .*TLS/);
+    expect(pageServer).toContain('Reusing ps socket');
   });
 });
