@@ -7,7 +7,7 @@
  * on page transfer. Prints a table of medians, writes the samples as CSV and
  * a plot of downtime against memory size as SVG.
  *
- * Environment: BENCH_SIZES (MiB, "256,1024,4096"; sizes the machine cannot
+ * Environment: BENCH_SIZES (MiB, "8,64,256,1024"; sizes the machine cannot
  * hold are skipped, and said so), BENCH_HOT (percent, "1,10,50"),
  * BENCH_RATES ("low,high"), BENCH_RUNS (3), BENCH_KERNEL_LAB (1; 0 skips the
  * pre-copy part), BENCH_KL_SIZES ("64,256"), BENCH_KL_RUNS (1),
@@ -44,6 +44,9 @@ const execFileAsync = promisify(execFile);
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const LAB = 'fbench';
 const BARE = 'bare CRIU script (TLS)';
+const BARE_PLAIN = 'bare CRIU script (plain)';
+/** What CRIU alone needs: a dump to local tmpfs images and a restore from them, same host, no network. */
+const FLOOR = 'CRIU local dump + restore';
 /** Time for a workload to fault its memory in before it is measured. */
 const FAULT_IN = { minMs: 1000, msPerMib: 3 };
 const FERRY = 'Ferry stop-and-copy';
@@ -61,7 +64,19 @@ function inHost(host: LabHost, args: string[]): string[] {
  * else, with CRIU's TLS on the page transfer as Ferry has it: the like-for-like
  * baseline of Ferry's stop-and-copy.
  */
-async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+function bareCriu(tls: boolean) {
+  return (a: LabHost, b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> =>
+    bareCriuRun(a, b, cell, run, serial, tls);
+}
+
+async function bareCriuRun(
+  a: LabHost,
+  b: LabHost,
+  cell: Cell,
+  run: number,
+  serial: number,
+  tls: boolean,
+): Promise<Sample> {
   const { pid } = await startWorkload(a, `bare${serial}`, cell, FAULT_IN);
   const source = mkdtempSync(join(a.imagesDir, 'bare-'));
   const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
@@ -72,7 +87,7 @@ async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial:
     { source, destination },
     {
       port: 27_000 + (serial % 1000),
-      tls: true,
+      tls,
       leaveRunning: false,
     },
   );
@@ -89,7 +104,7 @@ async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial:
   rmSync(source, { recursive: true, force: true });
   rmSync(destination, { recursive: true, force: true });
   return {
-    method: BARE,
+    method: tls ? BARE : BARE_PLAIN,
     memoryMb: cell.memoryMb,
     hotPercent: cell.hotPercent,
     rate: cell.rate,
@@ -103,6 +118,36 @@ async function bareCriu(a: LabHost, b: LabHost, cell: Cell, run: number, serial:
       copy: Math.round(copied - dumped),
       restore: Math.round(restored - copied),
     },
+  };
+}
+
+/**
+ * The floor: CRIU's own dump of the same process into local images (tmpfs,
+ * no page server, no network) and its restore from them on the same host,
+ * once the dump's process is gone. No migration tool can go below it.
+ */
+async function localCriu(a: LabHost, _b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
+  const { pid } = await startWorkload(a, `floor${serial}`, cell, FAULT_IN);
+  const dir = mkdtempSync(join(a.imagesDir, 'floor-'));
+  const started = performance.now();
+  await execFileAsync('nsenter', inHost(a, ['dump', '-t', String(pid), '-D', dir, '-o', 'dump.log']));
+  const dumped = performance.now();
+  await execFileAsync('nsenter', inHost(a, ['restore', '-d', '-D', dir, '-o', 'restore.log']));
+  const restored = performance.now();
+  const bytes = pageBytes(dir);
+  await killNamespaceOf(a, 'counter');
+  rmSync(dir, { recursive: true, force: true });
+  return {
+    method: FLOOR,
+    memoryMb: cell.memoryMb,
+    hotPercent: cell.hotPercent,
+    rate: cell.rate,
+    run,
+    downtimeMs: restored - started,
+    totalMs: restored - started,
+    bytes,
+    rounds: 0,
+    parts: { dump: Math.round(dumped - started), restore: Math.round(restored - dumped) },
   };
 }
 
@@ -309,7 +354,7 @@ async function kernelLab(): Promise<Sample[]> {
 }
 
 async function main(): Promise<void> {
-  const sizes = feasible((process.env.BENCH_SIZES ?? '256,1024,4096').split(',').map(Number));
+  const sizes = feasible((process.env.BENCH_SIZES ?? '8,64,256,1024').split(',').map(Number));
   const matrix = cells(sizes);
   process.stderr.write(
     `bench: ${matrix.length} workloads (memory ${sizes.join('/')} MiB, hot ${[...new Set(matrix.map((c) => c.hotPercent))].join('/')} %, ` +
@@ -317,7 +362,9 @@ async function main(): Promise<void> {
   );
   type Method = (a: LabHost, b: LabHost, cell: Cell, run: number, serial: number) => Promise<Sample>;
   const methods: { name: string; run: Method }[] = [
-    { name: BARE, run: bareCriu },
+    { name: FLOOR, run: localCriu },
+    { name: BARE_PLAIN, run: bareCriu(false) },
+    { name: BARE, run: bareCriu(true) },
     { name: FERRY, run: ferryWith(FERRY) },
   ];
   const lazy = lazyPipeLimits();
@@ -392,6 +439,12 @@ async function main(): Promise<void> {
         `restore ${ms(part(f, 'restore'))} + commit+resume ${ms(part(f, 'commit+resume'))} + round trips ${ms(part(f, 'round trips'))}; ` +
         `bare ${ms(bd)} = dump ${ms(part(bare, 'dump'))} + copy ${ms(part(bare, 'copy'))} + restore ${ms(part(bare, 'restore'))}; ` +
         `Ferry ${((fd / bd - 1) * 100).toFixed(0)} % ${fd >= bd ? 'over' : 'under'}\n`,
+    );
+    const floor = median(rows.filter((r) => r.method === FLOOR && r.memoryMb === size).map((r) => r.downtimeMs));
+    const plain = median(rows.filter((r) => r.method === BARE_PLAIN && r.memoryMb === size).map((r) => r.downtimeMs));
+    process.stdout.write(
+      `    against the floor (${FLOOR}, ${ms(floor)}): Ferry ${(fd / floor).toFixed(2)}×; ` +
+        `against the plain bare script (${ms(plain)}): Ferry ${(fd / plain).toFixed(2)}×, the TLS bare script ${(bd / plain).toFixed(2)}×\n`,
     );
   }
 

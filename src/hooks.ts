@@ -29,7 +29,7 @@ export interface FaultContexts {
   /** Before the restore reads the final round's images. */
   'destination.before-restore': { roundDir: string };
   /** The source is frozen inside CRIU's dump: the service whose worker dumps. */
-  'source.frozen': { criuServicePid: number | undefined };
+  'source.frozen': { criuServicePid: number | undefined; imagesDir: string };
 }
 export type FaultPoint = keyof FaultContexts;
 

@@ -46,34 +46,18 @@ export function inNetns(pid: number, netns: string): boolean {
 }
 
 /**
- * The process of this network namespace listening on a TCP port, among those
- * whose command line holds `marker`: for daemons that do not say their PID
- * (CRIU 4.1's page server). From the kernel's socket tables: the listening
- * socket's inode, then the process holding it.
+ * The process (other than this one) that holds a socket, by its inode: how
+ * a page server CRIU started on a socket it was handed is found (swrk
+ * reports no PID for it, and its title does not reach its command line
+ * when CRIU runs through the prefix's loader).
  */
-export function tcpListener(port: number, marker: string): number | undefined {
-  const inodes = new Set<string>();
-  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
-    let text = '';
-    try {
-      text = readFileSync(table, 'utf8');
-    } catch {
-      continue; // no IPv6 here
-    }
-    for (const line of text.split('\n').slice(1)) {
-      const fields = line.trim().split(/\s+/);
-      // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
-      if (fields[3] === '0A' && Number.parseInt(fields[1]?.split(':')[1] ?? '', 16) === port && fields[9] !== undefined)
-        inodes.add(`socket:[${fields[9]}]`);
-    }
-  }
-  if (inodes.size === 0) return undefined;
+export function socketHolder(inode: number): number | undefined {
+  const link = `socket:[${inode}]`;
   for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
     try {
-      if (!readFileSync(`/proc/${entry}/cmdline`, 'utf8').includes(marker)) continue;
       for (const fd of readdirSync(`/proc/${entry}/fd`)) {
-        if (inodes.has(readlinkSync(`/proc/${entry}/fd/${fd}`))) return Number(entry);
+        if (readlinkSync(`/proc/${entry}/fd/${fd}`) === link) return Number(entry);
       }
     } catch {
       // gone meanwhile

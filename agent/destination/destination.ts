@@ -1,9 +1,10 @@
-import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, fstatSync, mkdirSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import { deferred } from '../../src/deferred.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { log } from '../../src/log.js';
+import { socketHolder } from '../../src/proc.js';
 import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf, type WireConnection } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
@@ -125,6 +126,8 @@ export class DestinationRole {
     sender: Sender,
   ): Promise<void> {
     const { criu, migrations, processes } = this.context;
+    // Its inode, read before CRIU has it: the page server is found by it (swrk reports no PID).
+    const inode = socketInode(socket);
     const { pid } = await migrations.track(
       m,
       criu.pageServer({
@@ -135,7 +138,7 @@ export class DestinationRole {
         signal: m.abort.signal,
       }),
     );
-    const server = pid > 0 ? pid : undefined;
+    const server = pid > 0 ? pid : inode === undefined ? undefined : socketHolder(inode);
     const start = server === undefined ? undefined : processes.startTime(server);
     if (server !== undefined) m.pageServers.push({ pid: server, start });
     log.info('page server started', { migration: m.id, round: p.round, pid: server });
@@ -384,6 +387,17 @@ export class DestinationRole {
       if (server.start === undefined || this.context.processes.startTime(server.pid) !== server.start) continue;
       this.context.processes.signal(server.pid, 'SIGKILL');
     }
+  }
+}
+
+/** The inode of a descriptor, or of a Node socket's; undefined when it cannot be read. */
+function socketInode(socket: PassedFd): number | undefined {
+  try {
+    const fd =
+      typeof socket === 'number' ? socket : (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    return fd === undefined || fd < 0 ? undefined : fstatSync(fd).ino;
+  } catch {
+    return undefined;
   }
 }
 

@@ -67,7 +67,7 @@ export class SourcePostcopyRole {
               progress('freezing and dumping all but the memory');
             }
             if (event.script === 'query-ext-files') {
-              hooks.fault('source.frozen', { criuServicePid: criu.servicePid });
+              hooks.fault('source.frozen', { criuServicePid: criu.servicePid, imagesDir: dir });
             }
             if (event.script === 'post-dump') {
               if (m.address !== undefined) {

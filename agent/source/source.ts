@@ -140,7 +140,7 @@ export class SourceRole {
               progress('freezing and dumping');
             }
             if (event.script === 'query-ext-files') {
-              hooks.fault('source.frozen', { criuServicePid: criu.servicePid });
+              hooks.fault('source.frozen', { criuServicePid: criu.servicePid, imagesDir: dir });
             }
             if (event.script !== 'post-dump') return true;
             if (m.address !== undefined) {

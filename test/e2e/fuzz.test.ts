@@ -568,21 +568,26 @@ function withToken(dir: string, depth: number, found: string[] = []): string[] {
 }
 
 /** CRIU's page servers in host a, waiting for a dump (CRIU retitles them "criu: page-server ..."). */
-function pageServers(): number[] {
-  const pids: number[] = [];
-  const netns = readlinkSync(`/proc/${a.pid}/ns/net`);
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      if (readlinkSync(`/proc/${entry}/ns/net`) !== netns) continue;
-      // Started through the project's loader (ld-linux ... criu), the title is an argument of it.
-      const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-      if (argv.some((arg) => arg.startsWith('criu: page-server'))) pids.push(Number(entry));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return pids;
+/**
+ * The page ports the agent of host a listens on: a PageServerStart opens
+ * one (CRIU's page server starts only when the source connects to it), and
+ * the end of its migration closes it. Listening TCP sockets of a's network
+ * namespace on its address, other than the agent's own port.
+ */
+function pagePorts(): number[] {
+  const hex = a.address
+    .split('.')
+    .reverse()
+    .map((n) => Number(n).toString(16).padStart(2, '0').toUpperCase())
+    .join('');
+  const agentPort = Number(new URL(a.url).port);
+  return readFileSync(`/proc/${a.pid}/net/tcp`, 'utf8')
+    .split('\n')
+    .slice(1)
+    .map((line) => line.trim().split(/\s+/))
+    .filter((f) => f[3] === '0A' && f[1]?.startsWith(`${hex}:`))
+    .map((f) => parseInt(f[1]?.split(':')[1] ?? '0', 16))
+    .filter((port) => port !== agentPort);
 }
 
 describe('an agent under hostile input', () => {
@@ -597,7 +602,7 @@ describe('an agent under hostile input', () => {
     const controllerConnection = (): Promise<WireConnection> =>
       WireConnection.connect(a.url, { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' }, { tls: controller });
     let c = await controllerConnection();
-    const serversBefore = pageServers().length;
+    const serversBefore = pagePorts().length;
     for (const migrationId of OPEN) {
       await c.request(
         { prepareDestination: { migrationId, sourceUrl: 'wss://127.0.0.1:1', holdMs: HOLD_MS.max } },
@@ -605,7 +610,7 @@ describe('an agent under hostile input', () => {
       );
       await c.request({ pageServerStart: { migrationId, round: 'final' } }, 'pageServerStarted');
     }
-    const serversFuzzing = pageServers().length;
+    const serversFuzzing = pagePorts().length;
     c.close();
     await sleep(500);
     const filesBefore = openFiles(agentPid);
@@ -652,7 +657,7 @@ describe('an agent under hostile input', () => {
         `(${Math.round(stats.sent / (elapsed / 1000)).toLocaleString('en')}/s) over ${stats.connections.toLocaleString('en')} connections: ` +
         `${stats.garbage.toLocaleString('en')} ended in garbage (${stats.violations.toLocaleString('en')} refused as violations), ` +
         `${stats.answered.toLocaleString('en')} answers, ${stats.refusedConnections} connections refused, ${stats.rawSockets} raw sockets; ` +
-        `slowest probe ${slowestProbe.toFixed(0)} ms; page servers ${serversBefore} → ${serversFuzzing} → ${pageServers().length}; agent RSS ${mib(before.rss)} → ${mib(halfway ?? 0)} (halfway) → ${mib(after.rss)}, ` +
+        `slowest probe ${slowestProbe.toFixed(0)} ms; page ports ${serversBefore} → ${serversFuzzing} → ${pagePorts().length}; agent RSS ${mib(before.rss)} → ${mib(halfway ?? 0)} (halfway) → ${mib(after.rss)}, ` +
         `peak sampled ${mib(peakRss)}, high-water ${mib(after.hwm)}; open files ${filesBefore} → ${openFiles(agentPid)}`,
     );
 
@@ -683,9 +688,9 @@ describe('an agent under hostile input', () => {
       what: `the fuzzed migrations' images to go (${readdirSync(a.imagesDir).join(' ')})`,
     });
     expect(existsSync(join(a.dataDir, 'draining'))).toBe(false);
-    expect(serversFuzzing - serversBefore, 'page servers started for the fuzzing').toBe(OPEN.length);
-    await waitFor(() => pageServers().length <= serversBefore, {
-      what: `page servers of aborted migrations to end (${pageServers().length}, ${serversBefore} before)`,
+    expect(serversFuzzing - serversBefore, 'page ports opened for the fuzzing').toBe(OPEN.length);
+    await waitFor(() => pagePorts().length <= serversBefore, {
+      what: `page ports of aborted migrations to close (${pagePorts().length}, ${serversBefore} before)`,
     });
 
     // A real migration right after.
@@ -708,24 +713,27 @@ describe('an agent under hostile input', () => {
   }, 600_000);
 });
 
-describe('an agent holding a page server for a migration that goes nowhere', () => {
-  it('ends the page server no dump came to when the migration is aborted', async () => {
+describe('an agent holding a page port for a migration that goes nowhere', () => {
+  it('closes the page port no dump came to when the migration is aborted', async () => {
     const c = await WireConnection.connect(
       a.url,
       { role: 'controller', name: 'fuzz', softwareVersion: 'fuzz' },
       { tls: controller },
     );
-    const before = pageServers();
+    const before = pagePorts();
     await c.request(
       { prepareDestination: { migrationId: 'm-nodump', sourceUrl: 'wss://127.0.0.1:1', holdMs: HOLD_MS.max } },
       'ack',
     );
-    await c.request({ pageServerStart: { migrationId: 'm-nodump', round: 'final' } }, 'pageServerStarted');
-    const waiting = pageServers().filter((pid) => !before.includes(pid));
-    expect(waiting).toHaveLength(1);
+    const started = await c.request(
+      { pageServerStart: { migrationId: 'm-nodump', round: 'final' } },
+      'pageServerStarted',
+    );
+    const waiting = pagePorts().filter((port) => !before.includes(port));
+    expect(waiting).toEqual([started.port]);
     await c.request({ abort: { migrationId: 'm-nodump', reason: 'no dump will come' } }, 'ack');
     c.close();
-    await waitFor(() => !pageServers().includes(waiting[0] ?? 0), { what: 'the page server to end' });
+    await waitFor(() => !pagePorts().includes(started.port ?? 0), { what: 'the page port to close' });
   });
 });
 

@@ -17,7 +17,7 @@
  *   source.frozen=kill-criu-worker           kill the CRIU worker while it dumps
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, readlinkSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FaultContexts, FaultPoint, PausePoint, TestHooks } from '../../src/hooks.js';
@@ -51,11 +51,23 @@ const FAULTS: Faults = {
     },
   },
   'source.frozen': {
-    // The CRIU worker doing this agent's dump: a child of the service master.
-    'kill-criu-worker': ({ criuServicePid }) => {
-      if (criuServicePid === undefined) return;
-      const children = readFileSync(`/proc/${criuServicePid}/task/${criuServicePid}/children`, 'utf8').trim();
-      for (const pid of children.split(/\s+/).filter(Boolean)) process.kill(Number(pid), 'SIGKILL');
+    // The CRIU worker doing this agent's dump, which works in the dump's images directory: a swrk
+    // worker of the agent's own (a dump that moves pages), or a child of the service master
+    // (post-copy's lazy dump).
+    'kill-criu-worker': ({ criuServicePid, imagesDir }) => {
+      const childrenOf = (pid: number): number[] =>
+        readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+      const candidates = [
+        ...childrenOf(process.pid),
+        ...(criuServicePid === undefined ? [] : childrenOf(criuServicePid)),
+      ];
+      for (const pid of candidates) {
+        try {
+          if (readlinkSync(`/proc/${pid}/cwd`) === imagesDir) process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone meanwhile
+        }
+      }
     },
   },
 };
