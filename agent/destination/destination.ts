@@ -393,8 +393,7 @@ export class DestinationRole {
 /** The inode of a descriptor, or of a Node socket's; undefined when it cannot be read. */
 function socketInode(socket: PassedFd): number | undefined {
   try {
-    const fd =
-      typeof socket === 'number' ? socket : (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const fd = typeof socket === 'number' ? socket : (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     return fd === undefined || fd < 0 ? undefined : fstatSync(fd).ino;
   } catch {
     return undefined;
