@@ -9,6 +9,7 @@ import { log } from '../src/log.js';
 import type { BodyOf, ReplyOf } from '../src/wire/index.js';
 import type { AgentContext } from './context.js';
 import { unchanged } from './errors.js';
+import { switchoverKey } from './destination/index.js';
 import { probePostcopy, type PostcopySupport } from './postcopy-probe.js';
 import { freeBytes, processFacts, takenPids } from './process.js';
 
@@ -106,6 +107,7 @@ export class NodeFacts {
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
       restoreBytesPerMs: rates.get('restore'),
       pageWriteBytesPerMs: rates.get('pageWrite'),
+      switchoverMs: q.peerUrl ? rates.cost(switchoverKey(q.peerUrl)) : 0,
       postcopy: q.probePostcopy === true ? await this.#postcopySupport() : null,
       addressProblem: q.address ? await this.context.addresses.problem(parseServiceAddress(q.address)) : '',
       addressHookProblem: q.addressHook ? this.context.addresses.hookProblem(q.addressHook) : '',

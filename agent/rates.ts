@@ -3,6 +3,8 @@ import { join } from 'node:path';
 
 export type RateName = 'restore' | 'pageWrite';
 
+type Stored = Partial<Record<RateName, number>> & { costs?: Record<string, number> };
+
 /**
  * Rates this node has shown, in bytes per ms, each a moving average of its
  * operations (half weight to the latest), kept in DATA/rates.json. The
@@ -29,15 +31,37 @@ export class LearnedRates {
     renameSync(temporary, this.#file);
   }
 
+  /**
+   * A cost in ms, keyed by what it is for (a switchover from one source), as
+   * a moving average like the rates (half weight to the latest).
+   */
+  learnCost(key: string, ms: number): void {
+    if (!Number.isFinite(ms) || ms < 0) return;
+    const all = this.#load();
+    const costs = { ...all.costs };
+    const previous = costs[key];
+    costs[key] = previous !== undefined && previous >= 0 ? (previous + ms) / 2 : ms;
+    all.costs = costs;
+    const temporary = `${this.#file}.tmp`;
+    writeFileSync(temporary, JSON.stringify(all) + '\n');
+    renameSync(temporary, this.#file);
+  }
+
+  /** The learned cost, or 0 before the first. */
+  cost(key: string): number {
+    const value = this.#load().costs?.[key] ?? 0;
+    return Number.isFinite(value) && value > 0 ? value : 0;
+  }
+
   /** 0 before the first operation worth counting. */
   get(name: RateName): number {
     const rate = this.#load()[name] ?? 0;
     return Number.isFinite(rate) && rate > 0 ? rate : 0;
   }
 
-  #load(): Partial<Record<RateName, number>> {
+  #load(): Stored {
     try {
-      return JSON.parse(readFileSync(this.#file, 'utf8')) as Partial<Record<RateName, number>>;
+      return JSON.parse(readFileSync(this.#file, 'utf8')) as Stored;
     } catch {
       return {};
     }

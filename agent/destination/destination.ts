@@ -243,6 +243,7 @@ export class DestinationRole {
     try {
       const pid = await reachedHold.promise;
       const restoreMs = Math.round(performance.now() - started);
+      m.restoreMs = restoreMs;
       const bytes = pageImageBytes(m.dir);
       metrics.phaseSeconds.observe({ phase: 'restore' }, restoreMs / 1000);
       rates.learn('restore', bytes, restoreMs);
@@ -269,7 +270,13 @@ export class DestinationRole {
     }
     const downtimeBeforeMs = p.downtimeBeforeMs ?? 0;
     if (downtimeBeforeMs > 0) {
-      this.context.metrics.downtimeSeconds.observe((downtimeBeforeMs + performance.now() - started) / 1000);
+      const downtimeMs = downtimeBeforeMs + performance.now() - started;
+      this.context.metrics.downtimeSeconds.observe(downtimeMs / 1000);
+      // What the switchover from this source cost besides copying pages and restoring them: the
+      // prediction's fixed part, learned for this pair (post-copy's downtime has no copy in it).
+      if (m.restoreMs !== undefined && m.postcopy === undefined) {
+        this.context.rates.learnCost(switchoverKey(m.sourceUrl), downtimeMs - (p.copyMs ?? 0) - m.restoreMs);
+      }
     }
     return { pid: m.restoredPid };
   }
@@ -398,6 +405,11 @@ function socketInode(socket: PassedFd): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** What a switchover from a source is learned under: its host. */
+export function switchoverKey(sourceUrl: string): string {
+  return `switchover:${URL.canParse(sourceUrl) ? new URL(sourceUrl).host : sourceUrl}`;
 }
 
 function discardAction(why: string): string {

@@ -24,6 +24,8 @@ export interface DestinationMigration extends LocalMigration {
   readonly answer: Deferred<boolean>;
   /** The copy CRIU restored and holds before it runs. */
   restoredPid?: number | undefined;
+  /** How long its restore took, to its hold. */
+  restoreMs?: number | undefined;
   /** Post-copy: the daemon fetching the memory from the source, and how it ended. */
   postcopy?: DestinationPostcopy | undefined;
 }

@@ -64,6 +64,8 @@ export interface SwitchoverCost {
   defaultBandwidthBytesPerMs: number;
   /** Whether that rate is the source's own past (else a constant). */
   bandwidthLearned?: boolean | undefined;
+  /** Whether fixedMs is what switchovers between these two agents cost before (else a constant). */
+  fixedLearned?: boolean | undefined;
 }
 
 /**
@@ -85,6 +87,8 @@ export interface Estimate {
   dirtyPagesPerMs: number | undefined;
   expectedPages: number;
   fixedMs: number;
+  /** Where the fixed cost comes from: past switchovers between these agents, or a constant. */
+  fixedFrom: 'learned' | 'assumed';
   restoreMs: number;
   copyMs: number;
   predictedDowntimeMs: number;
@@ -150,6 +154,7 @@ export function estimate(
     dirtyPagesPerMs,
     expectedPages,
     fixedMs: cost.fixedMs,
+    fixedFrom: cost.fixedLearned === true ? 'learned' : 'assumed',
     restoreMs,
     copyMs,
     predictedDowntimeMs: cost.fixedMs + restoreMs + copyMs,
@@ -229,7 +234,7 @@ export function explain(e: Estimate): string {
   const from = { rounds: '', learned: ' (its past dumps)', assumed: ' assumed' }[e.bandwidthFrom];
   const rate = `${formatBytes(e.bandwidthBytesPerMs * 1000)}/s${from}`;
   return (
-    `${ms(e.predictedDowntimeMs)} = switchover ${ms(e.fixedMs)} + restore ${ms(e.restoreMs)} + ` +
+    `${ms(e.predictedDowntimeMs)} = switchover ${ms(e.fixedMs)}${e.fixedFrom === 'learned' ? ' (past switchovers)' : ''} + restore ${ms(e.restoreMs)} + ` +
     `${e.expectedPages} dirty pages at ${rate} ${ms(e.copyMs)}`
   );
 }

@@ -63,7 +63,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const { facts, rounds, switched, phasesMs } = await upToTheCommit(m);
     // The commit point: from here the source never resumes, and nothing is rolled back.
     const committedStats = await commit(m, facts);
-    const resumedPid = await resume(m, switched);
+    const resumedPid = await resume(m, switched, (committedStats?.memwriteTimeUs ?? 0) / 1000);
     const downtimeMs = (switched.held.frozenMs ?? 0) + (performance.now() - switched.heldAt);
     // Post-copy: the source's copy ends (the settled commit) only once the destination has every page.
     const settled = facts.strategy === 'postcopy' ? await postcopy(m, resumedPid) : undefined;

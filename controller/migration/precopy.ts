@@ -45,8 +45,11 @@ export async function precopy(m: MigrationContext, p: Preflight): Promise<Precop
   // a page transfer rate on the source (used until a round measures this migration's own).
   const restoreRate = p.destinationFacts.restoreBytesPerMs ?? 0;
   const writeRate = p.sourceFacts.pageWriteBytesPerMs ?? 0;
+  // And what a switchover between these two has cost besides its pages, where one happened before.
+  const fixedMs = p.destinationFacts.switchoverMs ?? 0;
   const cost = options.cost ?? {
     ...DEFAULT_COST,
+    ...(fixedMs > 0 ? { fixedMs, fixedLearned: true } : {}),
     ...(restoreRate > 0 ? { restoreBytesPerMs: restoreRate } : {}),
     ...(writeRate > 0 ? { defaultBandwidthBytesPerMs: writeRate, bandwidthLearned: true } : {}),
   };

@@ -41,7 +41,13 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
   const pid = proc.pid ?? 0;
   const destinationFacts = await destination.call(
     'factsQuery',
-    { pid, probePostcopy, address: proc.workloadAddress ?? '', addressHook: proc.workloadAddressHook ?? '' },
+    {
+      pid,
+      probePostcopy,
+      address: proc.workloadAddress ?? '',
+      addressHook: proc.workloadAddressHook ?? '',
+      peerUrl: options.from.url,
+    },
     { timeoutMs: 120_000 },
   );
   m.emit(

@@ -116,7 +116,7 @@ export async function commit(m: MigrationContext, p: Preflight): Promise<DumpSta
  * commit; resolves with its PID there. Safe to repeat, over a new
  * connection if the old one broke: resume acts only on a held copy.
  */
-export async function resume(m: MigrationContext, s: Switchover): Promise<number> {
+export async function resume(m: MigrationContext, s: Switchover, copyMs = 0): Promise<number> {
   const { destination, destinationName } = m;
   let resumer = destination;
   try {
@@ -126,7 +126,11 @@ export async function resume(m: MigrationContext, s: Switchover): Promise<number
           async () => {
             if (resumer.closed) resumer = await m.connect(m.options.to);
             const downtimeBeforeMs = Math.round((s.held.frozenMs ?? 0) + (performance.now() - s.heldAt));
-            return resumer.call('resume', { migrationId: m.id, downtimeBeforeMs }, { timeoutMs: m.holdMs });
+            return resumer.call(
+              'resume',
+              { migrationId: m.id, downtimeBeforeMs, copyMs: Math.round(copyMs) },
+              { timeoutMs: m.holdMs },
+            );
           },
           {
             retries: 3,

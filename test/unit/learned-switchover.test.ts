@@ -1,0 +1,57 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { switchoverKey } from '../../agent/destination/index.js';
+import { DEFAULT_COST, estimate, explain } from '../../controller/migration/convergence.js';
+import { FakeController, fakeAgent, type FakeAgent } from '../helpers/fake-agent.js';
+
+/**
+ * The switchover's fixed cost, learned per agent pair: the destination
+ * takes the downtime less the final copy and its own restore at each
+ * resume, keyed by the source, and the prediction uses it in place of the
+ * constant measured on the project's machine.
+ */
+const SOURCE_URL = 'wss://10.0.0.1:7070';
+let agents: FakeAgent[] = [];
+
+afterEach(() => {
+  for (const a of agents) {
+    for (const m of a.context.migrations.all()) m.abort.abort(new Error('test over'));
+    a.cleanup();
+  }
+  agents = [];
+});
+
+async function resumed(a: FakeAgent, id: string, downtimeBeforeMs: number, copyMs: number): Promise<void> {
+  a.destination.prepare({ migrationId: id, sourceUrl: SOURCE_URL, holdMs: 60_000 });
+  await a.destination.pageServer({ migrationId: id, round: 'final' }, new FakeController());
+  await a.destination.restore({ migrationId: id, round: 'final' }, new FakeController());
+  await a.destination.resume({ migrationId: id, downtimeBeforeMs, copyMs });
+}
+
+describe('the learned switchover cost', () => {
+  it('is the downtime less the copy and the restore, a moving average per source', async () => {
+    const a = fakeAgent();
+    agents.push(a);
+    expect(a.context.rates.cost(switchoverKey(SOURCE_URL))).toBe(0);
+    await resumed(a, 'm-1', 400, 100);
+    const first = a.context.rates.cost(switchoverKey(SOURCE_URL));
+    // About 300 ms: 400 less the 100 of copy, less the fake restore's few ms, plus the resume's own.
+    expect(first).toBeGreaterThan(250);
+    expect(first).toBeLessThan(350);
+    await resumed(a, 'm-2', 200, 100);
+    const second = a.context.rates.cost(switchoverKey(SOURCE_URL));
+    expect(second).toBeGreaterThan(150);
+    expect(second).toBeLessThan(first);
+    expect(a.context.rates.cost(switchoverKey('wss://10.0.0.9:7070'))).toBe(0);
+  });
+
+  it('replaces the constant in the prediction, and the explanation says where it came from', () => {
+    const assumed = estimate([], { residentBytes: 8 * 1024 * 1024, cost: DEFAULT_COST });
+    const learned = estimate([], {
+      residentBytes: 8 * 1024 * 1024,
+      cost: { ...DEFAULT_COST, fixedMs: 40, fixedLearned: true },
+    });
+    expect(assumed.predictedDowntimeMs - learned.predictedDowntimeMs).toBeCloseTo(DEFAULT_COST.fixedMs - 40, 5);
+    expect(explain(learned)).toContain('switchover 40 ms (past switchovers)');
+    expect(explain(assumed)).not.toContain('past switchovers');
+  });
+});
