@@ -7,7 +7,7 @@
  * project prefix (scripts/install-criu) and run beside its criu binary, or
  * from PATH where CRIU is the system's.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { accessSync, constants, existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
@@ -27,9 +27,14 @@ export interface AddressPort {
   holder(ip: string): Promise<string | undefined>;
   /** Adds it to the interface that routes to it (or `device`); resolves with that interface. */
   add(a: ServiceAddress, device?: string): Promise<string>;
-  /** Removes it; an address that is gone already is not an error. */
+  /** Removes it, and stops announcing it; an address that is gone already is not an error. */
   remove(a: ServiceAddress, device: string): Promise<void>;
-  /** Tells the neighbours the address is here now: gratuitous ARP, repeated in the background. */
+  /**
+   * Tells the neighbours the address is here now: gratuitous ARP, repeated in
+   * the background until done or until the address is removed here (a
+   * repeat after a rollback gave it back would point the neighbours here
+   * again).
+   */
   announce(a: ServiceAddress, device: string): void;
   /** Drops every packet to the address until `release`: no reset reaches a client before its socket is back. */
   block(id: string, a: ServiceAddress): Promise<void>;
@@ -61,6 +66,11 @@ export const HOOK_TIMEOUT_MS = 10_000;
 const ANNOUNCEMENTS = 3;
 
 export function realAddresses(criuBinary: string): AddressPort {
+  const announcing = new Map<string, ChildProcess>();
+  const stopAnnouncing = (ip: string): void => {
+    announcing.get(ip)?.kill('SIGKILL');
+    announcing.delete(ip);
+  };
   const tool = (name: string): string => {
     const beside = join(dirname(criuBinary), name);
     return existsSync(beside) ? beside : name;
@@ -101,19 +111,25 @@ export function realAddresses(criuBinary: string): AddressPort {
       return dev;
     },
     async remove(a, device) {
+      stopAnnouncing(a.ip);
       if ((await holder(a.ip)) === undefined) return;
       await ip('addr', 'del', a.cidr, 'dev', device);
     },
     announce(a, device) {
+      stopAnnouncing(a.ip);
       const child = spawn(tool('arping'), ['-U', '-c', String(ANNOUNCEMENTS), '-I', device, a.ip], {
         stdio: ['ignore', 'ignore', 'pipe'],
       });
       let err = '';
       child.stderr.on('data', (d: Buffer) => (err += d.toString()));
       child.on('error', (e) => log.warn('cannot announce the address', { address: a.ip, error: e.message }));
-      child.on('exit', (code) => {
-        if (code !== 0 && code !== 1) log.warn('announcing the address failed', { address: a.ip, error: err.trim() });
+      child.on('exit', (code, signal) => {
+        if (announcing.get(a.ip) === child) announcing.delete(a.ip);
+        if (signal === null && code !== 0 && code !== 1) {
+          log.warn('announcing the address failed', { address: a.ip, error: err.trim() });
+        }
       });
+      announcing.set(a.ip, child);
       child.unref();
     },
     async block(id, a) {

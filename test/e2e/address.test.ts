@@ -70,6 +70,18 @@ function addresses(host: LabHost): string[] {
   return [...out.matchAll(/inet (\S+)/g)].map((m) => m[1] ?? '');
 }
 
+/** The hardware address a host's neighbour table has for an IP. */
+function neighbour(host: LabHost, ip: string): string {
+  const out = execFileSync('ip', ['-n', host.netns, 'neigh', 'show', ip], { encoding: 'utf8' });
+  return /lladdr (\S+)/.exec(out)?.[1] ?? '';
+}
+
+/** A host's own hardware address on eth0. */
+function mac(host: LabHost): string {
+  const out = execFileSync('ip', ['-n', host.netns, 'link', 'show', 'dev', 'eth0'], { encoding: 'utf8' });
+  return /link\/ether (\S+)/.exec(out)?.[1] ?? '';
+}
+
 /** The nftables tables in a host's network namespace (CRIU's lock tables, Ferry's holds). */
 function tables(host: LabHost): string[] {
   const out = execFileSync('ip', ['netns', 'exec', host.netns, NFT, 'list', 'tables'], { encoding: 'utf8' });
@@ -229,6 +241,10 @@ describe('the service address moves with the workload', () => {
     expect(tables(d)).toEqual([]);
     const after = count(out);
     await waitFor(() => count(out) > after + 20, { what: 'echoes from a after the rollback', timeoutMs: 15_000 });
+    // Past the time d would still have been announcing the address (three, a second apart), host c
+    // still sends it to a: d stopped announcing when it gave the address up.
+    await new Promise((resolve) => setTimeout(resolve, 2_500));
+    expect(neighbour(c, ip)).toBe(mac(a));
     expect((await stop(client, out)).errors).toEqual([]);
   }, 90_000);
 });
