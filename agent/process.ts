@@ -6,11 +6,9 @@ import { heldSockets } from './sockets.js';
 export function processFacts(pid: number, serviceIp?: string): ProcessFacts {
   const status = readStatus(pid);
   if (status === undefined) return { pid, exists: false };
-  const nspid = (status.get('NSpid') ?? '').trim().split(/\s+/);
-  const ownPidNamespace = nspid.length > 1 && nspid.at(-1) === '1';
+  const ownPidNamespace = isNamespaceInit(status);
   const tree = ownPidNamespace ? processesInNamespace(pid) : [pid];
-  let resident = 0;
-  for (const p of tree) resident += kib(readStatus(p)?.get('VmRSS')) * 1024;
+  const resident = treeResident(tree);
   let command = '';
   try {
     command = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean).join(' ').slice(0, 200);
@@ -28,6 +26,25 @@ export function processFacts(pid: number, serviceIp?: string): ProcessFacts {
     inetSockets,
     sockets: sockets.map(({ kind, local, peer, state, moves, why }) => ({ kind, local, peer, state, moves, why })),
   };
+}
+
+/** The resident memory of a process and, when it is the init of its own PID namespace, of its whole tree. */
+export function residentBytes(pid: number): number {
+  const status = readStatus(pid);
+  if (status === undefined) return 0;
+  return treeResident(isNamespaceInit(status) ? processesInNamespace(pid) : [pid]);
+}
+
+/** Whether the process is the init of its own PID namespace (its innermost PID is 1). */
+function isNamespaceInit(status: Map<string, string>): boolean {
+  const nspid = (status.get('NSpid') ?? '').trim().split(/\s+/);
+  return nspid.length > 1 && nspid.at(-1) === '1';
+}
+
+function treeResident(tree: readonly number[]): number {
+  let resident = 0;
+  for (const p of tree) resident += kib(readStatus(p)?.get('VmRSS')) * 1024;
+  return resident;
 }
 
 /** PIDs (as seen here) that are taken on this machine, among those asked about. */

@@ -182,6 +182,7 @@ export class DestinationRole {
     const dir = join(m.dir, r.round ?? '');
     hooks.fault('destination.before-restore', { roundDir: dir });
     placeWorkloadLog(this.context.dataDir, m, dir);
+    m.progressTo = sender;
     const started = performance.now();
     sender.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.context.node });
     if (r.postcopyPort) {

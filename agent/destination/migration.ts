@@ -1,6 +1,6 @@
 import type { LazyPagesDaemon } from '../../src/criu/index.js';
 import type { Deferred } from '../../src/deferred.js';
-import type { WorkloadSpec } from '../../src/wire/index.js';
+import type { WireConnection, WorkloadSpec } from '../../src/wire/index.js';
 import type { MovingAddress } from '../address-move.js';
 import type { ImageReceiver } from '../images.js';
 import type { PageListener } from '../page-stream.js';
@@ -24,6 +24,8 @@ export interface DestinationMigration extends LocalMigration {
   readonly answer: Deferred<boolean>;
   /** The copy CRIU restored and holds before it runs. */
   restoredPid?: number | undefined;
+  /** Where the restore's progress went (the controller's connection): the post-copy fetch's goes there too. */
+  progressTo?: Pick<WireConnection, 'progress'> | undefined;
   /** How long its restore took, to its hold. */
   restoreMs?: number | undefined;
   /** Post-copy: the daemon fetching the memory from the source, and how it ended. */

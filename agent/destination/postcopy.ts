@@ -1,9 +1,12 @@
 import { join } from 'node:path';
 import { lazyPagesCopied, logReason } from '../../src/criu/index.js';
 import { log } from '../../src/log.js';
+import { formatBytes } from '../../src/units.js';
 import type { BodyOf, ReplyOf } from '../../src/wire/index.js';
 import { pageTlsFor, type AgentContext } from '../context.js';
+import { residentBytes } from '../process.js';
 import type { DestinationMigration } from './migration.js';
+import { PAGE_FLOW_INTERVAL_MS } from './page-flow.js';
 
 /** How long a finished post-copy destination stays to answer how it ended (the source and the controller ask). */
 const KEPT_FOR_QUESTIONS_MS = 60_000;
@@ -43,7 +46,9 @@ export class DestinationPostcopyRole {
     const postcopy = m.postcopy!;
     postcopy.resumedAt = performance.now();
     journal.advance(m.id, 'resuming', { pid, pidStart: processes.startTime(pid), action: 'fetching memory' });
+    const watching = this.#watchFetch(m, pid);
     void postcopy.daemon.exited.then(async ({ code, signal }) => {
+      clearInterval(watching);
       const ms = Math.round(performance.now() - (postcopy.resumedAt ?? 0));
       const logPath = join(m.dir, 'final', 'lazy-pages.log');
       if (code === 0) {
@@ -61,6 +66,36 @@ export class DestinationPostcopyRole {
       }
       setTimeout(() => void migrations.forget(m, postcopy.result?.ok !== true), KEPT_FOR_QUESTIONS_MS).unref();
     });
+  }
+
+  /**
+   * The fetch's progress, twice a second: the memory the copy has here (its
+   * tree's resident size) beyond what it had when it resumed, which grows as
+   * the daemon copies pages in (and as the copy faults them in itself).
+   */
+  #watchFetch(m: DestinationMigration, pid: number): NodeJS.Timeout {
+    const base = residentBytes(pid);
+    const started = performance.now();
+    let told = 0;
+    const timer = setInterval(() => {
+      const bytes = Math.max(0, residentBytes(pid) - base);
+      if (bytes === told) return;
+      told = bytes;
+      const seconds = (performance.now() - started) / 1000;
+      const rate = seconds > 0 ? Math.round(bytes / seconds) : 0;
+      m.progressTo?.progress({
+        migrationId: m.id,
+        phase: 'postcopy',
+        round: 'final',
+        message: `memory arriving: ${formatBytes(bytes)} at ${formatBytes(rate)}/s`,
+        bytes,
+        transfer: true,
+        bytesPerSecond: rate,
+        source: this.context.node,
+      });
+    }, PAGE_FLOW_INTERVAL_MS);
+    timer.unref();
+    return timer;
   }
 
   outcome(m: DestinationMigration): ReplyOf<'outcomeQuery'> {

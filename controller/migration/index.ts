@@ -66,7 +66,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const resumedPid = await resume(m, switched, (committedStats?.memwriteTimeUs ?? 0) / 1000);
     const downtimeMs = (switched.held.frozenMs ?? 0) + (performance.now() - switched.heldAt);
     // Post-copy: the source's copy ends (the settled commit) only once the destination has every page.
-    const settled = facts.strategy === 'postcopy' ? await postcopy(m, resumedPid) : undefined;
+    const settled =
+      facts.strategy === 'postcopy'
+        ? await postcopy(m, resumedPid, Number(facts.process.residentBytes ?? 0))
+        : undefined;
     m.emit('done', m.destinationName, `running as PID ${resumedPid}`);
     const commitMs = m.elapsed() - phasesMs.preflight - phasesMs.precopy - phasesMs.switchover;
     return migrationReport(m, {

@@ -20,10 +20,13 @@ export const POSTCOPY_RISK =
 export async function postcopy(
   m: MigrationContext,
   resumedPid: number,
+  residentBytes: number,
 ): Promise<{ finalStats: DumpStatsMessage | null | undefined; report: NonNullable<MigrationReport['postcopy']> }> {
   const { source, sourceName, destinationName } = m;
   m.emit('postcopy', destinationName, `running as PID ${resumedPid}; fetching its memory from ${sourceName}`);
   m.phase = 'postcopy';
+  // The memory the destination's fetch counts toward (its progress: bytes arrived, rate, time left).
+  m.expectedPageBytes = residentBytes;
   const fetched = await awaitPostcopy(m);
   let finalStats: DumpStatsMessage | null | undefined;
   try {
