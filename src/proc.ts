@@ -46,7 +46,7 @@ export function inNetns(pid: number, netns: string): boolean {
 }
 
 /**
- * The process (other than this one) that holds a socket, by its inode: how
+ * The process (other than this one or its children) that holds a socket, by its inode: how
  * a page server CRIU started on a socket it was handed is found (swrk
  * reports no PID for it, and its title does not reach its command line
  * when CRIU runs through the prefix's loader).
@@ -56,6 +56,10 @@ export function socketHolder(inode: number): number | undefined {
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
     try {
+      // Not a child of this process: the swrk worker that started the page server holds the socket
+      // too until it exits, a moment after its answer.
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === process.pid) continue;
       for (const fd of readdirSync(`/proc/${entry}/fd`)) {
         if (readlinkSync(`/proc/${entry}/fd/${fd}`) === link) return Number(entry);
       }

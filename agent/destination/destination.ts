@@ -63,6 +63,7 @@ export class DestinationRole {
       address: movingAddress(p.workload ?? undefined),
       receivers: new Map(),
       pageServers: [],
+      pageFlows: new Map(),
       pageStreams: [],
       sourceUrl: p.sourceUrl ?? '',
       holdMs: p.holdMs || DEFAULT_HOLD_MS,
@@ -142,7 +143,7 @@ export class DestinationRole {
     const start = server === undefined ? undefined : processes.startTime(server);
     if (server !== undefined) m.pageServers.push({ pid: server, start });
     log.info('page server started', { migration: m.id, round: p.round, pid: server });
-    watchPageFlow({
+    const finish = watchPageFlow({
       dir,
       serverAlive: () => server !== undefined && start !== undefined && processes.startTime(server) === start,
       progress: (message) => sender.progress(message),
@@ -154,6 +155,7 @@ export class DestinationRole {
       },
       stop: m.abort.signal,
     });
+    m.pageFlows.set(p.round ?? '', finish);
   }
 
   async imageChunk(c: BodyOf<'imageChunk'>, sender: Sender): Promise<ReplyOf<'imageChunk'>> {
@@ -183,6 +185,8 @@ export class DestinationRole {
     hooks.fault('destination.before-restore', { roundDir: dir });
     placeWorkloadLog(this.context.dataDir, m, dir);
     m.progressTo = sender;
+    // The source's dump of this round has ended: its page count is final.
+    m.pageFlows.get(r.round ?? '')?.();
     const started = performance.now();
     sender.progress({ migrationId: m.id, phase: 'switchover', message: 'restoring', source: this.context.node });
     if (r.postcopyPort) {

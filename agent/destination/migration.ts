@@ -15,6 +15,8 @@ export interface DestinationMigration extends LocalMigration {
   readonly receivers: Map<string, ImageReceiver>;
   /** CRIU's page servers for its rounds: each waits for one dump, and for ever if none comes. */
   readonly pageServers: { pid: number; start: number | undefined }[];
+  /** Each round's page-flow count, ended (with its last count) when the round is known to be over. */
+  readonly pageFlows: Map<string, () => void>;
   /** The rounds' page listeners (and their connections), ended with the migration. */
   readonly pageStreams: PageListener[];
   readonly sourceUrl: string;

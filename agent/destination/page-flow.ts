@@ -32,7 +32,9 @@ export function pageBytes(dir: string): number {
  * dump can take seconds with nothing else to say (a 1 GiB stop-and-copy
  * printed "freezing and dumping" and then nothing for 7 s). Ends when the
  * page server has ended (it serves one dump), with one last count if any
- * was told, or when `stop` is aborted.
+ * was told, or when `stop` is aborted. The function it returns ends it at
+ * once, with that last count: for a round known to be over before the next
+ * count would come.
  */
 export function watchPageFlow(options: {
   dir: string;
@@ -40,7 +42,7 @@ export function watchPageFlow(options: {
   progress: (p: ProgressMessage) => void;
   base: Pick<ProgressMessage, 'migrationId' | 'phase' | 'round' | 'source'>;
   stop: AbortSignal;
-}): void {
+}): () => void {
   const started = performance.now();
   let told = 0;
   const tell = (): void => {
@@ -66,4 +68,12 @@ export function watchPageFlow(options: {
   }, PAGE_FLOW_INTERVAL_MS);
   timer.unref();
   options.stop.addEventListener('abort', () => clearInterval(timer), { once: true });
+  let finished = false;
+  // The round is over (its dump ended): the last count now, if a count was told, and no more.
+  return () => {
+    if (finished) return;
+    finished = true;
+    clearInterval(timer);
+    if (told > 0) tell();
+  };
 }
