@@ -287,11 +287,27 @@ describe('ferry migrate on the command line', () => {
       [join(examples, 'counter'), join(dir, 'state'), '20', '64'],
       'test',
     );
-    const refused = await ferryCli('migrate', 'strict', '--from', 'a', '--to', 'b', '--strict-downtime', '--json');
+    // A budget no 64 MiB switchover meets here (CRIU alone needs about 190 ms for one, docs/benchmark.md):
+    // with the learned costs a 64 MiB move now fits the default 300 ms on this machine.
+    const refused = await ferryCli(
+      'migrate',
+      'strict',
+      '--from',
+      'a',
+      '--to',
+      'b',
+      '--strict-downtime',
+      '--max-downtime',
+      '100',
+      '--json',
+    );
     expect(refused.code, refused.stderr).toBe(1);
     const { error } = JSON.parse(refused.stdout) as { error: { code: string; message: string } };
     expect(error.code).toBe('DOWNTIME_BUDGET');
-    expect(error.message).toMatch(/predicted downtime .* over the 300 ms budget; --strict-downtime stops here/);
+    // Refused on the prediction, or before it on the floor (switchover and restore alone), by the learned costs.
+    expect(error.message).toMatch(
+      /predicted downtime .* over the 100 ms budget; --strict-downtime stops here|no strategy can keep the downtime within 100 ms/,
+    );
     expect(error.message).toMatch(/still runs on a, unchanged/);
     expect(isRunning(w.pid ?? 0)).toBe(true);
     const count = readNumber(join(dir, 'state'), 1);
