@@ -187,6 +187,35 @@ static napi_value js_blocking(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * Runs `body(arg)` in a detached thread of its own, which reports through
+ * `*done`, a thread-safe function calling `callback` with `call_js`. False,
+ * with a JavaScript error thrown, when either cannot be made; the caller
+ * then frees `arg`.
+ */
+static bool start_thread(napi_env env, napi_value callback, const char *name, napi_threadsafe_function_call_js call_js,
+                         napi_threadsafe_function *done, void *(*body)(void *), void *arg) {
+  napi_value resource_name;
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name);
+  if (napi_create_threadsafe_function(env, callback, NULL, resource_name, 0, 1, NULL, NULL, NULL, call_js, done) !=
+      napi_ok) {
+    throw_errno(env, "napi_create_threadsafe_function", EINVAL);
+    return false;
+  }
+  pthread_t thread;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int err = pthread_create(&thread, &attr, body, arg);
+  pthread_attr_destroy(&attr);
+  if (err != 0) {
+    napi_release_threadsafe_function(*done, napi_tsfn_abort);
+    throw_errno(env, "pthread_create", err);
+    return false;
+  }
+  return true;
+}
+
+/*
  * relay(from: number, to: number, callback: (error: Error | null, bytes: number) => void): void
  *
  * Moves bytes from one descriptor to another with splice(2) through a pipe,
@@ -266,7 +295,7 @@ static void *relay_thread(void *arg) {
 
 static napi_value js_relay(napi_env env, napi_callback_info info) {
   size_t argc = 3;
-  napi_value argv[3], name;
+  napi_value argv[3];
   int from, to;
   napi_valuetype type;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
@@ -278,23 +307,7 @@ static napi_value js_relay(napi_env env, napi_callback_info info) {
   if (r == NULL) return throw_errno(env, "calloc", ENOMEM);
   r->from = from;
   r->to = to;
-  napi_create_string_utf8(env, "ferry-page-relay", NAPI_AUTO_LENGTH, &name);
-  if (napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, NULL, NULL, NULL, relay_call_js, &r->done) !=
-      napi_ok) {
-    free(r);
-    return throw_errno(env, "napi_create_threadsafe_function", EINVAL);
-  }
-  pthread_t thread;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  int err = pthread_create(&thread, &attr, relay_thread, r);
-  pthread_attr_destroy(&attr);
-  if (err != 0) {
-    napi_release_threadsafe_function(r->done, napi_tsfn_abort);
-    free(r);
-    return throw_errno(env, "pthread_create", err);
-  }
+  if (!start_thread(env, argv[2], "ferry-page-relay", relay_call_js, &r->done, relay_thread, r)) free(r);
   return NULL;
 }
 
@@ -531,7 +544,7 @@ static char *get_string_property(napi_env env, napi_value object, const char *na
 
 static napi_value js_tls_relay(napi_env env, napi_callback_info info) {
   size_t argc = 4;
-  napi_value argv[4], name, server;
+  napi_value argv[4], server;
   int plain, net;
   napi_valuetype type;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
@@ -552,23 +565,8 @@ static napi_value js_tls_relay(napi_env env, napi_callback_info info) {
     tls_relay_free(r);
     return throw_type(env, "tlsRelay: options need ca, cert, key and peer");
   }
-  napi_create_string_utf8(env, "ferry-tls-relay", NAPI_AUTO_LENGTH, &name);
-  if (napi_create_threadsafe_function(env, argv[3], NULL, name, 0, 1, NULL, NULL, NULL, tls_relay_call_js, &r->done) !=
-      napi_ok) {
+  if (!start_thread(env, argv[3], "ferry-tls-relay", tls_relay_call_js, &r->done, tls_relay_thread, r))
     tls_relay_free(r);
-    return throw_errno(env, "napi_create_threadsafe_function", EINVAL);
-  }
-  pthread_t thread;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  int err = pthread_create(&thread, &attr, tls_relay_thread, r);
-  pthread_attr_destroy(&attr);
-  if (err != 0) {
-    napi_release_threadsafe_function(r->done, napi_tsfn_abort);
-    tls_relay_free(r);
-    return throw_errno(env, "pthread_create", err);
-  }
   return NULL;
 }
 
