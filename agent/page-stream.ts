@@ -18,7 +18,7 @@
  * server's end never corks (it turns Nagle off).
  */
 import { connect as connectTcp, createServer as createTcpServer, type Server, type Socket } from 'node:net';
-import { seqpacketAddon, type PageTls, type PassedFd } from '../src/criu/index.js';
+import { seqpacketAddon, socketDescriptor, type PageTls, type PassedFd } from '../src/criu/index.js';
 import { log } from '../src/log.js';
 
 /** One end of a round's page stream: the descriptor for CRIU, and the relay behind it. */
@@ -127,7 +127,7 @@ export async function connectForPages(
 function relay(remote: Socket, tls: (PageTls & { server: boolean; peer: string }) | undefined): PageStream {
   const native = seqpacketAddon();
   remote.on('error', () => undefined); // the relay thread reports what goes wrong
-  const net = descriptorOf(remote);
+  const net = socketDescriptor(remote);
   const [ours, theirs] = native.socketpair(true);
   native.blocking(ours);
   native.blocking(net);
@@ -187,11 +187,4 @@ function relay(remote: Socket, tls: (PageTls & { server: boolean; peer: string }
       }
     },
   };
-}
-
-/** The descriptor of a Node socket (its handle's; Node has no public accessor). */
-function descriptorOf(socket: Socket): number {
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new Error('the page connection has no descriptor');
-  return fd;
 }

@@ -10,7 +10,7 @@ import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
 import { giveUp, movingAddress, openAddress, take } from '../address-move.js';
 import { Hold } from '../hold.js';
-import type { PassedFd } from '../../src/criu/index.js';
+import { socketDescriptor, type PassedFd } from '../../src/criu/index.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
 import { isDestination, type DestinationMigration } from './migration.js';
@@ -107,7 +107,7 @@ export class DestinationRole {
     const listener = await this.context.pages.listen(
       this.context.advertise,
       pageTlsFor(this.context, p.plainPages),
-      URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '',
+      sourceHost(m),
     );
     m.pageStreams.push(listener);
     const started = listener.connection.then((socket) => this.#startPageServer(m, p, dir, socket, sender));
@@ -368,7 +368,7 @@ export class DestinationRole {
   #fromSource(m: DestinationMigration, sender: Sender): void {
     const peer = sender.certificate;
     if (peer?.role !== 'agent') return;
-    const host = URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '';
+    const host = sourceHost(m);
     const certificate = { subject: { CN: peer.name }, subjectaltname: peer.subjectAltName } as PeerCertificate;
     if (host === '' || checkServerIdentity(host, certificate) !== undefined) {
       throw new NotAllowedError(`${peer.name} is not the source of migration ${m.id}, whose images it sent`);
@@ -402,11 +402,15 @@ export class DestinationRole {
   }
 }
 
+/** The host of the migration's source URL ('' when it has none): what the source's certificate must name. */
+function sourceHost(m: DestinationMigration): string {
+  return URL.canParse(m.sourceUrl) ? new URL(m.sourceUrl).hostname.replace(/^\[|\]$/g, '') : '';
+}
+
 /** The inode of a descriptor, or of a Node socket's; undefined when it cannot be read. */
 function socketInode(socket: PassedFd): number | undefined {
   try {
-    const fd = typeof socket === 'number' ? socket : (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    return fd === undefined || fd < 0 ? undefined : fstatSync(fd).ino;
+    return fstatSync(typeof socket === 'number' ? socket : socketDescriptor(socket)).ino;
   } catch {
     return undefined;
   }

@@ -57,7 +57,7 @@ export class SwrkEndpoint implements CriuEndpoint {
   connect(): Promise<PacketConnection> {
     const native = seqpacketAddon();
     // CRIU does blocking I/O on what it is given; a Node socket's descriptor is non-blocking.
-    for (const fd of this.fds) if (typeof fd !== 'number') native.blocking(socketFd(fd));
+    for (const fd of this.fds) if (typeof fd !== 'number') native.blocking(socketDescriptor(fd));
     const [ours, theirs] = native.socketpair(false);
     try {
       const child = spawn(this.binaryPath, ['swrk', '3'], {
@@ -571,7 +571,7 @@ export class CriuClient {
 }
 
 /** The descriptor of a Node socket (its handle's; Node has no public accessor). */
-function socketFd(socket: Socket): number {
+export function socketDescriptor(socket: Socket): number {
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) throw new Error('the socket has no descriptor to hand over');
   return fd;

@@ -12,7 +12,14 @@ export {
   meetsCriuFloor,
 } from './binary.js';
 export type { CriuBinary, CriuSource, CriuVersionInfo } from './binary.js';
-export { CriuClient, CriuSocketEndpoint, SwrkEndpoint, SWRK_FIRST_FD, type PassedFd } from './client.js';
+export {
+  CriuClient,
+  CriuSocketEndpoint,
+  socketDescriptor,
+  SwrkEndpoint,
+  SWRK_FIRST_FD,
+  type PassedFd,
+} from './client.js';
 export type {
   CallOptions,
   CriuEndpoint,
