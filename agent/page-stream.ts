@@ -131,11 +131,13 @@ function relay(remote: Socket, tls: (PageTls & { server: boolean; peer: string }
   const [ours, theirs] = native.socketpair(true);
   native.blocking(ours);
   native.blocking(net);
+  // Set by close(): what the thread then reports (the shut-down connection) is the end asked for, not a failure.
+  let closing = false;
   let sent: Promise<number>;
   if (tls === undefined) {
     const direction = (from: number, to: number): Promise<number> =>
       new Promise((resolve, reject) =>
-        native.relay(from, to, (error, bytes) => (error === null ? resolve(bytes) : reject(error))),
+        native.relay(from, to, (error, bytes) => (error === null || closing ? resolve(bytes) : reject(error))),
       );
     // CRIU's commands and pages one way; the page server's answers the other.
     sent = Promise.all([direction(ours, net), direction(net, ours)]).then(([bytes]) => bytes);
@@ -146,7 +148,7 @@ function relay(remote: Socket, tls: (PageTls & { server: boolean; peer: string }
         net,
         { server: tls.server, ca: tls.cacert, cert: tls.cert, key: tls.key, peer: tls.peer },
         (error, bytes, protocol, cipher) => {
-          if (error !== null) return reject(error);
+          if (error !== null && !closing) return reject(error);
           log.info('page stream ended', { peer: tls.peer, protocol, cipher, bytes });
           resolve(bytes);
         },
@@ -173,6 +175,7 @@ function relay(remote: Socket, tls: (PageTls & { server: boolean; peer: string }
       // Not closed under the thread (a descriptor number could be reused meanwhile): shut down,
       // which ends it (end of file, or an error); `end` closes them after.
       if (!closed) {
+        closing = true;
         for (const fd of [net, ours]) {
           try {
             native.shutdown(fd);
