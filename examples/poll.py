@@ -2,7 +2,8 @@
 """Asks an HTTP URL every INTERVAL seconds on one keep-alive connection
 until SIGTERM, printing a line per answer ("ok MS BODY") or error
 ("error MS WHAT"), then a summary line ("summary ASKED ANSWERED ERRORS
-LONGEST_MS").
+LONGEST_MS"). It first waits up to 10 s for the server to accept a
+connection: a service still starting is not an error of the move.
 
     python3 examples/poll.py URL [INTERVAL]
 """
@@ -25,6 +26,15 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 signal.signal(signal.SIGINT, on_term)
 conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
+ready_by = time.monotonic() + 10
+while not stop:
+    try:
+        conn.connect()
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > ready_by:
+            raise
+        time.sleep(0.05)
 asked = answered = errors = 0
 longest = 0.0
 while not stop:

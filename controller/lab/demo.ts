@@ -110,7 +110,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
 interface Poller {
   /** Hands on the next `count` answer lines. */
   lines(count: number, each: (line: string) => void, signal?: AbortSignal): Promise<void>;
-  /** Forgets the lines seen so far. */
+  /** Forgets the answers seen so far (not the errors). */
   skip(): void;
   /** Stops the client; resolves with its own summary. */
   stop(): Promise<DemoClient>;
@@ -150,7 +150,9 @@ function startPoller(netns: string, script: string, url: string): Poller {
       }
     },
     skip() {
-      pending.length = 0;
+      // An error stays to be shown: the demo hides nothing the client saw.
+      const errors = pending.filter((line) => line.startsWith('error '));
+      pending.splice(0, pending.length, ...errors);
     },
     async stop() {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');

@@ -23,7 +23,7 @@ describe('ferry demo', () => {
     expect(stderr).toMatch(/socket tcp-established 10\.\d+\.\d+\.80:8080 ↔ .*: moves/);
     expect(stderr).toMatch(/in host b's network namespace/);
     // The client's own account: every question answered, none failed.
-    expect(report.client.errors).toBe(0);
+    expect(report.client.errors, stderr).toBe(0);
     expect(report.client.answered).toBe(report.client.asked);
     expect(stderr).toMatch(/answered, 0 errors; its longest wait was \d+ ms/);
     // The count goes on from where it was on a: the same process, its memory moved.
