@@ -5,13 +5,11 @@ import {
   fstatSync,
   openSync,
   readdirSync,
-  readFileSync,
   readSync,
-  statSync,
   writeSync,
 } from 'node:fs';
 import { open } from 'node:fs/promises';
-import { basename, join } from 'node:path';
+import { join } from 'node:path';
 import { FerryError } from '../src/errors.js';
 import { formatBytes } from '../src/units.js';
 import {
@@ -22,10 +20,6 @@ import {
   type WireConnection,
 } from '../src/wire/index.js';
 import { freeBytes } from './process.js';
-
-/** The workload's log, as it travels with a migration's images, and its mode and owner. */
-export const WORKLOAD_LOG = 'ferry-workload.log';
-export const WORKLOAD_LOG_STAT = 'ferry-workload.stat';
 
 export class ImageTransferError extends FerryError {
   readonly code = 'IMAGE_TRANSFER';
@@ -190,19 +184,4 @@ export function sha256Of(file: string): string {
     closeSync(fd);
   }
   return hash.digest('hex');
-}
-
-/** A workload log's mode and owner as the source sent them: from a peer, so checked before chmod and chown see them. */
-export function logAttributes(file: string): { mode: number; uid: number; gid: number } {
-  const id = (n: unknown): n is number => Number.isInteger(n) && (n as number) >= 0 && (n as number) < 2 ** 32 - 1;
-  let stat: { mode?: unknown; uid?: unknown; gid?: unknown } | undefined;
-  try {
-    stat = statSync(file).size <= 4096 ? (JSON.parse(readFileSync(file, 'utf8')) as typeof stat) : undefined;
-  } catch {
-    stat = undefined;
-  }
-  if (stat === undefined || stat === null || !id(stat.mode) || !id(stat.uid) || !id(stat.gid)) {
-    throw new ImageTransferError(`${basename(file)}: not the mode and owner of a log file`);
-  }
-  return { mode: stat.mode & 0o777, uid: stat.uid, gid: stat.gid };
 }

@@ -11,7 +11,9 @@ import type { AgentContext } from './context.js';
 import { unchanged } from './errors.js';
 import { switchoverKey } from './destination/index.js';
 import { probePostcopy, type PostcopySupport } from './postcopy-probe.js';
-import { freeBytes, processFacts, takenPids } from './process.js';
+import { carriedRoots } from './carry.js';
+import { fileNeeds, fileProblems } from './files.js';
+import { freeBytes, processFacts, processTree, takenPids } from './process.js';
 
 /** How long a post-copy probe that worked is believed; one that failed is probed again next time. */
 const POSTCOPY_PROBE_KEPT_MS = 10 * 60_000;
@@ -93,6 +95,8 @@ export class NodeFacts {
       workloadPinned: record?.pinned === true,
       workloadAddress: record?.address ?? '',
       workloadAddressHook: record?.addressHook ?? '',
+      workloadCarry: record?.carry ?? [],
+      workloadShared: record?.shared ?? [],
     };
     return {
       agentName: this.context.node,
@@ -102,7 +106,17 @@ export class NodeFacts {
       cpuinfo,
       imagesFreeBytes: freeBytes(imagesRoot),
       address: this.context.advertise,
-      process: pid > 0 ? { ...processFacts(pid, serviceIp(record?.address)), ...workload } : null,
+      process:
+        pid > 0
+          ? {
+              ...processFacts(pid, serviceIp(record?.address)),
+              ...workload,
+              files: fileNeeds(processTree(pid), {
+                carried: record === undefined ? [] : carriedRoots(this.context.dataDir, record),
+                shared: record?.shared ?? [],
+              }),
+            }
+          : null,
       takenPids: pid > 0 ? takenPids([pid]) : [],
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
       restoreBytesPerMs: rates.get('restore'),
@@ -111,6 +125,7 @@ export class NodeFacts {
       postcopy: q.probePostcopy === true ? await this.#postcopySupport() : null,
       addressProblem: q.address ? await this.context.addresses.problem(parseServiceAddress(q.address)) : '',
       addressHookProblem: q.addressHook ? this.context.addresses.hookProblem(q.addressHook) : '',
+      fileProblems: fileProblems(q.files ?? []),
     };
   }
 

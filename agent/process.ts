@@ -57,6 +57,13 @@ export function freeBytes(dir: string): number {
   return s.bavail * s.bsize;
 }
 
+/** The process and, when it is the init of its own PID namespace, every process in that namespace. */
+export function processTree(pid: number): number[] {
+  const status = readStatus(pid);
+  if (status === undefined) return [];
+  return isNamespaceInit(status) ? processesInNamespace(pid) : [pid];
+}
+
 function processesInNamespace(root: number): number[] {
   let ns: string;
   try {

@@ -43,6 +43,8 @@ export async function runWorkload(context: AgentContext, r: BodyOf<'runWorkload'
       pinned: r.pinned === true,
       address: address?.cidr,
       addressHook: hook,
+      carry: r.carry ?? [],
+      shared: r.shared ?? [],
     });
     log.info('workload started', { name: w.name, pid: w.pid, address: address?.cidr });
     return { ...w, state: 'running', agent: node, address: w.address ?? '' };

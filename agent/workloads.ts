@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { isAlive } from '../src/proc.js';
+import { workloadHome } from './carry.js';
 import { processFacts } from './process.js';
 import type { WorkloadInfo, WorkloadSpec } from '../src/wire/index.js';
 
@@ -21,6 +22,10 @@ export interface WorkloadRecord {
   address?: string;
   /** Run at the address step of a migration (docs/network.md). */
   addressHook?: string;
+  /** Paths it carries when it moves, besides its home and log (docs/files.md). */
+  carry?: string[];
+  /** Paths on storage every node sees: checked, never copied. */
+  shared?: string[];
 }
 
 export class WorkloadError extends FerryError {
@@ -30,7 +35,8 @@ export class WorkloadError extends FerryError {
 /**
  * Migratable workloads: commands started in their own PID namespace (so
  * their PIDs never collide where they are restored), in their own session,
- * detached, with output to a log file. Recorded in DATA/workloads.json.
+ * detached, in their own directory (DATA/workloads/NAME), with output to a
+ * log file beside it. Recorded in DATA/workloads.json.
  */
 export class Workloads {
   readonly #file: string;
@@ -48,7 +54,14 @@ export class Workloads {
   async run(
     name: string,
     argv: readonly string[],
-    placement: { labels?: Record<string, string>; pinned?: boolean; address?: string; addressHook?: string } = {},
+    placement: {
+      labels?: Record<string, string>;
+      pinned?: boolean;
+      address?: string;
+      addressHook?: string;
+      carry?: string[];
+      shared?: string[];
+    } = {},
   ): Promise<WorkloadRecord> {
     const existing = this.#load().find((w) => w.name === name);
     if (existing !== undefined && isAlive(existing.pid)) {
@@ -58,6 +71,9 @@ export class Workloads {
     }
     const logFile = join(this.#logDir, `${name}.log`);
     closeSync(openSync(logFile, 'a'));
+    // Its own directory, where it starts: carried whole when it moves.
+    const home = workloadHome(this.dataDir, name);
+    mkdirSync(home, { recursive: true });
     // unshare forks the namespace's init, which setsid makes a session leader
     // without a terminal: what CRIU needs to dump the tree on its own. The
     // shell only redirects the command's output to the log and execs it, so
@@ -65,7 +81,7 @@ export class Workloads {
     const launcher = spawn(
       'unshare',
       ['--pid', '--fork', '--', 'setsid', '--', '/bin/sh', '-c', 'exec "$@" >>"$0" 2>&1 </dev/null', logFile, ...argv],
-      { detached: true, stdio: 'ignore', cwd: this.#logDir },
+      { detached: true, stdio: 'ignore', cwd: home },
     );
     launcher.unref();
     const launcherPid = launcher.pid;
@@ -89,6 +105,8 @@ export class Workloads {
       pinned: placement.pinned === true,
       ...(placement.address ? { address: placement.address } : {}),
       ...(placement.addressHook ? { addressHook: placement.addressHook } : {}),
+      ...(placement.carry?.length ? { carry: [...placement.carry] } : {}),
+      ...(placement.shared?.length ? { shared: [...placement.shared] } : {}),
     };
     this.#save([...this.#load().filter((w) => w.name !== name), record]);
     return record;
@@ -130,6 +148,8 @@ export class Workloads {
       pinned: spec.pinned === true,
       ...(spec.address ? { address: spec.address } : {}),
       ...(spec.addressHook ? { addressHook: spec.addressHook } : {}),
+      ...(spec.carry?.length ? { carry: [...spec.carry] } : {}),
+      ...(spec.shared?.length ? { shared: [...spec.shared] } : {}),
     };
     this.#save([...this.#load().filter((w) => w.name !== record.name), record]);
   }

@@ -9,13 +9,13 @@ import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf, type WireConnection } from 
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
 import { giveUp, movingAddress, openAddress, take } from '../address-move.js';
+import { carriedRoots, placeCarried } from '../carry.js';
 import { Hold } from '../hold.js';
 import { socketDescriptor, type PassedFd } from '../../src/criu/index.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
 import { isDestination, type DestinationMigration } from './migration.js';
 import { pageBytes, watchPageFlow } from './page-flow.js';
-import { placeWorkloadLog } from './workload-log.js';
 
 /** Who sent a request: its certificate, when it has one. */
 export type Sender = Pick<WireConnection, 'certificate' | 'progress'>;
@@ -183,7 +183,17 @@ export class DestinationRole {
     const hold = m.hold!;
     const dir = join(m.dir, r.round ?? '');
     hooks.fault('destination.before-restore', { roundDir: dir });
-    placeWorkloadLog(this.context.dataDir, m, dir);
+    if (m.workload !== undefined) {
+      try {
+        m.placed = placeCarried(dir, carriedRoots(this.context.dataDir, m.workload), m.id);
+      } catch (error) {
+        await hold.decide('no', 'its files could not be put in place');
+        throw new StepFailedError(error, { from: m.dir, to: keptLogs(this.context, m) });
+      }
+      if (m.placed.files > 0) {
+        log.info('carried files placed', { migration: m.id, files: m.placed.files, bytes: m.placed.bytes });
+      }
+    }
     m.progressTo = sender;
     // The source's dump of this round has ended: its page count is final.
     m.pageFlows.get(r.round ?? '')?.();
@@ -318,6 +328,7 @@ export class DestinationRole {
             await m.restore;
             const pid = m.restoredPid ?? 0;
             if (m.workload !== undefined) workloads.adopt(m.workload, pid);
+            m.placed?.keep();
             if (m.postcopy !== undefined) {
               this.postcopy.awaitFetch(m, pid);
               return;
@@ -330,6 +341,7 @@ export class DestinationRole {
           m.answer.resolve(false);
           this.postcopy.discard(m);
           await migrations.cancel(m, new MigrationStateError('the copy here is discarded'));
+          m.placed?.undo();
           if (m.address !== undefined) await giveUp(this.context, m.id, m.address);
           await migrations.forget(m, true);
           // Final only once the copy and its images are gone.

@@ -2,6 +2,7 @@ import type { LazyPagesDaemon } from '../../src/criu/index.js';
 import type { Deferred } from '../../src/deferred.js';
 import type { WireConnection, WorkloadSpec } from '../../src/wire/index.js';
 import type { MovingAddress } from '../address-move.js';
+import type { Placed } from '../carry.js';
 import type { ImageReceiver } from '../images.js';
 import type { PageListener } from '../page-stream.js';
 import type { LocalMigration } from '../migrations.js';
@@ -28,6 +29,8 @@ export interface DestinationMigration extends LocalMigration {
   restoredPid?: number | undefined;
   /** Where the restore's progress went (the controller's connection): the post-copy fetch's goes there too. */
   progressTo?: Pick<WireConnection, 'progress'> | undefined;
+  /** The carried files put in place before the restore, taken back if it is discarded. */
+  placed?: Placed | undefined;
   /** How long its restore took, to its hold. */
   restoreMs?: number | undefined;
   /** Post-copy: the daemon fetching the memory from the source, and how it ended. */

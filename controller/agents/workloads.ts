@@ -8,7 +8,14 @@ export async function runWorkload(
   name: string,
   argv: readonly string[],
   softwareVersion: string,
-  placement: { labels?: Record<string, string>; pinned?: boolean; address?: string; addressHook?: string } = {},
+  placement: {
+    labels?: Record<string, string>;
+    pinned?: boolean;
+    address?: string;
+    addressHook?: string;
+    carry?: readonly string[];
+    shared?: readonly string[];
+  } = {},
 ): Promise<WorkloadInfo> {
   const params = {
     name,
@@ -17,6 +24,8 @@ export async function runWorkload(
     pinned: placement.pinned === true,
     address: placement.address ?? '',
     addressHook: placement.addressHook ?? '',
+    carry: [...(placement.carry ?? [])],
+    shared: [...(placement.shared ?? [])],
   };
   // The agent would refuse it as malformed and drop the connection; here it is the user's input.
   try {

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { isAbsolute } from 'node:path';
+import { isAbsolute, normalize } from 'node:path';
 import { parseServiceAddress } from '../../src/address.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { WORKLOAD_NAME } from '../../src/wire/index.js';
@@ -9,6 +9,17 @@ import type { CliContext } from './context.js';
 import { insecureOption } from './options.js';
 import { json, renderTable } from './output.js';
 import { resolveAgent, type ResolveOptions } from './resolve.js';
+
+/** A --carry or --shared path: absolute on the agent's host (it names a file there, not here), repeatable. */
+function carryPath(value: string, previous: string[] = []): string[] {
+  const path = normalize(value).replace(/(.)\/$/, '$1');
+  if (!isAbsolute(path) || path === '/') {
+    throw new InvalidInputError(`${value}: give an absolute path below / on the agent's host`, {
+      hint: 'for example --carry /srv/app/data',
+    });
+  }
+  return [...previous, path];
+}
 
 /** `ferry run`: start a migratable workload on an agent. */
 export function registerRun(program: Command, { version }: CliContext): void {
@@ -24,6 +35,8 @@ export function registerRun(program: Command, { version }: CliContext): void {
       'a service address for the workload: added on this agent now, moved with the workload (IPv4)',
     )
     .option('--address-hook <PATH>', 'run at every move of the address (take / return; see docs/network.md)')
+    .option('--carry <PATH>', 'a file or directory on the agent that moves with it (repeat; docs/files.md)', carryPath)
+    .option('--shared <PATH>', 'a path on storage every node sees: checked, never copied (repeat)', carryPath)
     .option('--json', 'print the workload as JSON')
     .addOption(insecureOption())
     .argument('<CMD...>', 'the command, after --')
@@ -31,7 +44,12 @@ export function registerRun(program: Command, { version }: CliContext): void {
       'after',
       `
 The command runs in its own PID namespace (so its PIDs never collide where it is restored),
-detached, in its own session, with its output in a log file on the agent.
+detached, in its own session, in its own directory on the agent (its working directory), with its
+output in a log file beside it.
+
+A migration carries the workload's directory and its log to the destination, and every --carry
+path: a file, or a directory with all it holds (docs/files.md). Files it holds open elsewhere must
+already be on the destination, the same (preflight checks, and refuses a move that would fail).
 
 With --address, the agent adds the address to the interface that routes to it and announces it,
 before the command starts; clients should connect to it. A migration withdraws it from the source
@@ -41,7 +59,8 @@ destination's own address, and connections from clients elsewhere cannot move (d
 
 Examples:
   ferry run --on a --name counter -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 1; done'
-  ferry run --on a --name web --address 10.0.0.50/24 -- python3 -m http.server 8080`,
+  ferry run --on a --name web --address 10.0.0.50/24 -- python3 -m http.server 8080
+  ferry run --on a --name db --carry /srv/db -- sqlite3 /srv/db/app.sqlite`,
     )
     .action(
       async (
@@ -54,6 +73,8 @@ Examples:
           pin?: boolean;
           address?: string;
           addressHook?: string;
+          carry?: string[];
+          shared?: string[];
         } & ResolveOptions,
       ) => {
         const address = opts.address === undefined ? undefined : parseServiceAddress(opts.address).cidr;
@@ -73,6 +94,8 @@ Examples:
           pinned: opts.pin,
           address,
           addressHook: opts.addressHook,
+          carry: opts.carry,
+          shared: opts.shared,
         });
         if (opts.json === true) json(w);
         else

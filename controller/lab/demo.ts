@@ -1,12 +1,11 @@
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { projectRoot } from '../../src/paths.js';
-import { inNetns } from '../../src/proc.js';
 import { runWorkload } from '../agents/index.js';
 import { migrate, type MigrationEvent, type MigrationReport } from '../migration/index.js';
-import { hostEndpoint, labDown, labUp } from './lab.js';
+import { enterHost, hostEndpoint, labDown, labUp, onHost, type LabHost } from './lab.js';
 
 export interface DemoOptions {
   /** Leave the lab and the workload running. */
@@ -66,7 +65,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     say(`\nstarted workload "web" (examples/web.py) on a as PID ${started.pid}, at its own address ${ip}`);
     const url = `http://${ip}:8080/`;
     say(`a client on host c asks ${url} every ${POLL_INTERVAL * 1000} ms, on one connection:`);
-    client = startPoller(c.netns, poller, url);
+    client = startPoller(c, poller, url);
     await client.lines(3, (line) => say(`  c │ ${line}`), options.signal);
 
     say('\nmigrating the server to b while the client keeps asking:');
@@ -81,7 +80,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     say(options.render.report(report));
 
     const pid = report.to.pid;
-    say(`\nthe client now, answered by PID ${pid}${inNetns(pid, b.netns) ? ` in host b's network namespace` : ''}:`);
+    say(`\nthe client now, answered by PID ${pid}${runsWebOn(b, pid) ? ' on host b' : ''}:`);
     client.skip();
     await client.lines(3, (line) => say(`  c │ ${line}`), options.signal);
     const seen = await client.stop();
@@ -91,7 +90,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         `The count went on: the same process answers, with its memory.`,
     );
     say(
-      existsSync(`/proc/${report.from.pid}`)
+      runsWebOn(a, report.from.pid)
         ? `PID ${report.from.pid} still exists on a: this should not happen`
         : `Nothing of it runs on a any more, and ${ip} is on b now.`,
     );
@@ -107,6 +106,15 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   }
 }
 
+/** The host's own /proc shows the PID running the demo's server. */
+function runsWebOn(host: LabHost, pid: number): boolean {
+  try {
+    return readFileSync(onHost(host, `/proc/${pid}/cmdline`), 'utf8').includes('web.py');
+  } catch {
+    return false;
+  }
+}
+
 interface Poller {
   /** Hands on the next `count` answer lines. */
   lines(count: number, each: (line: string) => void, signal?: AbortSignal): Promise<void>;
@@ -116,9 +124,9 @@ interface Poller {
   stop(): Promise<DemoClient>;
 }
 
-/** examples/poll.py in a lab host's network namespace, its lines kept as they come. */
-function startPoller(netns: string, script: string, url: string): Poller {
-  const child = spawn('ip', ['netns', 'exec', netns, 'python3', script, url, String(POLL_INTERVAL)], {
+/** examples/poll.py in a lab host, its lines kept as they come. */
+function startPoller(host: LabHost, script: string, url: string): Poller {
+  const child = spawn('nsenter', [...enterHost(host.init), 'python3', script, url, String(POLL_INTERVAL)], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const pending: string[] = [];

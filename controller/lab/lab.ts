@@ -1,7 +1,19 @@
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { FerryError, InvalidInputError } from '../../src/errors.js';
@@ -23,11 +35,17 @@ export interface LabHost {
   netns: string;
   address: string;
   url: string;
+  /** The host's init (PID 1 of its PID namespace), as this machine sees it: it holds the host's namespaces. */
+  init: number;
+  /** The agent, as this machine sees it. */
   pid: number;
+  /** The agent's data directory, inside the host (every host has the same path, as installed machines do). */
   dataDir: string;
+  /** The agent's images directory, inside the host. */
   imagesDir: string;
+  /** The agent's output (its console), on this machine: outside the host. */
   logFile: string;
-  /** The agent's identity directory; absent when the lab runs --insecure. */
+  /** The agent's identity directory, inside the host; absent when the lab runs --insecure. */
   tlsDir?: string | undefined;
   /** The identity a controller shows this host's agent (the lab's own); absent when --insecure. */
   controllerTls?: string | undefined;
@@ -77,6 +95,23 @@ export interface LabUpOptions {
 }
 
 export const METRICS_PORT = 9464;
+
+/** Where a lab host's agent keeps its data and images, inside the host. */
+const HOST_DATA_DIR = '/var/lib/ferry';
+const HOST_IMAGES_DIR = '/var/lib/ferry/images';
+const HOST_TLS_DIR = '/etc/ferry/tls';
+
+/**
+ * A path inside a lab host, as this machine reaches it (through the host
+ * init's root): what an operator logged in to that host would see there.
+ * For tests and tools that look at a host from outside; the migration
+ * itself never uses it.
+ */
+export function onHost(h: Pick<LabHost, 'init'>, path: string): string {
+  return join(`/proc/${h.init}/root`, path);
+}
+
+const SHM = existsSync('/dev/shm') ? '/dev/shm' : '/tmp';
 
 function labDir(name: string): string {
   return join(existsSync('/run') ? '/run' : '/tmp', 'ferry', `lab-${name}`);
@@ -148,21 +183,27 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
       await ip('-n', netns, 'addr', 'add', `${address}/24`, 'dev', 'eth0');
       await ip('-n', netns, 'link', 'set', 'eth0', 'up');
       await ip('-n', netns, 'link', 'set', 'lo', 'up');
-      const dataDir = join(dir, host);
-      const imagesDir = join(existsSync('/dev/shm') ? '/dev/shm' : dir, `ferry-lab-${name}`, host);
-      mkdirSync(dataDir, { recursive: true, mode: 0o700 });
-      mkdirSync(imagesDir, { recursive: true, mode: 0o700 });
-      const logFile = join(dataDir, 'agent.log');
-      const tlsDir = authority === undefined ? undefined : join(tlsRoot, host);
-      if (authority !== undefined && tlsDir !== undefined) {
-        await issueIdentity(authority, { role: 'agent', name: host, hosts: [address] }, tlsDir);
+      const state = join(SHM, `ferry-lab-${name}`, host);
+      const init = await startHost(netns, host, state);
+      const logFile = join(dir, host, 'agent.log');
+      mkdirSync(join(dir, host), { recursive: true, mode: 0o700 });
+      const hostPart = { init, dataDir: HOST_DATA_DIR, imagesDir: HOST_IMAGES_DIR };
+      mkdirSync(onHost(hostPart, HOST_IMAGES_DIR), { recursive: true, mode: 0o700 });
+      let tlsDir: string | undefined;
+      if (authority !== undefined) {
+        const issued = join(tlsRoot, host);
+        await issueIdentity(authority, { role: 'agent', name: host, hosts: [address] }, issued);
+        // The host's identity on its own disk, as `ferry install` puts it on a node.
+        mkdirSync(onHost(hostPart, HOST_TLS_DIR), { recursive: true, mode: 0o700 });
+        cpSync(issued, onHost(hostPart, HOST_TLS_DIR), { recursive: true });
+        tlsDir = HOST_TLS_DIR;
       }
-      const pid = startAgent(
-        netns,
+      const pid = await startAgent(
+        init,
         host,
         address,
-        dataDir,
-        imagesDir,
+        HOST_DATA_DIR,
+        HOST_IMAGES_DIR,
         logFile,
         tlsDir,
         options.agentEnv?.[host] ?? {},
@@ -174,9 +215,10 @@ export async function labUp(options: LabUpOptions = {}): Promise<Lab> {
         netns,
         address,
         url,
+        init,
         pid,
-        dataDir,
-        imagesDir,
+        dataDir: HOST_DATA_DIR,
+        imagesDir: HOST_IMAGES_DIR,
         logFile,
         tlsDir,
         controllerTls: lab.controllerTls,
@@ -201,6 +243,14 @@ export async function labDown(name = DEFAULT_LAB): Promise<boolean> {
     const netns = `${name}-${letter}`;
     if (!netnses.includes(netns) && existsSync(`/run/netns/${netns}`)) netnses.push(netns);
   }
+  // A host's init going takes its whole PID namespace with it: the agent, its workloads, CRIU.
+  for (const h of lab?.hosts ?? []) {
+    try {
+      process.kill(h.init, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
   for (const netns of netnses) {
     const pids = await ipOut('netns', 'pids', netns).catch(() => '');
     for (const pid of pids.split(/\s+/).filter(Boolean)) {
@@ -220,8 +270,8 @@ export async function labDown(name = DEFAULT_LAB): Promise<boolean> {
     if (!links.split('\n').some((l) => l.includes(` ${name}-`))) break;
     await sleep(50);
   }
-  for (const h of lab?.hosts ?? []) rmSync(h.imagesDir, { recursive: true, force: true });
-  rmSync(join('/dev/shm', `ferry-lab-${name}`), { recursive: true, force: true });
+  for (const h of lab?.hosts ?? []) for (let i = 0; i < 100 && isAlive(h.init); i++) await sleep(20);
+  rmSync(join(SHM, `ferry-lab-${name}`), { recursive: true, force: true });
   rmSync(dir, { recursive: true, force: true });
   releaseSubnet(name);
   return lab !== undefined || netnses.length > 0;
@@ -241,7 +291,7 @@ export async function restartAgent(name: string, host: string, env: Record<strin
     // already gone
   }
   for (let i = 0; i < 200 && isAlive(h.pid); i++) await sleep(25);
-  h.pid = startAgent(h.netns, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env, lab);
+  h.pid = await startAgent(h.init, h.host, h.address, h.dataDir, h.imagesDir, h.logFile, h.tlsDir, env, lab);
   writeFileSync(join(lab.dir, 'lab.json'), JSON.stringify(lab, null, 2) + '\n');
   await waitForAgent(lab, h);
   return h;
@@ -289,15 +339,133 @@ export async function labExec(name: string, host: string, argv: readonly string[
     });
   }
   if (argv.length === 0) throw new InvalidInputError('give a command after --');
-  const child = spawn('ip', ['netns', 'exec', h.netns, ...argv], { stdio: 'inherit' });
+  const child = spawn('nsenter', [...enterHost(h.init), ...argv], { stdio: 'inherit' });
   return new Promise((resolve, reject) => {
     child.once('error', reject);
     child.once('exit', (code, signal) => resolve(code ?? (signal === null ? 1 : 128)));
   });
 }
 
-function startAgent(
-  netns: string,
+/** nsenter's arguments that run a command in all of a lab host's namespaces, at its root. */
+export function enterHost(init: number): string[] {
+  return ['-t', String(init), '--mount', '--uts', '--ipc', '--net', '--pid', '--root', '--wd', '--'];
+}
+
+/**
+ * Starts a lab host: its init (scripts/lab-host) as PID 1 of new mount,
+ * UTS, IPC and PID namespaces inside the host's network namespace, on a
+ * root file system of its own. Resolves with the init's PID once the host
+ * is built.
+ */
+async function startHost(netns: string, host: string, state: string): Promise<number> {
+  rmSync(state, { recursive: true, force: true });
+  mkdirSync(state, { recursive: true, mode: 0o700 });
+  const child = spawn(
+    'nsenter',
+    [
+      `--net=/run/netns/${netns}`,
+      '--',
+      'unshare',
+      '--mount',
+      '--uts',
+      '--ipc',
+      '--pid',
+      '--fork',
+      '--kill-child',
+      '--',
+      'bash',
+      join(projectRoot(), 'scripts', 'lab-host'),
+      host,
+      state,
+      ...hostLayers(),
+    ],
+    { detached: true, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  let timer: NodeJS.Timeout | undefined;
+  const built = await new Promise<boolean>((resolve) => {
+    createInterface({ input: child.stdout }).on('line', (line) => line === 'ready' && resolve(true));
+    child.once('exit', () => resolve(false));
+    timer = setTimeout(() => resolve(false), 20_000);
+  });
+  clearTimeout(timer);
+  child.stdout.destroy();
+  child.stderr.destroy();
+  child.unref();
+  const init = built ? firstChild(child.pid ?? 0) : undefined;
+  if (init === undefined) {
+    throw new LabError(`cannot build lab host ${host}: ${stderr.trim() || 'its init did not get ready in 20 s'}`, {
+      hint: 'the lab needs overlayfs and mount, PID, UTS and IPC namespaces',
+    });
+  }
+  return init;
+}
+
+/** The first child of a process (the init unshare forked, the agent nsenter forked), as this machine sees it. */
+function firstChild(parent: number): number | undefined {
+  try {
+    const first = readFileSync(`/proc/${parent}/task/${parent}/children`, 'utf8').trim().split(/\s+/)[0];
+    return first === undefined || first === '' ? undefined : Number(first);
+  } catch {
+    return undefined;
+  }
+}
+
+const PSEUDO = new Set([
+  'proc',
+  'sysfs',
+  'devtmpfs',
+  'devpts',
+  'tmpfs',
+  'ramfs',
+  'cgroup',
+  'cgroup2',
+  'mqueue',
+  'debugfs',
+  'tracefs',
+  'securityfs',
+  'pstore',
+  'bpf',
+  'configfs',
+  'fusectl',
+  'hugetlbfs',
+  'binfmt_misc',
+  'autofs',
+  'nsfs',
+  'efivarfs',
+  'rpc_pipefs',
+  'nfsd',
+  'fuse.gvfsd-fuse',
+  'fuse.portal',
+]);
+
+/**
+ * What each host overlays: this machine's root, its other disk file systems
+ * (not the pseudo ones, nothing under /proc, /sys, /dev or /run, no file
+ * bind mounts), and last the project directory.
+ */
+function hostLayers(): string[] {
+  const layers = ['/'];
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [left, right] = line.split(' - ');
+    const target = left?.split(' ')[4]?.replace(/\\(\d{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    const fstype = right?.split(' ')[0];
+    if (target === undefined || fstype === undefined || target === '/' || PSEUDO.has(fstype)) continue;
+    if (/^\/(proc|sys|dev|run)(\/|$)/.test(target) || layers.includes(target)) continue;
+    try {
+      if (!statSync(target).isDirectory()) continue;
+    } catch {
+      continue;
+    }
+    layers.push(target);
+  }
+  layers.push(projectRoot());
+  return layers;
+}
+
+async function startAgent(
+  init: number,
   host: string,
   address: string,
   dataDir: string,
@@ -306,18 +474,14 @@ function startAgent(
   tlsDir: string | undefined,
   env: Record<string, string>,
   lab: Pick<Lab, 'capacityBytes' | 'metrics' | 'agentProgram'>,
-): number {
+): Promise<number> {
   const main = lab.agentProgram ?? join(projectRoot(), 'dist', 'controller', 'main.js');
   if (!existsSync(main)) throw new LabError(`${main} is missing`, { hint: 'run `npm run build`' });
   const out = openSync(logFile, 'a');
-  // nsenter --net, not `ip netns exec`: the latter also makes a new mount
-  // namespace per start, and a workload started by one agent run would sit
-  // in a mount namespace the next run's CRIU cannot dump.
   const child = spawn(
     'nsenter',
     [
-      `--net=/run/netns/${netns}`,
-      '--',
+      ...enterHost(init),
       process.execPath,
       main,
       'agent',
@@ -338,7 +502,14 @@ function startAgent(
   closeSync(out);
   child.unref();
   if (child.pid === undefined) throw new LabError(`cannot start the agent of host ${host}`);
-  return child.pid;
+  // nsenter forks into the host's PID namespace: the agent is its child.
+  for (let i = 0; i < 200; i++) {
+    const agent = firstChild(child.pid);
+    if (agent !== undefined) return agent;
+    if (!isAlive(child.pid)) break;
+    await sleep(10);
+  }
+  throw new LabError(`cannot start the agent of host ${host}`, { hint: `read ${logFile}` });
 }
 
 /** Resolves when the host's agent completes a handshake; throws why not. */

@@ -1,7 +1,7 @@
 import { CRIU_FLOOR, meetsCriuFloor } from '../../src/criu/index.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { formatBytes } from '../../src/units.js';
-import type { Facts, ProcessFacts, SocketFacts } from '../../src/wire/index.js';
+import type { Facts, FileNeed, FileProblem, ProcessFacts, SocketFacts } from '../../src/wire/index.js';
 import type { MigrationContext, Strategy } from './context.js';
 import { PreflightRefusedError } from './errors.js';
 import { POSTCOPY_RISK } from './postcopy.js';
@@ -47,6 +47,7 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
       address: proc.workloadAddress ?? '',
       addressHook: proc.workloadAddressHook ?? '',
       peerUrl: options.from.url,
+      files: (proc.files ?? []).filter((f) => f.how !== 'carried'),
     },
     { timeoutMs: 120_000 },
   );
@@ -68,6 +69,8 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
     );
   for (const line of socketLines(proc.sockets ?? [], m.options.tcpClose === true))
     m.emit('preflight', 'controller', line);
+  m.emit('preflight', 'controller', filesLine(proc.files ?? [], destinationName));
+  refuseIfFilesDiffer(destinationFacts.fileProblems ?? [], sourceName, destinationName);
   try {
     await destination.call('cpuCheck', { cpuinfo: sourceFacts.cpuinfo });
   } catch (error) {
@@ -82,6 +85,36 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
   });
   m.emit('preflight', 'controller', `strategy ${strategy}: ${reason}`);
   return { pid, process: proc, sourceFacts, destinationFacts, strategy, strategyReason: reason };
+}
+
+/** One line on what the tree's files need: how many travel, how many must be (and are) on the destination. */
+function filesLine(files: readonly FileNeed[], destination: string): string {
+  const carried = files.filter((f) => f.how === 'carried');
+  const shared = files.filter((f) => f.how === 'shared').length;
+  const deleted = files.filter((f) => f.kind === 'deleted').length;
+  const checked = files.length - carried.length - shared - deleted;
+  const bytes = carried.reduce((sum, f) => sum + Number(f.size ?? 0), 0);
+  return (
+    `files: ${files.length} needed; ${carried.length} carried (${formatBytes(bytes)}), ` +
+    `${checked} checked on ${destination}` +
+    (shared > 0 ? `, ${shared} on shared storage` : '') +
+    (deleted > 0 ? `, ${deleted} deleted but open (CRIU copies them)` : '')
+  );
+}
+
+/** Every file the restore would not find as it is on the source: listed, with what to do. */
+function refuseIfFilesDiffer(problems: readonly FileProblem[], source: string, destination: string): void {
+  if (problems.length === 0) return;
+  const shown = problems.slice(0, 20).map((p) => `  ${p.kind} ${p.path} ${p.problem} on ${destination}`);
+  if (problems.length > shown.length) shown.push(`  and ${problems.length - shown.length} more`);
+  throw new PreflightRefusedError(
+    `${destination} does not have the files the process needs as ${source} has them:\n${shown.join('\n')}`,
+    {
+      hint:
+        `carry them with the workload (\`ferry run --carry PATH\`), declare storage both see ` +
+        `(\`ferry run --shared PATH\`), or install the same files on ${destination}`,
+    },
+  );
 }
 
 /**
@@ -106,6 +139,8 @@ export async function prepareDestination(m: MigrationContext, p: Preflight): Pro
           pinned: proc.workloadPinned === true,
           address: proc.workloadAddress ?? '',
           addressHook: proc.workloadAddressHook ?? '',
+          carry: proc.workloadCarry ?? [],
+          shared: proc.workloadShared ?? [],
         }
       : null,
   });

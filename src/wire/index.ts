@@ -23,6 +23,8 @@ export {
   type NodeFacts,
   type ProcessFacts,
   type SocketFacts,
+  type FileNeed,
+  type FileProblem,
   type ProgressMessage,
   type WorkloadInfo,
   type WorkloadSpec,

@@ -38,6 +38,7 @@ const MAX_STRING = 4096;
 const MAX_ARGV = 256;
 const MAX_FILES = MAX_IMAGE_FILES;
 const MAX_LABELS = 32;
+const MAX_CARRY = 64;
 /** A label key: what `ferry run --label` and `ferry rebalance --exclude` accept. */
 export const LABEL_KEY = /^[a-z0-9][a-z0-9._/-]{0,62}$/;
 const MAX_LABEL_VALUE = 256;
@@ -79,6 +80,10 @@ const BOUNDS: Bounds = {
   factsQuery: (b) => {
     pid(b.pid, true);
     if (b.workload) pattern(b.workload, WORKLOAD_NAME, 'workload name');
+    count(b.files, MAX_FILES, 'files');
+    for (const f of b.files ?? [])
+      if (!(f.path ?? '').startsWith('/') || (f.path ?? '').includes('\0'))
+        fail('a file need without an absolute path');
   },
   facts: (b) => {
     bytes(b.cpuinfo, 64 * 1024, 'cpuinfo');
@@ -90,6 +95,8 @@ const BOUNDS: Bounds = {
     }
     count(b.process?.workloadArgv, MAX_ARGV, 'arguments');
     count(b.process?.sockets, MAX_FILES, 'sockets');
+    count(b.process?.files, MAX_FILES, 'files');
+    count(b.fileProblems, MAX_FILES, 'file problems');
     labels(b.process?.workloadLabels);
   },
   cpuCheck: (b) => bytes(b.cpuinfo, 64 * 1024, 'cpuinfo'),
@@ -155,6 +162,8 @@ const BOUNDS: Bounds = {
     pattern(b.name ?? '', WORKLOAD_NAME, 'workload name');
     command(b.argv);
     labels(b.labels);
+    carried(b.carry);
+    carried(b.shared);
   },
   workloadList: (b) => {
     count(b.workloads, MAX_FILES, 'workloads');
@@ -184,11 +193,26 @@ function workloadSpec(w: {
   argv?: string[] | null;
   logFile?: string | null;
   labels?: Record<string, string> | null;
+  carry?: string[] | null;
+  shared?: string[] | null;
 }): void {
   pattern(w.name ?? '', WORKLOAD_NAME, 'workload name');
   command(w.argv);
   if ((w.logFile ?? '').includes('\0')) fail('a workload log path holds a NUL character');
   labels(w.labels);
+  carried(w.carry);
+  carried(w.shared);
+}
+
+/** Paths a workload carries: absolute, normal (no . or .. parts), never the root. */
+function carried(paths: readonly string[] | null | undefined): void {
+  count(paths, MAX_CARRY, 'carried paths');
+  for (const p of paths ?? []) {
+    if (p.length > 4096 || p.includes('\0')) fail('a carried path is too long or holds a NUL character');
+    if (!p.startsWith('/') || p === '/' || p.split('/').some((part, i) => i > 0 && /^(|\.|\.\.)$/.test(part))) {
+      fail(`carried path ${JSON.stringify(p.slice(0, 200))} is not an absolute, normal path below /`);
+    }
+  }
 }
 
 /** A command line to exec: a program and its arguments, none of which can hold a NUL (execve ends strings there). */

@@ -21,7 +21,7 @@ describe('ferry demo', () => {
     expect(report.to.agent).toBe('b');
     expect(stderr).toMatch(/address 10\.\d+\.\d+\.80\/24 moves with web/);
     expect(stderr).toMatch(/socket tcp-established 10\.\d+\.\d+\.80:8080 ↔ .*: moves/);
-    expect(stderr).toMatch(/in host b's network namespace/);
+    expect(stderr).toMatch(/answered by PID \d+ on host b:/);
     // The client's own account: every question answered, none failed.
     expect(report.client.errors, stderr).toBe(0);
     expect(report.client.answered).toBe(report.client.asked);

@@ -1,23 +1,30 @@
-import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
-import { inNetns } from '../../src/proc.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';
+import {
+  counterOn,
+  enterHostArgs,
+  fdsOn,
+  homeFile,
+  killOn,
+  onHost,
+  pidOn,
+  readNumberOn,
+  runsOn,
+  stateOn,
+  workloadPidsOn,
+} from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
-import { isRunning, processState } from '../helpers/workload.js';
 
-const execFileAsync = promisify(execFile);
 const LAB = `fm${process.pid % 100_000}`;
 const examples = join(projectRoot(), 'dist', 'examples');
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-e2e-'));
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;
@@ -30,61 +37,27 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
-function workDir(name: string): string {
-  return mkdtempSync(join(scratch, `${name}-`));
+/** A number a workload publishes in its own directory on a host (it moves with the workload). */
+function readNumber(h: LabHost, workload: string, name: string, field = 0): number {
+  return readNumberOn(h, join(h.dataDir, 'workloads', workload, name), field);
 }
 
-function readNumber(file: string, field = 0): number {
-  return Number(readFileSync(file, 'utf8').trim().split(/\s+/)[field]);
-}
-
-/** What a stuck process is doing, for a failure message. */
-function diagnose(pid: number, stateFile: string): string {
-  const read = (f: string): string => {
-    try {
-      return readFileSync(f, 'utf8').trim();
-    } catch (e) {
-      return (e as Error).message;
-    }
-  };
-  const fds = (() => {
-    try {
-      return readdirSync(`/proc/${pid}/fd`).map((fd) => `${fd}->${readlinkSync(`/proc/${pid}/fd/${fd}`)}`);
-    } catch {
-      return [];
-    }
-  })();
-  return `PID ${pid}, state ${processState(pid)}, wchan ${read(`/proc/${pid}/wchan`)}, fds ${fds.join(' ')}, state file ${JSON.stringify(read(stateFile))}`;
-}
-
-/** PIDs in a lab host's network namespace other than its agent and CRIU service. */
-async function workloadPidsIn(host: LabHost): Promise<number[]> {
-  const { stdout } = await execFileAsync('ip', ['netns', 'pids', host.netns]);
-  return stdout
-    .split(/\s+/)
-    .filter(Boolean)
-    .map(Number)
-    .filter((pid) => {
-      try {
-        const exe = readlinkSync(`/proc/${pid}/exe`);
-        return !exe.endsWith('/node') && !exe.includes('ld-linux');
-      } catch {
-        return false;
-      }
-    });
+/** What a stuck process on a host is doing, for a failure message. */
+function diagnose(h: LabHost, pid: number, workload: string): string {
+  return `PID ${pid} on ${h.host}, state ${stateOn(h, pid)}, fds ${fdsOn(h, pid)}, count ${JSON.stringify(counterOn(h, workload))}`;
 }
 
 const ferryCli = (...args: string[]): Promise<CliResult> => runFerry(args, { FERRY_LAB: LAB });
 
 describe('ferry migrate between two lab hosts', () => {
   it('moves a process with memory, a file offset, a pipe to a child and threads; nothing is left on A', async () => {
-    const dir = workDir('stateful');
-    const started = await runWorkload(hostEndpoint(a), 'stateful', [join(examples, 'stateful'), dir, '3'], 'test');
+    // Its files are in its own directory (its working directory), which moves with it.
+    const started = await runWorkload(hostEndpoint(a), 'stateful', [join(examples, 'stateful'), '.', '3'], 'test');
     const oldPid = started.pid ?? 0;
-    await waitFor(() => existsSync(join(dir, 'thread-2')) && existsSync(join(dir, 'child')), {
+    const file = (h: LabHost, name: string): string => homeFile(h, 'stateful', name);
+    await waitFor(() => existsSync(file(a, 'thread-2')) && existsSync(file(a, 'child')), {
       what: 'the workload to start',
     });
     await sleep(300);
@@ -101,26 +74,26 @@ describe('ferry migrate between two lab hosts', () => {
     expect(report.from.pid).toBe(oldPid);
     expect(newPid).toBeGreaterThan(0);
 
-    // It runs in B's network namespace; the old process is gone and A runs no workload.
-    expect(inNetns(newPid, b.netns)).toBe(true);
-    await waitFor(() => !isRunning(oldPid), { what: 'the source process to end' });
-    expect(await workloadPidsIn(a)).toEqual([]);
+    // It runs on B; the old process is gone and A runs no workload.
+    expect(runsOn(b, newPid)).toBe(true);
+    await waitFor(() => !runsOn(a, oldPid), { what: 'the source process to end' });
+    expect(workloadPidsOn(a)).toEqual([]);
 
-    // Everything keeps moving after the migration.
+    // Everything keeps moving after the migration, in B's copy of its files.
     const before = {
-      count: readNumber(join(dir, 'state'), 1),
-      child: readNumber(join(dir, 'child'), 1),
-      threads: [0, 1, 2].map((i) => readNumber(join(dir, `thread-${i}`))),
+      count: readNumber(b, 'stateful', 'state', 1),
+      child: readNumber(b, 'stateful', 'child', 1),
+      threads: [0, 1, 2].map((i) => readNumber(b, 'stateful', `thread-${i}`)),
     };
     await sleep(500);
-    expect(readNumber(join(dir, 'state'), 1)).toBeGreaterThan(before.count);
-    expect(readNumber(join(dir, 'child'), 1)).toBeGreaterThan(before.child);
+    expect(readNumber(b, 'stateful', 'state', 1)).toBeGreaterThan(before.count);
+    expect(readNumber(b, 'stateful', 'child', 1)).toBeGreaterThan(before.child);
     [0, 1, 2].forEach((i) =>
-      expect(readNumber(join(dir, `thread-${i}`))).toBeGreaterThan(before.threads[i] ?? Infinity),
+      expect(readNumber(b, 'stateful', `thread-${i}`)).toBeGreaterThan(before.threads[i] ?? Infinity),
     );
 
     // The journal was written at the right offset throughout: 1, 2, 3, ... with no gap, no repeat, no restart.
-    const journal = readFileSync(join(dir, 'journal'), 'utf8').trim().split('\n').map(Number);
+    const journal = readFileSync(file(b, 'journal'), 'utf8').trim().split('\n').map(Number);
     expect(journal.length).toBeGreaterThan(before.count - 1);
     journal.forEach((n, i) => expect(n).toBe(i + 1));
 
@@ -132,12 +105,11 @@ describe('ferry migrate between two lab hosts', () => {
     expect(listed).toMatchObject({ pid: newPid, state: 'running' });
     const psA = JSON.parse((await ferryCli('ps', '--on', 'a', '--json')).stdout) as { name: string }[];
     expect(psA.map((w) => w.name)).not.toContain('stateful');
-    process.kill(newPid, 'SIGKILL');
+    await killOn(b, newPid);
   });
 
   it('tells the page bytes arriving twice a second while the memory moves, with the rate and the time left', async () => {
-    const dir = workDir('flow');
-    await runWorkload(hostEndpoint(a), 'flow', [join(examples, 'counter'), join(dir, 'state'), '20', '512'], 'test');
+    await runWorkload(hostEndpoint(a), 'flow', [join(examples, 'counter'), 'state', '20', '512'], 'test');
     await sleep(2_000); // the counter faults its memory in
     const transfers: MigrationEvent[] = [];
     const report = await migrate({
@@ -161,17 +133,11 @@ describe('ferry migrate between two lab hosts', () => {
     expect(transfers.every((e) => (e.transfer?.bytesPerSecond ?? 0) > 0 && e.transfer?.leftMs !== undefined)).toBe(
       true,
     );
-    process.kill(report.to.pid, 'SIGKILL');
+    await killOn(b, report.to.pid);
   }, 60_000);
 
   it('reports progress during the migration, at least one event per phase, in order', async () => {
-    const dir = workDir('progress');
-    await runWorkload(
-      hostEndpoint(a),
-      'progress',
-      [join(examples, 'counter'), join(dir, 'state'), '20', '32', '1'],
-      'test',
-    );
+    await runWorkload(hostEndpoint(a), 'progress', [join(examples, 'counter'), 'state', '20', '32', '1'], 'test');
     const events: (MigrationEvent & { pending: boolean })[] = [];
     let pending = true;
     const report = await migrate({
@@ -194,19 +160,13 @@ describe('ferry migrate between two lab hosts', () => {
     // Agents report their own progress, not only the controller.
     expect(events.some((e) => e.from === 'a' && e.phase === 'switchover')).toBe(true);
     expect(events.some((e) => e.from === 'b')).toBe(true);
-    process.kill(report.to.pid, 'SIGKILL');
+    await killOn(b, report.to.pid);
   });
 
   it('moves 256 MB, and the report’s pages and bytes match what CRIU wrote', async () => {
-    const dir = workDir('big');
-    await runWorkload(
-      hostEndpoint(a),
-      'big',
-      [join(examples, 'counter'), join(dir, 'state'), '50', '256', '4'],
-      'test',
-    );
+    await runWorkload(hostEndpoint(a), 'big', [join(examples, 'counter'), 'state', '50', '256', '4'], 'test');
     await sleep(500);
-    const frozenBefore = readNumber(join(dir, 'state'), 1);
+    const frozenBefore = readNumber(a, 'big', 'state', 1);
     const report: MigrationReport = await migrate({
       workload: 'big',
       from: hostEndpoint(a),
@@ -220,32 +180,30 @@ describe('ferry migrate between two lab hosts', () => {
     expect(report.bytesSent).toBe(report.pageImageBytes + report.final.imageBytes);
     expect(report.downtimeMs).toBeGreaterThan(0);
     expect(report.downtimeMs).toBeLessThanOrEqual(report.totalMs);
-    await waitFor(() => readNumber(join(dir, 'state'), 1) > frozenBefore + 1, {
-      what: `the big workload to count on B (${diagnose(report.to.pid, join(dir, 'state'))})`,
+    await waitFor(() => readNumber(b, 'big', 'state', 1) > frozenBefore + 1, {
+      what: `the big workload to count on B (${diagnose(b, report.to.pid, 'big')})`,
       timeoutMs: 30_000,
     });
-    process.kill(report.to.pid, 'SIGKILL');
+    await killOn(b, report.to.pid);
   });
 });
 
 describe('ferry migrate on the command line', () => {
   it('prints exactly one JSON document with --json, progress only on stderr', async () => {
-    const dir = workDir('json');
-    await runWorkload(hostEndpoint(a), 'jsonout', [join(examples, 'counter'), join(dir, 'state')], 'test');
+    await runWorkload(hostEndpoint(a), 'jsonout', [join(examples, 'counter'), 'state'], 'test');
     const { code, stdout, stderr } = await ferryCli('migrate', 'jsonout', '--from', 'a', '--to', 'b', '--json');
     expect(code, stderr).toBe(0);
     const report = JSON.parse(stdout) as MigrationReport;
     expect(report.to.agent).toBe('b');
     expect(stdout.trim().startsWith('{') && stdout.trim().endsWith('}')).toBe(true);
     expect(stderr).toMatch(/preflight/);
-    process.kill(report.to.pid, 'SIGKILL');
+    await killOn(b, report.to.pid);
   });
 
   it('refuses bad input with exit code 2 and touches nothing', async () => {
-    const dir = workDir('untouched');
-    const w = await runWorkload(hostEndpoint(a), 'untouched', [join(examples, 'counter'), join(dir, 'state')], 'test');
+    const w = await runWorkload(hostEndpoint(a), 'untouched', [join(examples, 'counter'), 'state'], 'test');
     const pid = w.pid ?? 0;
-    const imagesBefore = readdirSync(b.imagesDir);
+    const imagesBefore = readdirSync(onHost(b, b.imagesDir));
 
     const cases: [string[], RegExp][] = [
       [['migrate', '4000000', '--from', 'a', '--to', 'b'], /no process with PID 4000000 on a/],
@@ -264,29 +222,33 @@ describe('ferry migrate on the command line', () => {
       expect(code, `${args.join(' ')}: ${stderr}`).toBe(2);
       expect(stderr).toMatch(message);
     }
-    // A process outside its own PID namespace keeps a PID that is taken on b (the same machine here).
-    const plain = spawn('ip', ['netns', 'exec', a.netns, 'sleep', '600'], { detached: true, stdio: 'ignore' });
-    const refused = await ferryCli('migrate', String(plain.pid), '--from', 'a', '--to', 'b');
+    // A process outside its own PID namespace keeps its PID, and the PID is taken on b (as 1 is).
+    const plain = spawn('nsenter', [...enterHostArgs(a), 'sleep', '600'], { detached: true, stdio: 'ignore' });
+    await waitFor(() => pidOn(a, ['sleep', '600']) !== undefined, { what: 'the plain process to start' });
+    const plainPid = pidOn(a, ['sleep', '600']) ?? 0;
+    // b's next process gets that PID: as on two machines whose PIDs happen to meet.
+    const hold = spawn(
+      'nsenter',
+      [...enterHostArgs(b), 'sh', '-c', `echo ${plainPid - 1} > /proc/sys/kernel/ns_last_pid; sleep 600 & wait`],
+      { detached: true, stdio: 'ignore' },
+    );
+    await waitFor(() => runsOn(b, plainPid), { what: `PID ${plainPid} to be taken on b` });
+    const refused = await ferryCli('migrate', String(plainPid), '--from', 'a', '--to', 'b');
     plain.kill('SIGKILL');
+    hold.kill('SIGKILL');
     expect(refused.code, refused.stderr).toBe(2);
     expect(refused.stderr).toMatch(/PID \d+ is taken on b, and the process is not in its own PID namespace/);
     expect(refused.stderr).toMatch(/hint: start workloads with `ferry run`/);
 
-    expect(isRunning(pid)).toBe(true);
-    const count = readNumber(join(dir, 'state'), 1);
-    await waitFor(() => readNumber(join(dir, 'state'), 1) > count, { what: 'the workload to keep counting on A' });
-    expect(readdirSync(b.imagesDir)).toEqual(imagesBefore);
-    process.kill(pid, 'SIGKILL');
+    expect(runsOn(a, pid)).toBe(true);
+    const count = readNumber(a, 'untouched', 'state', 1);
+    await waitFor(() => readNumber(a, 'untouched', 'state', 1) > count, { what: 'the workload to keep counting on A' });
+    expect(readdirSync(onHost(b, b.imagesDir))).toEqual(imagesBefore);
+    await killOn(a, pid);
   });
 
   it('with --strict-downtime, refuses a switchover predicted over the budget and the process runs on; with room, migrates', async () => {
-    const dir = workDir('strict');
-    const w = await runWorkload(
-      hostEndpoint(a),
-      'strict',
-      [join(examples, 'counter'), join(dir, 'state'), '20', '64'],
-      'test',
-    );
+    const w = await runWorkload(hostEndpoint(a), 'strict', [join(examples, 'counter'), 'state', '20', '64'], 'test');
     // A budget no 64 MiB switchover meets here (CRIU alone needs about 190 ms for one, docs/benchmark.md):
     // with the learned costs a 64 MiB move now fits the default 300 ms on this machine.
     const refused = await ferryCli(
@@ -309,9 +271,9 @@ describe('ferry migrate on the command line', () => {
       /predicted downtime .* over the 100 ms budget; --strict-downtime stops here|no strategy can keep the downtime within 100 ms/,
     );
     expect(error.message).toMatch(/still runs on a, unchanged/);
-    expect(isRunning(w.pid ?? 0)).toBe(true);
-    const count = readNumber(join(dir, 'state'), 1);
-    await waitFor(() => readNumber(join(dir, 'state'), 1) > count, { what: 'the workload to keep counting on A' });
+    expect(runsOn(a, w.pid ?? 0)).toBe(true);
+    const count = readNumber(a, 'strict', 'state', 1);
+    await waitFor(() => readNumber(a, 'strict', 'state', 1) > count, { what: 'the workload to keep counting on A' });
 
     const roomy = await ferryCli(
       'migrate',
@@ -329,6 +291,6 @@ describe('ferry migrate on the command line', () => {
     const report = JSON.parse(roomy.stdout) as MigrationReport;
     expect(report.policy).toMatchObject({ budgetMs: 30_000, strict: true, meetsBudget: true });
     expect(report.downtimeMs).toBeLessThan(30_000);
-    process.kill(report.to.pid, 'SIGKILL');
+    await killOn(b, report.to.pid);
   });
 });

@@ -12,7 +12,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
-import { IMAGE_STREAM_LIMITS, ImageReceiver, ImageTransferError, logAttributes } from '../../agent/images.js';
+import { IMAGE_STREAM_LIMITS, ImageReceiver, ImageTransferError } from '../../agent/images.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-images-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
@@ -113,35 +113,5 @@ describe('the destination agent writing a streamed image', () => {
     );
     refused(() => receiver.verify([{ name: 'pagemap-1.img', size: 5, sha256: sha256(big) }]), /received .* expected 5/);
     refused(() => receiver.verify([{ name: 'never-sent.img', size: 5, sha256: sha256(big) }]), /received -1 bytes/);
-  });
-});
-
-describe('the workload log’s attributes, as a source sends them', () => {
-  const attributes = (content: string): string => {
-    const file = join(roundDir, 'ferry-workload.stat');
-    writeFileSync(file, content);
-    return file;
-  };
-
-  it('are a mode, a user and a group; set-id bits are dropped', () => {
-    expect(logAttributes(attributes('{"mode":3565,"uid":1000,"gid":1000}'))).toEqual({
-      mode: 0o755,
-      uid: 1000,
-      gid: 1000,
-    });
-  });
-
-  it('are refused when they do not parse or name no owner, before anything is changed with them', () => {
-    for (const bad of [
-      'not json',
-      'null',
-      '{"mode":420,"uid":-1,"gid":0}',
-      '{"mode":420,"uid":"0","gid":0}',
-      '{"mode":420,"uid":4294967295,"gid":0}',
-      '{"mode":420.5,"uid":0,"gid":0}',
-      `{"mode":420,"uid":0,"gid":0,"pad":"${'x'.repeat(5000)}"}`,
-    ]) {
-      refused(() => logAttributes(attributes(bad)), /ferry-workload.stat: not the mode and owner of a log file/);
-    }
   });
 });

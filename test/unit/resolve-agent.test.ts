@@ -24,6 +24,7 @@ function host(name: string, url: string, controllerTls: string | undefined): Lab
     netns: `t-${name}`,
     address: new URL(url).hostname,
     url,
+    init: 1,
     pid: 1,
     dataDir: scratch,
     imagesDir: scratch,

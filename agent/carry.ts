@@ -1,0 +1,258 @@
+import {
+  chmodSync,
+  chownSync,
+  copyFileSync,
+  existsSync,
+  lchownSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  renameSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { basename, dirname, isAbsolute, join, normalize, relative } from 'node:path';
+import { FerryError } from '../src/errors.js';
+import { log } from '../src/log.js';
+import { IMAGE_NAME, type WorkloadSpec } from '../src/wire/index.js';
+import { sha256Of } from './images.js';
+
+/**
+ * The files a workload carries from host to host (docs/files.md): its own
+ * directory (its working directory, DATA/workloads/NAME), its log, and the
+ * paths it was started with `--carry`. They travel with the final dump's
+ * images, while the process is frozen, so that CRIU finds each at the size,
+ * mode and owner it recorded; the destination puts them in place before the
+ * restore and takes them back if the migration rolls back.
+ */
+export const CARRY_MANIFEST = 'ferry-carry.json';
+
+export class CarryError extends FerryError {
+  readonly code = 'CARRY';
+}
+
+export interface CarriedEntry {
+  path: string;
+  kind: 'dir' | 'file' | 'link' | 'fifo';
+  mode: number;
+  uid: number;
+  gid: number;
+  mtimeMs: number;
+  /** Files: their size and content hash, and the image file that holds them. */
+  size?: number;
+  sha256?: string;
+  image?: string;
+  /** Links: where they point. */
+  target?: string;
+}
+
+/** The workload's own directory on an agent: its working directory, carried whole. */
+export function workloadHome(dataDir: string, name: string): string {
+  return join(dataDir, 'workloads', name);
+}
+
+/** Every path a workload carries, as absolute paths: its home, its log, its --carry paths. */
+export function carriedRoots(dataDir: string, spec: Pick<WorkloadSpec, 'name' | 'logFile' | 'carry'>): string[] {
+  const roots = [workloadHome(dataDir, spec.name ?? ''), spec.logFile ?? '', ...(spec.carry ?? [])];
+  const clean = (p: string): string => normalize(p).replace(/(.)\/+$/, '$1');
+  return [...new Set(roots.filter((p) => p !== '' && isAbsolute(p)).map(clean))];
+}
+
+/**
+ * Copies what the roots hold into `dir` (one image file per regular file)
+ * with a manifest; returns the names to stream. A root that does not
+ * exist is left out (preflight said so before the freeze).
+ */
+export function packCarried(dir: string, roots: readonly string[]): string[] {
+  const entries: CarriedEntry[] = [];
+  const names: string[] = [];
+  const visit = (path: string): void => {
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch {
+      return;
+    }
+    const base = { path, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtimeMs: st.mtimeMs };
+    if (st.isDirectory()) {
+      entries.push({ ...base, kind: 'dir' });
+      for (const name of readdirSync(path).sort()) visit(join(path, name));
+    } else if (st.isFile()) {
+      const image = `ferry-carry-${names.length}`;
+      copyFileSync(path, join(dir, image));
+      // Hashed from the copy: what travels is what was checked.
+      entries.push({ ...base, kind: 'file', size: st.size, sha256: sha256Of(join(dir, image)), image });
+      names.push(image);
+    } else if (st.isSymbolicLink()) {
+      entries.push({ ...base, kind: 'link', target: readlinkSync(path) });
+    } else if (st.isFIFO()) {
+      entries.push({ ...base, kind: 'fifo' });
+    }
+    // Sockets and devices do not travel: CRIU makes a bound unix socket's node itself.
+  };
+  for (const root of roots) visit(root);
+  writeFileSync(join(dir, CARRY_MANIFEST), JSON.stringify(entries));
+  return [...names, CARRY_MANIFEST];
+}
+
+/** What placing the carried files changed here, so that a rollback can take it back. */
+export interface Placed {
+  /** Puts back what was here before (the files replaced), and removes what was not. */
+  undo(): void;
+  /** Forgets the backups: the migration committed. */
+  keep(): void;
+  files: number;
+  bytes: number;
+}
+
+/**
+ * Puts the carried files of one migration in place: only under the roots
+ * this agent itself derives from the workload (a path from the wire is not
+ * trusted further), each checked against its hash, written beside its
+ * place and renamed over it. A file already there with the same content is
+ * left alone; one with other content is kept aside until the migration
+ * commits.
+ */
+export function placeCarried(dir: string, roots: readonly string[], migrationId: string): Placed {
+  const manifest = join(dir, CARRY_MANIFEST);
+  const created: string[] = [];
+  const replaced: { path: string; aside: string }[] = [];
+  let files = 0;
+  let bytes = 0;
+  const undo = (): void => {
+    for (const { path, aside } of replaced.reverse()) {
+      try {
+        renameSync(aside, path);
+      } catch (error) {
+        log.warn('cannot put a replaced file back', { migration: migrationId, path, error: (error as Error).message });
+      }
+    }
+    for (const path of created.reverse()) rmSync(path, { recursive: true, force: true });
+  };
+  const placed: Placed = {
+    undo,
+    keep: () => replaced.forEach(({ aside }) => rmSync(aside, { force: true })),
+    files: 0,
+    bytes: 0,
+  };
+  if (!existsSync(manifest)) return placed;
+  const entries = readManifest(manifest);
+  try {
+    for (const e of entries) {
+      const path = normalize(e.path);
+      if (!isAbsolute(path) || !roots.some((r) => within(r, path))) {
+        throw new CarryError(`the source sent ${JSON.stringify(e.path)}, which the workload does not carry`);
+      }
+      for (let up = dirname(path); !existsSync(up); up = dirname(up)) created.push(up);
+      mkdirSync(dirname(path), { recursive: true });
+      const there = lstatOrUndefined(path);
+      if (e.kind === 'dir') {
+        if (there === undefined) {
+          mkdirSync(path);
+          created.push(path);
+        } else if (!there.isDirectory()) throw new CarryError(`${path} is a directory on the source, not here`);
+        chmodSync(path, e.mode);
+        chownSync(path, e.uid, e.gid);
+        continue;
+      }
+      if (e.kind === 'file' && there?.isFile() === true && there.size === e.size && sha256Of(path) === e.sha256) {
+        continue;
+      }
+      const temporary = `${path}.ferry-${migrationId}.new`;
+      if (e.kind === 'file') {
+        const image = join(dir, e.image ?? '');
+        if (sha256Of(image) !== e.sha256) throw new CarryError(`${path} arrived damaged (checksum mismatch)`);
+        copyFileSync(image, temporary);
+        chmodSync(temporary, e.mode);
+        chownSync(temporary, e.uid, e.gid);
+        utimesSync(temporary, new Date(e.mtimeMs), new Date(e.mtimeMs));
+        files += 1;
+        bytes += e.size ?? 0;
+      } else if (e.kind === 'link') {
+        symlinkSync(e.target ?? '', temporary);
+        lchownSync(temporary, e.uid, e.gid);
+      } else {
+        execFileSync('mkfifo', ['-m', (e.mode & 0o777).toString(8), temporary]);
+        chownSync(temporary, e.uid, e.gid);
+      }
+      if (there !== undefined) {
+        if (there.isDirectory()) throw new CarryError(`${path} is a directory here, not on the source`);
+        const aside = `${path}.ferry-${migrationId}.old`;
+        renameSync(path, aside);
+        replaced.push({ path, aside });
+      } else created.push(path);
+      renameSync(temporary, path);
+    }
+  } catch (error) {
+    undo();
+    throw error;
+  }
+  placed.files = files;
+  placed.bytes = bytes;
+  return placed;
+}
+
+/**
+ * The manifest as the source sent it: from a peer, so every field is
+ * checked before mkdir, chmod and chown see it. Modes lose their set-user
+ * and set-group bits: a peer does not plant privileged programs.
+ */
+export function readManifest(file: string): CarriedEntry[] {
+  const bad = (why: string): never => {
+    throw new CarryError(`${basename(file)}: ${why}`);
+  };
+  let parsed: unknown;
+  try {
+    parsed = statSync(file).size <= 16 * 1024 * 1024 ? JSON.parse(readFileSync(file, 'utf8')) : bad('too large');
+  } catch (error) {
+    if (error instanceof CarryError) throw error;
+    bad('not a manifest of carried files');
+  }
+  if (!Array.isArray(parsed)) return bad('not a list of carried files');
+  const id = (n: unknown): n is number => Number.isInteger(n) && (n as number) >= 0 && (n as number) < 2 ** 32 - 1;
+  return parsed.map((raw: unknown): CarriedEntry => {
+    const e = (raw ?? {}) as Record<string, unknown>;
+    if (typeof e.path !== 'string' || e.path.includes('\0')) return bad('an entry without a path');
+    if (!['dir', 'file', 'link', 'fifo'].includes(e.kind as string)) return bad(`${e.path}: unknown kind`);
+    if (!id(e.mode) || !id(e.uid) || !id(e.gid)) return bad(`${e.path}: not a mode and owner`);
+    const mtimeMs = typeof e.mtimeMs === 'number' && Number.isFinite(e.mtimeMs) ? e.mtimeMs : Date.now();
+    const entry: CarriedEntry = {
+      path: e.path,
+      kind: e.kind as CarriedEntry['kind'],
+      mode: e.mode & 0o1777,
+      uid: e.uid,
+      gid: e.gid,
+      mtimeMs,
+    };
+    if (entry.kind === 'file') {
+      if (!id(e.size) || typeof e.sha256 !== 'string' || typeof e.image !== 'string' || !IMAGE_NAME.test(e.image)) {
+        return bad(`${e.path}: a file without its size, hash or image`);
+      }
+      Object.assign(entry, { size: e.size, sha256: e.sha256, image: e.image });
+    }
+    if (entry.kind === 'link') {
+      if (typeof e.target !== 'string' || e.target.includes('\0')) return bad(`${e.path}: a link without a target`);
+      entry.target = e.target;
+    }
+    return entry;
+  });
+}
+
+function within(root: string, path: string): boolean {
+  const rel = relative(root, path);
+  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
+}
+
+function lstatOrUndefined(path: string): ReturnType<typeof lstatSync> | undefined {
+  try {
+    return lstatSync(path);
+  } catch {
+    return undefined;
+  }
+}
