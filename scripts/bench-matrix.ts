@@ -3,7 +3,6 @@
  * shared by the host part (scripts/bench.ts) and the kernel-lab part
  * (scripts/bench-precopy.ts).
  */
-import { mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hostEndpoint, type LabHost } from '../controller/lab/index.js';
@@ -73,16 +72,16 @@ export async function startWorkload(
   cell: Cell,
   fault: { minMs: number; msPerMib: number },
 ): Promise<{ pid: number; dir: string }> {
-  const dir = mkdtempSync(join(a.dataDir, `${name}-`));
   const counter = join(projectRoot(), 'dist', 'examples', 'counter');
+  // Its state file in its own directory (on a, inside the host), which moves with it.
   const w = await runWorkload(
     hostEndpoint(a),
     name,
-    [counter, join(dir, 'state'), String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
+    [counter, 'state', String(cell.tickMs), String(cell.memoryMb), String(cell.hotMb)],
     'bench',
   );
   await sleep(Math.max(fault.minMs, cell.memoryMb * fault.msPerMib));
-  return { pid: w.pid ?? 0, dir };
+  return { pid: w.pid ?? 0, dir: join(a.dataDir, 'workloads', name) };
 }
 
 export function sampleOf(cell: Cell, method: string, run: number, report: MigrationReport): Sample {

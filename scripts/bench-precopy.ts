@@ -7,7 +7,7 @@
  * Environment: BENCH_KL_SIZES (MiB, "64,256"), BENCH_HOT (percent, "1,10,50"),
  * BENCH_KL_RATES ("high": under emulation every run is slow), BENCH_KL_RUNS (1).
  */
-import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
+import { hostEndpoint, killInHost, labDown, labUp, type LabHost } from '../controller/lab/index.js';
 import { migrate, type Strategy } from '../controller/migration/index.js';
 import { cells, sampleOf, startWorkload, type Cell } from './bench-matrix.js';
 
@@ -25,17 +25,13 @@ async function one(a: LabHost, b: LabHost, cell: Cell, strategy: Strategy, run: 
       strategy,
       softwareVersion: 'bench',
     });
-    process.kill(report.to.pid, 'SIGKILL');
+    await killInHost(b, report.to.pid);
     process.stdout.write(
       `BENCH-SAMPLE ${JSON.stringify(sampleOf(cell, `Ferry ${strategy} (kernel lab)`, run, report))}\n`,
     );
   } catch (error) {
     process.stderr.write(`bench: ${name} failed: ${(error as Error).message}\n`);
-    try {
-      process.kill(w.pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
+    await killInHost(a, w.pid);
   }
 }
 

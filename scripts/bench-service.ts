@@ -14,7 +14,7 @@ import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { runWorkload } from '../controller/agents/index.js';
-import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
+import { enterHost, hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
 import { migrate } from '../controller/migration/index.js';
 import { projectRoot } from '../src/paths.js';
 import { median } from './bench-matrix.js';
@@ -42,7 +42,7 @@ interface LoadResult {
 
 function load(c: LabHost, url: string): Promise<LoadResult> {
   const script = join(projectRoot(), 'test', 'helpers', 'clients', 'load.mjs');
-  const child = spawn('ip', ['netns', 'exec', c.netns, process.execPath, script, url, String(LOAD_SECONDS), '8'], {
+  const child = spawn('nsenter', [...enterHost(c.init), process.execPath, script, url, String(LOAD_SECONDS), '8'], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let out = '';
@@ -56,8 +56,8 @@ function load(c: LabHost, url: string): Promise<LoadResult> {
 
 async function answers(c: LabHost, url: string): Promise<boolean> {
   const child = spawn(
-    'ip',
-    ['netns', 'exec', c.netns, 'python3', '-c', `import urllib.request; urllib.request.urlopen("${url}", timeout=1)`],
+    'nsenter',
+    [...enterHost(c.init), 'python3', '-c', `import urllib.request; urllib.request.urlopen("${url}", timeout=1)`],
     { stdio: 'ignore' },
   );
   return new Promise((resolve) => child.once('exit', (code) => resolve(code === 0)));

@@ -18,10 +18,10 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
+import { enterHost, hostEndpoint, killInHost, labDown, labUp, onHost, type LabHost } from '../controller/lab/index.js';
 import { migrate } from '../controller/migration/index.js';
 import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
@@ -54,9 +54,15 @@ const POSTCOPY = 'Ferry post-copy';
 
 const criu = resolveCriuBinary().path;
 
-/** Runs CRIU in a lab host's agent namespaces (network and mount), as the agent's own CRIU would. */
+/** Runs CRIU in a lab host (all its namespaces), as the agent's own CRIU would. */
 function inHost(host: LabHost, args: string[]): string[] {
-  return ['-t', String(host.pid), '-n', '-m', '--', criu, ...args];
+  return [...enterHost(host.init), criu, ...args];
+}
+
+/** A fresh directory under a host's images directory: its path in the host, and as this machine reaches it. */
+function hostScratch(host: LabHost, prefix: string): { dir: string; here: string } {
+  const here = mkdtempSync(join(onHost(host, host.imagesDir), prefix));
+  return { here, dir: join(host.imagesDir, basename(here)) };
 }
 
 /**
@@ -77,14 +83,15 @@ async function bareCriuRun(
   serial: number,
   tls: boolean,
 ): Promise<Sample> {
-  const { pid } = await startWorkload(a, `bare${serial}`, cell, FAULT_IN);
-  const source = mkdtempSync(join(a.imagesDir, 'bare-'));
-  const destination = mkdtempSync(join(b.imagesDir, 'bare-'));
+  const name = `bare${serial}`;
+  const { pid, dir: home } = await startWorkload(a, name, cell, FAULT_IN);
+  const source = hostScratch(a, 'bare-');
+  const destination = hostScratch(b, 'bare-');
   const dump = await dumpToPageServer(
     a,
     b,
     pid,
-    { source, destination },
+    { source: source.dir, destination: destination.dir },
     {
       port: 27_000 + (serial % 1000),
       tls,
@@ -93,16 +100,19 @@ async function bareCriuRun(
   );
   const dumpStarted = dump.started;
   const dumped = dump.ended;
-  for (const name of readdirSync(source)) {
-    if (name.endsWith('.img')) cpSync(join(source, name), join(destination, name));
+  // The images, and the files the process holds open (its directory and its log), as a script would copy them.
+  for (const image of readdirSync(source.here)) {
+    if (image.endsWith('.img')) cpSync(join(source.here, image), join(destination.here, image));
   }
+  cpSync(onHost(a, home), onHost(b, home), { recursive: true, preserveTimestamps: true });
+  cpSync(onHost(a, `${home}.log`), onHost(b, `${home}.log`), { preserveTimestamps: true });
   const copied = performance.now();
-  await execFileAsync('nsenter', inHost(b, ['restore', '-d', '-D', destination, '-o', 'restore.log']));
+  await execFileAsync('nsenter', inHost(b, ['restore', '-d', '-D', destination.dir, '-o', 'restore.log']));
   const restored = performance.now();
-  const bytes = pageBytes(destination);
+  const bytes = pageBytes(destination.here);
   await killNamespaceOf(b, 'counter');
-  rmSync(source, { recursive: true, force: true });
-  rmSync(destination, { recursive: true, force: true });
+  rmSync(source.here, { recursive: true, force: true });
+  rmSync(destination.here, { recursive: true, force: true });
   return {
     method: tls ? BARE : BARE_PLAIN,
     memoryMb: cell.memoryMb,
@@ -128,15 +138,15 @@ async function bareCriuRun(
  */
 async function localCriu(a: LabHost, _b: LabHost, cell: Cell, run: number, serial: number): Promise<Sample> {
   const { pid } = await startWorkload(a, `floor${serial}`, cell, FAULT_IN);
-  const dir = mkdtempSync(join(a.imagesDir, 'floor-'));
+  const { dir, here } = hostScratch(a, 'floor-');
   const started = performance.now();
   await execFileAsync('nsenter', inHost(a, ['dump', '-t', String(pid), '-D', dir, '-o', 'dump.log']));
   const dumped = performance.now();
   await execFileAsync('nsenter', inHost(a, ['restore', '-d', '-D', dir, '-o', 'restore.log']));
   const restored = performance.now();
-  const bytes = pageBytes(dir);
+  const bytes = pageBytes(here);
   await killNamespaceOf(a, 'counter');
-  rmSync(dir, { recursive: true, force: true });
+  rmSync(here, { recursive: true, force: true });
   return {
     method: FLOOR,
     memoryMb: cell.memoryMb,
@@ -163,7 +173,7 @@ function ferryWith(method: string, strategy?: 'postcopy') {
       strategy,
       softwareVersion: 'bench',
     });
-    process.kill(report.to.pid, 'SIGKILL');
+    await killInHost(b, report.to.pid);
     return sampleOf(cell, method, run, report);
   };
 }
@@ -246,15 +256,21 @@ interface Transfer {
 }
 
 async function pageTransfer(a: LabHost, b: LabHost, pid: number, tls: boolean, port: number): Promise<Transfer> {
-  const source = mkdtempSync(join(a.imagesDir, 'xfer-'));
-  const destination = mkdtempSync(join(b.imagesDir, 'xfer-'));
-  const dump = await dumpToPageServer(a, b, pid, { source, destination }, { port, tls, leaveRunning: true });
+  const source = hostScratch(a, 'xfer-');
+  const destination = hostScratch(b, 'xfer-');
+  const dump = await dumpToPageServer(
+    a,
+    b,
+    pid,
+    { source: source.dir, destination: destination.dir },
+    { port, tls, leaveRunning: true },
+  );
   const ms = dump.ended - dump.started;
-  const handshake = readFileSync(join(source, 'dump.log'), 'utf8').includes('TLS handshake completed');
+  const handshake = readFileSync(join(source.here, 'dump.log'), 'utf8').includes('TLS handshake completed');
   if (tls !== handshake) throw new Error(`the ${tls ? 'TLS' : 'plain'} dump ${handshake ? 'did' : 'did not'} use TLS`);
-  const bytes = pageBytes(destination);
-  rmSync(source, { recursive: true, force: true });
-  rmSync(destination, { recursive: true, force: true });
+  const bytes = pageBytes(destination.here);
+  rmSync(source.here, { recursive: true, force: true });
+  rmSync(destination.here, { recursive: true, force: true });
   return { ms, bytes };
 }
 

@@ -9,15 +9,14 @@
  *   strict       64 MiB rewritten as fast as it can, --strict-downtime: Ferry must
  *                abort over the budget and leave the process running on a
  */
-import { existsSync, mkdtempSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { hostEndpoint, labDown, labUp } from '../controller/lab/index.js';
+import { hostEndpoint, killInHost, labDown, labUp, onHost, type LabHost } from '../controller/lab/index.js';
 import { migrate, type MigrationReport, type Strategy } from '../controller/migration/index.js';
 import { runWorkload } from '../controller/agents/index.js';
 import { readCounterState } from '../src/counter.js';
 import { projectRoot } from '../src/paths.js';
-import { inNetns } from '../src/proc.js';
 
 interface Scenario {
   name: string;
@@ -37,7 +36,7 @@ interface Outcome {
   runsOnSource?: boolean;
   countBefore: number;
   countAfter: number;
-  /** The restored process runs, in the destination host's network namespace. */
+  /** The restored process runs, on the destination host. */
   runsOnDestination: boolean;
   sourceGone: boolean;
 }
@@ -56,7 +55,8 @@ const scenarios: Scenario[] = [
  * land between the truncate and the write (that read an empty file once,
  * and reported the count as null): read again until the file is whole.
  */
-function count(stateFile: string): number {
+function count(host: LabHost, workload: string): number {
+  const stateFile = onHost(host, join(host.dataDir, 'workloads', workload, 'state'));
   for (let attempt = 0; attempt < 100; attempt++) {
     const state = readCounterState(stateFile);
     if (state !== undefined) return state.count;
@@ -64,6 +64,9 @@ function count(stateFile: string): number {
   }
   throw new Error(`the counter's state file ${stateFile} stayed empty for a second`);
 }
+
+/** The host (its own /proc) runs the PID. */
+const runsOn = (host: LabHost, pid: number): boolean => existsSync(onHost(host, `/proc/${pid}`));
 
 async function main(): Promise<void> {
   // Under emulation, while the machine also runs the rest of the suite, an agent once took
@@ -75,17 +78,17 @@ async function main(): Promise<void> {
   const outcomes: Outcome[] = [];
   try {
     for (const scenario of scenarios) {
-      const dir = mkdtempSync('/tmp/kl-');
-      const state = join(dir, 'state');
+      // Its state file in its own directory, which moves with it.
       const w = await runWorkload(
         hostEndpoint(a),
         scenario.name,
-        [counter, state, String(scenario.tickMs), String(scenario.memoryMb), String(scenario.hotMb)],
+        [counter, 'state', String(scenario.tickMs), String(scenario.memoryMb), String(scenario.hotMb)],
         'kernel-lab',
       );
+      const source = w.pid ?? 0;
       // Let it fault in all of its memory first.
       await sleep(3000);
-      const countBefore = count(state);
+      const countBefore = count(a, scenario.name);
       let report: MigrationReport;
       try {
         report = await migrate({
@@ -98,34 +101,34 @@ async function main(): Promise<void> {
           onEvent: (e) => process.stderr.write(`[${scenario.name}] ${e.phase} ${e.from}: ${e.message}\n`),
         });
       } catch (error) {
-        const failed = count(state);
+        const failed = count(a, scenario.name);
         await sleep(1000);
         outcomes.push({
           scenario,
           report: null,
           failure: { code: (error as { code?: string }).code ?? '', message: (error as Error).message },
           countBefore,
-          countAfter: count(state),
-          runsOnSource: count(state) > failed && existsSync(`/proc/${w.pid}`),
+          countAfter: count(a, scenario.name),
+          runsOnSource: count(a, scenario.name) > failed && runsOn(a, source),
           runsOnDestination: false,
-          sourceGone: !existsSync(`/proc/${w.pid}`),
+          sourceGone: !runsOn(a, source),
         });
-        if (existsSync(`/proc/${w.pid}`)) process.kill(w.pid ?? 0, 'SIGKILL');
+        await killInHost(a, source);
         continue;
       }
       const pid = report.to.pid;
-      const frozen = count(state);
+      const frozen = count(b, scenario.name);
       await sleep(1000);
-      const countAfter = count(state);
+      const countAfter = count(b, scenario.name);
       outcomes.push({
         scenario,
         report,
         countBefore,
         countAfter,
-        runsOnDestination: countAfter > frozen && inNetns(pid, b.netns),
-        sourceGone: !existsSync(`/proc/${w.pid}`),
+        runsOnDestination: countAfter > frozen && runsOn(b, pid),
+        sourceGone: !runsOn(a, source),
       });
-      process.kill(pid, 'SIGKILL');
+      await killInHost(b, pid);
     }
   } finally {
     await labDown('kl');

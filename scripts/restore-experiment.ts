@@ -23,12 +23,12 @@
  *   node dist/scripts/restore-experiment.js [--size 1G] [--runs 3] [--wait 60]
  */
 import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { Command, InvalidArgumentError } from 'commander';
-import { hostEndpoint, labDown, labUp, type LabHost } from '../controller/lab/index.js';
+import { enterHost, hostEndpoint, killInHost, labDown, labUp, onHost, type LabHost } from '../controller/lab/index.js';
 import { runWorkload } from '../controller/agents/index.js';
 import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
@@ -37,7 +37,6 @@ import { formatBytes, parseBytes } from '../src/units.js';
 const execFileAsync = promisify(execFile);
 const LAB = 'rexp';
 const counter = join(projectRoot(), 'dist', 'examples', 'counter');
-const scratch = mkdtempSync('/tmp/ferry-restore-experiment-');
 
 type Condition = 'exists' | 'exists-warm' | 'just-ended' | 'ended-earlier';
 const CONDITIONS: readonly Condition[] = ['exists', 'exists-warm', 'just-ended', 'ended-earlier'];
@@ -84,50 +83,51 @@ function median(values: readonly number[]): number {
   return sorted.length % 2 === 1 ? (sorted[mid] ?? NaN) : ((sorted[mid - 1] ?? NaN) + (sorted[mid] ?? NaN)) / 2;
 }
 
-/** CRIU in a lab host's agent namespaces, as the agent's own CRIU runs. */
+/** CRIU in a lab host (all its namespaces), as the agent's own CRIU runs. */
 function criu(host: LabHost, args: string[]): Promise<unknown> {
-  return execFileAsync('nsenter', ['-t', String(host.pid), '-n', '-m', '--', resolveCriuBinary().path, ...args]);
+  return execFileAsync('nsenter', [...enterHost(host.init), resolveCriuBinary().path, ...args]);
 }
 
 let serial = 0;
 
 /** A counter holding `bytes` of memory on host a, once all of it is filled (it counts only after that). */
-async function startCounter(a: LabHost, bytes: number): Promise<{ pid: number; state: string }> {
+async function startCounter(a: LabHost, bytes: number): Promise<{ pid: number; home: string }> {
   const name = `rexp${++serial}`;
-  const state = join(mkdtempSync(join(scratch, `${name}-`)), 'state');
+  const home = join(a.dataDir, 'workloads', name);
+  const state = onHost(a, join(home, 'state'));
   const w = await runWorkload(
     hostEndpoint(a),
     name,
-    [counter, state, '100', String(Math.round(bytes / 2 ** 20)), '1'],
+    [counter, 'state', '100', String(Math.round(bytes / 2 ** 20)), '1'],
     'restore-experiment',
   );
   for (;;) {
     const count = existsSync(state) ? Number(readFileSync(state, 'utf8').trim().split(/\s+/)[1] ?? 0) : 0;
-    if (count >= 2) return { pid: w.pid ?? 0, state };
+    if (count >= 2) return { pid: w.pid ?? 0, home };
     await sleep(50);
   }
 }
 
-/** Kills this experiment's counters in a host: only PIDs whose command line names its scratch directory. */
+/** Kills this experiment's counters in a host (this lab's only workloads). */
 async function killCounters(host: LabHost): Promise<void> {
   const { stdout } = await execFileAsync('ip', ['netns', 'pids', host.netns]);
   for (const pid of stdout.split(/\s+/).filter(Boolean)) {
     try {
       const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      if (argv[0] === counter && argv[1]?.startsWith(scratch)) process.kill(Number(pid), 'SIGKILL');
+      if (argv[0] === counter) process.kill(Number(pid), 'SIGKILL');
     } catch {
       // gone
     }
   }
 }
 
-/** utime + stime of the counter in a host whose state file is `state`, in ms. */
-async function cpuOf(host: LabHost, state: string): Promise<number> {
+/** utime + stime of the (one) counter in a host, in ms. */
+async function cpuOf(host: LabHost): Promise<number> {
   const { stdout } = await execFileAsync('ip', ['netns', 'pids', host.netns]);
   for (const pid of stdout.split(/\s+/).filter(Boolean)) {
     try {
       const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      if (argv[0] !== counter || argv[1] !== state) continue;
+      if (argv[0] !== counter) continue;
       const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? [];
       // Fields 14 and 15 of stat (utime, stime), counted from the state field (3), in clock ticks of 10 ms.
       return (Number(fields[11]) + Number(fields[12])) * 10;
@@ -139,19 +139,34 @@ async function cpuOf(host: LabHost, state: string): Promise<number> {
 }
 
 async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition, run: number, waitS: number) {
-  const { pid, state } = await startCounter(a, bytes);
-  const dir = mkdtempSync(join(b.imagesDir, 'restore-'));
+  const { pid, home } = await startCounter(a, bytes);
+  const source = mkdtempSync(join(onHost(a, a.imagesDir), 'restore-'));
+  const dir = join(b.imagesDir, basename(source));
   try {
     const keep = condition === 'exists' || condition === 'exists-warm';
-    // Images straight onto b's tmpfs, as a page server would leave them.
-    await criu(a, ['dump', '-t', String(pid), '-D', dir, '-o', 'dump.log', ...(keep ? ['--leave-running'] : [])]);
-    if (keep) process.kill(pid, 'SIGSTOP'); // as Ferry's source, frozen, while the destination restores
+    await criu(a, [
+      'dump',
+      '-t',
+      String(pid),
+      '-D',
+      join(a.imagesDir, basename(source)),
+      '-o',
+      'dump.log',
+      ...(keep ? ['--leave-running'] : []),
+    ]);
+    // As Ferry's source, frozen, while the destination restores.
+    if (keep) await execFileAsync('nsenter', [...enterHost(a.init), 'kill', '-STOP', String(pid)]);
+    // The images onto b's tmpfs, as a page server would leave them, and the files the counter holds.
+    cpSync(source, onHost(b, dir), { recursive: true });
+    cpSync(onHost(a, home), onHost(b, home), { recursive: true, preserveTimestamps: true });
+    cpSync(onHost(a, `${home}.log`), onHost(b, `${home}.log`), { preserveTimestamps: true });
+    rmSync(source, { recursive: true, force: true });
     const dumped = counters();
     const waitStarted = performance.now();
     if (condition === 'exists-warm') {
       const { pid: warm } = await startCounter(a, bytes);
-      process.kill(warm, 'SIGKILL');
-      while (existsSync(`/proc/${warm}`)) await sleep(10);
+      await killInHost(a, warm);
+      while (existsSync(onHost(a, `/proc/${warm}`))) await sleep(10);
     } else if (condition === 'ended-earlier') {
       const deadline = Date.now() + waitS * 1000;
       while (Date.now() < deadline) {
@@ -166,7 +181,7 @@ async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition,
     await criu(b, ['restore', '-d', '-D', dir, '-o', 'restore.log']);
     const restoreMs = performance.now() - started;
     const after = counters();
-    const cpuMs = await cpuOf(b, state);
+    const cpuMs = await cpuOf(b);
     return {
       condition,
       run,
@@ -180,7 +195,7 @@ async function once(a: LabHost, b: LabHost, bytes: number, condition: Condition,
   } finally {
     await killCounters(b);
     await killCounters(a);
-    rmSync(dir, { recursive: true, force: true });
+    rmSync(onHost(b, dir), { recursive: true, force: true });
   }
 }
 
@@ -254,7 +269,6 @@ async function main(): Promise<void> {
     }
   } finally {
     await labDown(LAB);
-    rmSync(scratch, { recursive: true, force: true });
   }
   process.stdout.write(`${report(samples, opts.size, opts.runs)}\n`);
 }

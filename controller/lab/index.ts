@@ -10,6 +10,7 @@ export {
   LabError,
   labDown,
   enterHost,
+  killInHost,
   labExec,
   onHost,
   labUp,

@@ -351,6 +351,14 @@ export function enterHost(init: number): string[] {
   return ['-t', String(init), '--mount', '--uts', '--ipc', '--net', '--pid', '--root', '--wd', '--'];
 }
 
+/** Kills a process of a lab host by its PID there (SIGKILL); quiet when it is gone. */
+export async function killInHost(h: Pick<LabHost, 'init'>, pid: number): Promise<void> {
+  if (pid <= 0) return;
+  await execFileAsync('nsenter', [...enterHost(h.init), 'kill', '-KILL', String(pid)], { timeout: 10_000 }).catch(
+    () => undefined,
+  );
+}
+
 /**
  * Starts a lab host: its init (scripts/lab-host) as PID 1 of new mount,
  * UTS, IPC and PID namespaces inside the host's network namespace, on a

@@ -9,6 +9,7 @@ import type { MigrationReport } from '../../controller/migration/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';
 import { requireRoot } from '../helpers/root.js';
+import { inHost } from '../helpers/hosts.js';
 import { Sshd } from '../helpers/sshd.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -19,11 +20,11 @@ const scratch = mkdtempSync(join(tmpdir(), 'ferry-install-'));
 const config = join(scratch, 'config');
 const knownHosts = join(scratch, 'known_hosts');
 const pause = join(scratch, 'pause');
-const work = join(scratch, 'work');
 /** The migrated workload's PID on n2. */
 let ticker = 0;
 /** What the counter workload has counted so far (it writes "count N" to its state file). */
-const count = (): number => Number(readFileSync(join(work, 'state'), 'utf8').trim().split(/\s+/)[1]);
+const count = (): number =>
+  Number(readFileSync(`${n2.root}/opt/ferry/data/workloads/ticker/state`, 'utf8').trim().split(/\s+/)[1]);
 let lab: Lab;
 let n1: Sshd;
 let n2: Sshd;
@@ -47,13 +48,16 @@ const supervisorPid = (s: Sshd): number => Number(readFileSync(`${s.root}/opt/fe
 
 const installedHash = (s: Sshd): string => readFileSync(`${s.root}/opt/ferry/bundle.sha256`, 'utf8');
 
+/** A PID on a node (its own PID namespace) runs. */
+const runsOnNode = (s: Sshd, pid: number): boolean => existsSync(`${s.root}/proc/${pid}`);
+
 /** The agent process its supervisor runs now, if any: a child running the node's own bundle. */
 function agentPid(s: Sshd): number | undefined {
   const supervisor = supervisorPid(s);
-  const children = readFileSync(`/proc/${supervisor}/task/${supervisor}/children`, 'utf8').trim().split(/\s+/);
+  const children = readFileSync(`${s.root}/proc/${supervisor}/task/${supervisor}/children`, 'utf8').trim().split(/\s+/);
   return children.map(Number).find((pid) => {
     try {
-      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('/opt/ferry/app/node\0');
+      return readFileSync(`${s.root}/proc/${pid}/cmdline`, 'utf8').startsWith('/opt/ferry/app/node\0');
     } catch {
       return false;
     }
@@ -66,9 +70,8 @@ beforeAll(async () => {
   n1 = await Sshd.start(lab.hosts[0] as LabHost, join(scratch, 'n1'));
   n2 = await Sshd.start(lab.hosts[1] as LabHost, join(scratch, 'n2'));
   // Both nodes accept the same client key.
-  writeFileSync(join(n2.dir, 'authorized_keys'), readFileSync(join(n1.dir, 'authorized_keys')));
+  n2.authorize(...n1.authorized());
   mkdirSync(pause);
-  mkdirSync(work);
   expect((await ferry('init')).code).toBe(0);
 }, 120_000);
 
@@ -109,7 +112,7 @@ describe('ferry install over SSH, to a real sshd', () => {
     expect(readFileSync(knownHosts, 'utf8')).toContain(n2.knownHostsLine().trim());
     for (const s of [n1, n2]) {
       expect(statSync(`${s.root}/opt/ferry/etc/tls/key.pem`).mode & 0o777).toBe(0o600);
-      expect(existsSync(`/proc/${supervisorPid(s)}`)).toBe(true);
+      expect(runsOnNode(s, supervisorPid(s))).toBe(true);
     }
     const inventory = JSON.parse(readFileSync(join(config, 'inventory.json'), 'utf8')) as Inventory;
     expect(inventory.nodes.map((n) => [n.name, n.url])).toEqual([
@@ -145,7 +148,7 @@ describe('ferry install over SSH, to a real sshd', () => {
     const supervisor = supervisorPid(n1);
     const agent = agentPid(n1);
     expect(agent).toBeDefined();
-    process.kill(agent as number, 'SIGKILL');
+    await inHost(n1.host, ['kill', '-KILL', String(agent)]);
     await waitFor(() => agentPid(n1) !== undefined && agentPid(n1) !== agent, { what: 'a new agent on n1' });
     expect(supervisorPid(n1)).toBe(supervisor);
     const ps = await ferry('ps', '--on', 'n1');
@@ -155,7 +158,8 @@ describe('ferry install over SSH, to a real sshd', () => {
 
   it('migrates a workload between the installed nodes; neither is restarted or removed while it is in flight', async () => {
     const counter = join(projectRoot(), 'dist', 'examples', 'counter');
-    const run = await ferry('run', '--on', 'n1', '--name', 'ticker', '--json', '--', counter, join(work, 'state'));
+    // Its state file in its own directory, which moves with it.
+    const run = await ferry('run', '--on', 'n1', '--name', 'ticker', '--json', '--', counter, 'state');
     expect(run.code, run.stderr).toBe(0);
     // The controller stops once both agents hold the migration: the source frozen, the destination restored.
     writeFileSync(join(pause, 'armed'), 'controller.after-held');
@@ -255,7 +259,7 @@ describe('ferry install over SSH, to a real sshd', () => {
     expect(r.stdout).toMatch(/1 of 3 node\(s\) installed; 2 failed/);
     // Nothing was done to n1: its agent runs on as it was, and n3 is in no inventory.
     expect(supervisorPid(n1)).toBe(agentBefore);
-    expect(existsSync(`/proc/${agentBefore}`)).toBe(true);
+    expect(runsOnNode(n1, agentBefore)).toBe(true);
     const inventory = JSON.parse(readFileSync(join(config, 'inventory.json'), 'utf8')) as Inventory;
     expect(inventory.nodes.map((n) => n.name)).toEqual(['n1', 'n2']);
   });
@@ -267,8 +271,8 @@ describe('ferry install over SSH, to a real sshd', () => {
     expect(refused.stdout).toMatch(/hint: migrate them/);
     expect(existsSync(`${n2.root}/opt/ferry/app`)).toBe(true);
 
-    process.kill(ticker, 'SIGKILL');
-    await waitFor(() => !existsSync(`/proc/${ticker}`), { what: 'the workload to end' });
+    await inHost(n2.host, ['kill', '-KILL', String(ticker)]);
+    await waitFor(() => !runsOnNode(n2, ticker), { what: 'the workload to end' });
     const pid = supervisorPid(n2);
     const r = await ferry('uninstall', 'n2', '--identity', n1.clientKey, '--known-hosts', knownHosts, '--json');
     expect(r.code, r.stdout + r.stderr).toBe(0);
@@ -278,7 +282,7 @@ describe('ferry install over SSH, to a real sshd', () => {
       ['files', 'done'],
       ['inventory', 'done'],
     ]);
-    await waitFor(() => !existsSync(`/proc/${pid}`), { what: 'the supervisor to end' });
+    await waitFor(() => !runsOnNode(n2, pid), { what: 'the supervisor to end' });
     expect(existsSync(`${n2.root}/opt/ferry`)).toBe(false);
     const inventory = JSON.parse(readFileSync(join(config, 'inventory.json'), 'utf8')) as Inventory;
     expect(inventory.nodes.map((n) => n.name)).toEqual(['n1']);
@@ -295,7 +299,7 @@ describe('ferry install over SSH, to a real sshd', () => {
       [['install', 'a=ssh://root@h1', 'a=ssh://root@h2'], /named twice/],
       [['install', 'ssh://root@h1', '--prefix', 'relative'], /absolute/],
       [['uninstall', 'nosuchnode'], /neither an ssh:\/\/ URL nor a node/],
-      [['install', 'ssh://root@h1', '--identity', join(n1.dir, 'authorized_keys')], /is a public key/],
+      [['install', 'ssh://root@h1', '--identity', `${n1.clientKey}.pub`], /is a public key/],
       [['install', 'ssh://root@h1', '--parallel', '0'], /whole number/],
     ] as const) {
       const r = await ferry(...args);

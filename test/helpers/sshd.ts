@@ -1,11 +1,14 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { utils } from 'ssh2';
-import type { LabHost } from '../../controller/lab/index.js';
+import { enterHost, onHost, type LabHost } from '../../controller/lab/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { waitFor } from './wait.js';
+
+/** Where the test sshd keeps its configuration and keys, on its node. */
+const SERVER_DIR = '/etc/ferry-test-sshd';
 
 /**
  * An ed25519 key pair from ssh2, made again while it is malformed: ssh2
@@ -28,18 +31,15 @@ export function ed25519KeyPair(options?: { passphrase: string; cipher: string; r
 }
 
 /**
- * A real OpenSSH server (Debian's, from scripts/install-sshd) in a lab
- * host's network namespace. It runs in a private mount namespace where a
- * tmpfs /run holds its privilege-separation directory, a bind-mounted
- * passwd file names its privilege-separation user, and tmpfs /opt and
- * /dev/shm are the node's own (what is installed there, and an agent's
- * images, stay there, as on a separate machine), so the machine's own files
- * never change. Root logs in with the
- * key in `clientKey`. The node's files are visible at `root`.
+ * A real OpenSSH server (Debian's, from scripts/install-sshd) inside a lab
+ * host, in all of its namespaces: what is installed over it stays on that
+ * host, as on a separate machine. Its configuration and host key are on
+ * the host (/etc/ferry-test-sshd), its privilege-separation user is added
+ * to the host's own /etc/passwd; root logs in with the key in `clientKey`,
+ * which stays on this machine. The node's files are visible at `root`.
  */
 export class Sshd {
   #child: ChildProcess | undefined;
-  #holder: number | undefined;
   hostKey = '';
 
   private constructor(
@@ -51,26 +51,45 @@ export class Sshd {
 
   static async start(host: LabHost, dir: string, port = 2222): Promise<Sshd> {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const client = ed25519KeyPair();
-    writeFileSync(join(dir, 'client_key'), client.private, { mode: 0o600 });
-    writeFileSync(join(dir, 'authorized_keys'), client.public + '\n', { mode: 0o600 });
-    const passwd = readFileSync('/etc/passwd', 'utf8');
-    writeFileSync(
-      join(dir, 'passwd'),
-      passwd +
-        (passwd.endsWith('\n') ? '' : '\n') +
-        'sshd:x:64999:65534:privilege separation:/run/sshd:/usr/sbin/nologin\n',
-    );
     const sshd = new Sshd(host, dir, port, join(dir, 'client_key'));
+    mkdirSync(sshd.#onNode(SERVER_DIR), { recursive: true, mode: 0o700 });
+    mkdirSync(sshd.#onNode('/run/sshd'), { recursive: true, mode: 0o755 });
+    const client = ed25519KeyPair();
+    writeFileSync(sshd.clientKey, client.private, { mode: 0o600 });
+    writeFileSync(`${sshd.clientKey}.pub`, client.public + '\n');
+    sshd.authorize(client.public);
+    const passwd = readFileSync(sshd.#onNode('/etc/passwd'), 'utf8');
+    if (!/^sshd:/m.test(passwd)) {
+      writeFileSync(
+        sshd.#onNode('/etc/passwd'),
+        passwd +
+          (passwd.endsWith('\n') ? '' : '\n') +
+          'sshd:x:64999:65534:privilege separation:/run/sshd:/usr/sbin/nologin\n',
+      );
+    }
     sshd.newHostKey();
     await sshd.#run();
     return sshd;
   }
 
+  /** The public keys that may log in as root (replacing those before). */
+  authorize(...publicKeys: string[]): void {
+    writeFileSync(this.#onNode(`${SERVER_DIR}/authorized_keys`), publicKeys.map((k) => k.trim() + '\n').join(''), {
+      mode: 0o600,
+    });
+  }
+
+  /** The public keys that may log in now. */
+  authorized(): string[] {
+    return readFileSync(this.#onNode(`${SERVER_DIR}/authorized_keys`), 'utf8')
+      .trim()
+      .split('\n');
+  }
+
   /** A new host key: what a reinstalled or impersonated machine shows. Takes effect at the next start. */
   newHostKey(): void {
     const key = ed25519KeyPair();
-    writeFileSync(join(this.dir, 'host_key'), key.private, { mode: 0o600 });
+    writeFileSync(this.#onNode(`${SERVER_DIR}/host_key`), key.private, { mode: 0o600 });
     this.hostKey = key.public;
   }
 
@@ -79,9 +98,9 @@ export class Sshd {
     return `[${this.host.address}]:${this.port} ${this.hostKey.split(' ').slice(0, 2).join(' ')}\n`;
   }
 
-  /** The node's file system as its processes see it (its own /opt and /run). */
+  /** The node's file system as its processes see it. */
   get root(): string {
-    return `/proc/${this.#holder}/root`;
+    return onHost(this.host, '');
   }
 
   get url(): string {
@@ -93,18 +112,22 @@ export class Sshd {
     await this.#run();
   }
 
+  #onNode(path: string): string {
+    return onHost(this.host, path);
+  }
+
   async #run(): Promise<void> {
     const binary = execFileSync('bash', [join(projectRoot(), 'scripts', 'install-sshd')], { encoding: 'utf8' }).trim();
     const prefix = join(binary, '..', '..', '..');
-    const config = join(this.dir, 'sshd_config');
+    const config = `${SERVER_DIR}/sshd_config`;
     writeFileSync(
-      config,
+      this.#onNode(config),
       [
         `Port ${this.port}`,
         `ListenAddress ${this.host.address}`,
-        `HostKey ${join(this.dir, 'host_key')}`,
-        `PidFile ${join(this.dir, 'sshd.pid')}`,
-        `AuthorizedKeysFile ${join(this.dir, 'authorized_keys')}`,
+        `HostKey ${SERVER_DIR}/host_key`,
+        `PidFile ${SERVER_DIR}/sshd.pid`,
+        `AuthorizedKeysFile ${SERVER_DIR}/authorized_keys`,
         'PermitRootLogin prohibit-password',
         'PasswordAuthentication no',
         'KbdInteractiveAuthentication no',
@@ -115,55 +138,9 @@ export class Sshd {
       ].join('\n'),
     );
     const libraries = [join(prefix, 'usr/lib/x86_64-linux-gnu'), join(prefix, 'lib/x86_64-linux-gnu')].join(':');
-    if (this.#holder === undefined) {
-      // The node's namespaces live in a holder process, so that sshd can restart (a new host key) without the
-      // node losing its files, and processes it started keep running.
-      const script =
-        'mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd && mount -t tmpfs -o mode=755 tmpfs /opt && ' +
-        'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && ' +
-        'mount --bind "$1" /etc/passwd && touch /run/node-ready && exec sleep infinity';
-      const holder = spawn(
-        'nsenter',
-        [
-          `--net=/run/netns/${this.host.netns}`,
-          '--',
-          'unshare',
-          '--mount',
-          '--propagation',
-          'private',
-          '--',
-          'sh',
-          '-c',
-          script,
-          'sh',
-          join(this.dir, 'passwd'),
-        ],
-        { stdio: 'ignore', detached: true },
-      );
-      holder.unref();
-      this.#holder = holder.pid;
-      // The marker comes after the last mount: sshd must not start before its passwd entry is in place.
-      await waitFor(() => existsSync(`/proc/${holder.pid}/root/run/node-ready`), {
-        what: 'the node’s mount namespace',
-        timeoutMs: 30_000,
-      });
-    }
     this.#child = spawn(
       'nsenter',
-      [
-        '--target',
-        String(this.#holder),
-        '--mount',
-        '--net',
-        '--',
-        'env',
-        `LD_LIBRARY_PATH=${libraries}`,
-        binary,
-        '-D',
-        '-e',
-        '-f',
-        config,
-      ],
+      [...enterHost(this.host.init), 'env', `LD_LIBRARY_PATH=${libraries}`, binary, '-D', '-e', '-f', config],
       { stdio: ['ignore', 'ignore', 'pipe'], detached: true },
     );
     let log = '';
@@ -196,17 +173,9 @@ export class Sshd {
     });
   }
 
-  /** Stops sshd and ends the node's namespace holder (what runs in the lab host is the lab's to stop). */
+  /** Stops sshd (what runs in the lab host is the lab's to stop). */
   async dispose(): Promise<void> {
     await this.stop();
-    if (this.#holder !== undefined) {
-      try {
-        if (readFileSync(`/proc/${this.#holder}/cmdline`, 'utf8').startsWith('sleep'))
-          process.kill(this.#holder, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
   }
 
   async stop(): Promise<void> {
