@@ -339,7 +339,12 @@ export async function labExec(name: string, host: string, argv: readonly string[
     });
   }
   if (argv.length === 0) throw new InvalidInputError('give a command after --');
-  const child = spawn('nsenter', [...enterHost(h.init), ...argv], { stdio: 'inherit' });
+  // In this directory when the host has it too (the project's is on every host), else at its root.
+  const child = spawn(
+    'nsenter',
+    [...enterHost(h.init), 'sh', '-c', 'cd "$0" 2>/dev/null || cd /; exec "$@"', process.cwd(), ...argv],
+    { stdio: 'inherit' },
+  );
   return new Promise((resolve, reject) => {
     child.once('error', reject);
     child.once('exit', (code, signal) => resolve(code ?? (signal === null ? 1 : 128)));
