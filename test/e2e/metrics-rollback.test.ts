@@ -1,16 +1,14 @@
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint, labDown, labUp, METRICS_PORT, type LabHost } from '../helpers/lab.js';
 import { migrate, MigrationFailedError } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
+import { killOn, pidOn } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep } from '../helpers/wait.js';
 
 const LAB = `mb${process.pid % 100_000}`;
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-metrics-rollback-'));
 let a: LabHost;
 let breaksRestore: LabHost;
 
@@ -27,7 +25,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
 /** The sum of an agent's samples of a metric whose labels include all of `labels`. */
@@ -41,30 +38,16 @@ async function scrape(host: LabHost): Promise<(name: string, labels?: Record<str
       .reduce((sum, line) => sum + Number(line.split(' ').at(-1)), 0);
 }
 
-/** Whether the PID runs this test's counter (PIDs are reused). */
-function ours(pid: number): boolean {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(scratch);
-  } catch {
-    return false;
-  }
-}
+/** The counter this test runs, with its state file in its own directory (its working directory). */
+const counter = [join(projectRoot(), 'dist', 'examples', 'counter'), 'state', '20', '16', '2'];
+
+/** Whether the source's PID (a PID on host a) runs this test's counter (PIDs are reused). */
+const ours = (pid: number): boolean => pid > 0 && pidOn(a, counter) === pid;
 
 describe('agent metrics of a rolled-back migration', () => {
   it('count it on both sides, as committed on neither, with no downtime', async () => {
     const [sourceBefore, destinationBefore] = await Promise.all([scrape(a), scrape(breaksRestore)]);
-    const w = await runWorkload(
-      hostEndpoint(a),
-      'unmoved',
-      [
-        join(projectRoot(), 'dist', 'examples', 'counter'),
-        join(mkdtempSync(join(scratch, 'w-')), 'state'),
-        '20',
-        '16',
-        '2',
-      ],
-      'test',
-    );
+    const w = await runWorkload(hostEndpoint(a), 'unmoved', counter, 'test');
     const pid = w.pid ?? 0;
     try {
       await sleep(300);
@@ -87,7 +70,7 @@ describe('agent metrics of a rolled-back migration', () => {
       expect(moved(destination, destinationBefore, 'ferry_downtime_seconds_count')).toBe(0);
       expect(ours(pid)).toBe(true);
     } finally {
-      if (ours(pid)) process.kill(pid, 'SIGKILL');
+      if (ours(pid)) await killOn(a, pid);
     }
   });
 });

@@ -1,18 +1,16 @@
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint, labDown, labUp, METRICS_PORT, type Lab, type LabHost } from '../helpers/lab.js';
 import { migrate } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
+import { killOn } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 
 const LAB = `mt${process.pid % 100_000}`;
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-metrics-'));
 
 beforeAll(async () => {
   requireRoot();
@@ -22,7 +20,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
 /** Scrapes an agent's /metrics as Prometheus would, and reads one sample. */
@@ -41,9 +38,9 @@ describe('agent metrics (Prometheus)', () => {
   it('count one committed migration on each side, its bytes, its phases and its downtime', async () => {
     const before = { a: await scrape(a), b: await scrape(b) };
     expect(before.a('ferry_migrations_total', 'role="source",outcome="committed"')).toBe(0);
-    const dir = mkdtempSync(join(scratch, 'w-'));
     const counter = join(projectRoot(), 'dist', 'examples', 'counter');
-    await runWorkload(hostEndpoint(a), 'metered', [counter, join(dir, 'state'), '20', '32'], 'test');
+    // Its state file is in its own directory (its working directory), which moves with it.
+    await runWorkload(hostEndpoint(a), 'metered', [counter, 'state', '20', '32'], 'test');
     const report = await migrate({
       workload: 'metered',
       from: hostEndpoint(a),
@@ -62,7 +59,7 @@ describe('agent metrics (Prometheus)', () => {
     // The destination's own view of the downtime agrees with the report's within its resume.
     expect(after.b('ferry_downtime_seconds_sum') * 1000).toBeGreaterThan(report.downtimeMs * 0.5);
     expect(after.b('ferry_downtime_seconds_sum') * 1000).toBeLessThan(report.downtimeMs * 1.5 + 100);
-    process.kill(report.to.pid, 'SIGKILL');
+    await killOn(b, report.to.pid);
   });
 
   it('answers nothing but GET /metrics', async () => {

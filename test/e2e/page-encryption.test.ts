@@ -1,11 +1,11 @@
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { migrate } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
+import { hostPauseEnv, killOn, onHost, pauseDirOn } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -13,18 +13,16 @@ const LAB = `pg${process.pid % 100_000}`;
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-pages-'));
-const pause = join(scratch, 'pause');
 
 beforeAll(async () => {
   requireRoot();
-  lab = await labUp({ name: LAB, agentEnv: { b: { FERRY_TEST_PAUSE_DIR: pause } } });
+  // b's agent pauses in its own pause directory, inside host b.
+  lab = await labUp({ name: LAB, agentEnv: { b: hostPauseEnv } });
   [a, b] = lab.hosts as [LabHost, LabHost];
 }, 120_000);
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
 /**
@@ -33,11 +31,11 @@ afterAll(async () => {
  * agent/page-stream.ts), and what its page server logged.
  */
 async function pageLogs(name: string, plainPages: boolean): Promise<{ agent: string; pageServer: string }> {
-  const dir = mkdtempSync(join(scratch, `${name}-`));
   const counter = join(projectRoot(), 'dist', 'examples', 'counter');
-  await runWorkload(hostEndpoint(a), name, [counter, join(dir, 'state'), '20', '16'], 'test');
-  rmSync(pause, { recursive: true, force: true });
-  mkdirSync(pause, { recursive: true });
+  // Its state file is in its own directory (its working directory), which moves with it.
+  await runWorkload(hostEndpoint(a), name, [counter, 'state', '20', '16'], 'test');
+  rmSync(pauseDirOn(b), { recursive: true, force: true });
+  const pause = pauseDirOn(b);
   writeFileSync(join(pause, 'armed'), 'destination.after-restore-held');
   const logStart = readFileSync(b.logFile, 'utf8').length;
   const migration = migrate({
@@ -49,13 +47,15 @@ async function pageLogs(name: string, plainPages: boolean): Promise<{ agent: str
   });
   const marker = join(pause, 'destination.after-restore-held');
   await waitFor(() => existsSync(marker), { what: 'the destination to hold its copy' });
-  const logs = readdirSync(b.imagesDir)
-    .map((id) => join(b.imagesDir, id, 'final', 'page-server.log'))
+  // The page server's log is in the destination's images directory, on host b.
+  const images = onHost(b, b.imagesDir);
+  const logs = readdirSync(images)
+    .map((id) => join(images, id, 'final', 'page-server.log'))
     .filter((f) => existsSync(f));
   const pageServer = logs.map((f) => readFileSync(f, 'utf8')).join('\n');
   rmSync(marker);
   const report = await migration;
-  process.kill(report.to.pid, 'SIGKILL');
+  await killOn(b, report.to.pid);
   expect(logs.length).toBe(1);
   await waitFor(() => /page (stream ended|connection)/.test(readFileSync(b.logFile, 'utf8').slice(logStart)), {
     what: 'the destination agent to log its page connection',

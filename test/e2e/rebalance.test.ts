@@ -7,20 +7,23 @@ import { hostEndpoint, labDown, labUp, restartAgent, type Lab, type LabHost } fr
 import type { MoveOutcome, NodeState, Plan, RunRecord } from '../../controller/fleet/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
-import { inNetns } from '../../src/proc.js';
 import { FERRY_BIN, runFerry, type CliResult } from '../helpers/cli.js';
+import { counterOn, homeIn, inHost, runsOn } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
-import { isRunning } from '../helpers/workload.js';
 
 const LAB = `rb${process.pid % 100_000}`;
 const MiB = 1024 * 1024;
 const counter = join(projectRoot(), 'dist', 'examples', 'counter');
 let lab: Lab;
 const hosts: Record<string, LabHost> = {};
+/** The controller's files (its configuration, the schedule's history and pause points): on this machine. */
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-rebalance-'));
-/** Every workload started, by name: its state file ("PID COUNT") and the PIDs it ran as. */
-const started = new Map<string, { state: string; pids: number[] }>();
+/**
+ * Every workload started, by name: the host it runs on as far as the test
+ * knows (its state file, "PID COUNT", is in its own directory there).
+ */
+const started = new Map<string, { host: string }>();
 
 const ferry = (...args: string[]): Promise<CliResult> =>
   runFerry(args, { FERRY_LAB: LAB, FERRY_CONFIG: join(scratch, 'config') });
@@ -32,37 +35,34 @@ beforeAll(async () => {
 }, 120_000);
 
 afterAll(async () => {
+  // Taking the hosts down takes their workloads with them.
   await labDown(LAB);
-  for (const { pids } of started.values()) for (const pid of pids) killCounter(pid);
   rmSync(scratch, { recursive: true, force: true });
 });
 
-function killCounter(pid: number): void {
-  try {
-    if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(scratch)) process.kill(pid, 'SIGKILL');
-  } catch {
-    // gone
-  }
-}
-
-/** A counting workload holding `mb` MiB, on a lab host. */
+/** A counting workload holding `mb` MiB, on a lab host; its state file in its own directory, which moves with it. */
 async function start(host: string, name: string, mb: number): Promise<void> {
-  const dir = mkdtempSync(join(scratch, `${name}-`));
-  const state = join(dir, 'state');
-  const w = await runWorkload(
-    hostEndpoint(hosts[host] as LabHost),
-    name,
-    [counter, state, '20', String(mb), '1'],
-    'test',
-  );
-  started.set(name, { state, pids: [w.pid ?? 0] });
+  await runWorkload(hostEndpoint(hosts[host] as LabHost), name, [counter, 'state', '20', String(mb), '1'], 'test');
+  started.set(name, { host });
   await waitFor(() => count(name) > 2, { what: `${name} to count` });
 }
 
+/** The workload's count, read on the host it runs on (moved() tells the test where it went). */
 function count(name: string): number {
-  const state = started.get(name)?.state ?? '';
-  if (!existsSync(state)) return 0;
-  return Number(readFileSync(state, 'utf8').trim().split(/\s+/)[1] ?? 0);
+  const host = hosts[started.get(name)?.host ?? ''];
+  return host === undefined ? 0 : (counterOn(host, name)?.count ?? 0);
+}
+
+/** The test learns that a workload now runs on another host. */
+function moved(name: string, host: string): void {
+  started.set(name, { host });
+}
+
+/** The host's PID runs as this workload there: a live process in the workload's own directory on that host. */
+async function runsAs(host: LabHost, pid: number, name: string): Promise<boolean> {
+  if (!runsOn(host, pid)) return false;
+  const cwd = await inHost(host, ['readlink', `/proc/${pid}/cwd`]).catch(() => '');
+  return cwd.trim() === homeIn(host, name);
 }
 
 async function nodes(): Promise<NodeState[]> {
@@ -77,6 +77,11 @@ const pidOf = (all: NodeState[], workload: string): number =>
 
 const where = (all: NodeState[], workload: string): string | undefined =>
   all.find((n) => n.workloads.some((w) => w.name === workload))?.name;
+
+/** The test follows every workload to where the agents now list it. */
+function track(all: NodeState[]): void {
+  for (const n of all) for (const w of n.workloads) if (started.has(w.name)) moved(w.name, n.name);
+}
 
 describe('rebalancing across three lab hosts', () => {
   it('plans moves for an unbalanced set: from the loaded node, fewest moves, every node under the threshold', async () => {
@@ -131,8 +136,10 @@ describe('rebalancing across three lab hosts', () => {
     for (const o of outcomes) {
       expect(where(after, o.move.workload)).toBe(o.move.to);
       const pid = pidOf(after, o.move.workload);
-      started.get(o.move.workload)?.pids.push(pid);
-      expect(inNetns(pid, (hosts[o.move.to] as LabHost).netns)).toBe(true);
+      expect(await runsAs(hosts[o.move.to] as LabHost, pid, o.move.workload), `${o.move.workload} PID ${pid}`).toBe(
+        true,
+      );
+      moved(o.move.workload, o.move.to);
     }
     // Everyone counts on from where it was: state kept across the move.
     for (const [name, before] of counts) {
@@ -163,12 +170,13 @@ describe('rebalancing across three lab hosts', () => {
     expect(r.stdout).toMatch(/\d+ moved, \d+ failed, 0 not started/);
     expect(r.stdout).toMatch(/failed\s+w\d+ b → c: migration failed during switchover/);
     const after = await nodes();
+    track(after);
     const failures = [...r.stdout.matchAll(/failed\s+(w\d+) b → c/g)].map((m) => m[1] ?? '');
     expect(failures.length).toBeGreaterThan(0);
     for (const name of failures) {
       expect(where(after, name)).toBe('b');
       const pid = pidOf(after, name);
-      expect(isRunning(pid), `${name} PID ${pid}`).toBe(true);
+      expect(await runsAs(hosts.b as LabHost, pid, name), `${name} PID ${pid}`).toBe(true);
       const c = count(name);
       await waitFor(() => count(name) > c, { what: `${name} to keep counting on b` });
     }
@@ -183,6 +191,7 @@ describe('rebalancing across three lab hosts', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/b is empty and draining/);
     const after = await nodes();
+    track(after);
     const b = after.find((n) => n.name === 'b');
     expect(b?.workloads).toEqual([]);
     expect(b?.draining).toBe(true);
