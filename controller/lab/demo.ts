@@ -5,7 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { projectRoot } from '../../src/paths.js';
 import { runWorkload } from '../agents/index.js';
 import { migrate, type MigrationEvent, type MigrationReport } from '../migration/index.js';
-import { enterHost, hostEndpoint, labDown, labUp, onHost, type LabHost } from './lab.js';
+import { enterHost, firstChild, hostEndpoint, labDown, labUp, onHost, type LabHost } from './lab.js';
 
 export interface DemoOptions {
   /** Leave the lab and the workload running. */
@@ -163,7 +163,9 @@ function startPoller(host: LabHost, script: string, url: string): Poller {
       pending.splice(0, pending.length, ...errors);
     },
     async stop() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      // The client itself, in host c: nsenter does not pass the signal on.
+      const client = child.pid === undefined ? undefined : firstChild(child.pid);
+      if (client !== undefined && child.exitCode === null && child.signalCode === null) process.kill(client, 'SIGTERM');
       await exited;
       return summary ?? { asked: 0, answered: 0, errors: 0, longestMs: 0 };
     },

@@ -10,6 +10,7 @@ export {
   LabError,
   labDown,
   enterHost,
+  firstChild,
   killInHost,
   labExec,
   onHost,

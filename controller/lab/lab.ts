@@ -415,8 +415,12 @@ async function startHost(netns: string, host: string, state: string): Promise<nu
   return init;
 }
 
-/** The first child of a process (the init unshare forked, the agent nsenter forked), as this machine sees it. */
-function firstChild(parent: number): number | undefined {
+/**
+ * The first child of a process (the init unshare forked, the command nsenter
+ * forked into a host), as this machine sees it: nsenter does not pass
+ * signals on, so a command run in a host is signalled there.
+ */
+export function firstChild(parent: number): number | undefined {
   try {
     const first = readFileSync(`/proc/${parent}/task/${parent}/children`, 'utf8').trim().split(/\s+/)[0];
     return first === undefined || first === '' ? undefined : Number(first);

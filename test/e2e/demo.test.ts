@@ -23,6 +23,7 @@ describe('ferry demo', () => {
     expect(stderr).toMatch(/socket tcp-established 10\.\d+\.\d+\.80:8080 ↔ .*: moves/);
     expect(stderr).toMatch(/answered by PID \d+ on host b:/);
     // The client's own account: every question answered, none failed.
+    expect(report.client.asked, stderr).toBeGreaterThan(5);
     expect(report.client.errors, stderr).toBe(0);
     expect(report.client.answered).toBe(report.client.asked);
     expect(stderr).toMatch(/answered, 0 errors; its longest wait was \d+ ms/);
