@@ -33,6 +33,14 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
     { timeoutMs: 120_000 },
   );
   const proc = sourceFacts.process;
+  if (!proc?.exists && options.workload !== undefined) {
+    throw new InvalidInputError(
+      `workload ${options.workload} no longer runs on ${sourceName}: its process has exited`,
+      {
+        hint: `its output is in its log on ${sourceName} (\`ferry ps --on ${sourceName}\` shows where)`,
+      },
+    );
+  }
   if (!proc?.exists) {
     throw new InvalidInputError(`no process with PID ${options.pid} on ${sourceName}`, {
       hint: `check the PID on ${sourceName}, or name a workload (\`ferry ps --on ${sourceName}\` lists them)`,

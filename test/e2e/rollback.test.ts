@@ -1,6 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,15 +7,14 @@ import { FERRY_BIN } from '../helpers/cli.js';
 import { hostEndpoint, labDown, labUp, type LabHost } from '../helpers/lab.js';
 import { projectRoot } from '../../src/paths.js';
 import { runWorkload } from '../../controller/agents/index.js';
+import { counterOn, homeFile, homeIn, killOn, onHost, runsOn, workloadPidsOn } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
-import { isRunning } from '../helpers/workload.js';
 
 const execFileAsync = promisify(execFile);
 const LAB = `fr${process.pid % 100_000}`;
 const examples = join(projectRoot(), 'dist', 'examples');
 const ferry = FERRY_BIN;
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-rollback-'));
 let a: LabHost;
 let breaksImages: LabHost;
 let corruptsImages: LabHost;
@@ -38,12 +36,12 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
-function count(dir: string): { pid: number; count: number } {
-  const [pid, n] = readFileSync(join(dir, 'state'), 'utf8').trim().split(/\s+/).map(Number);
-  return { pid: pid ?? 0, count: n ?? 0 };
+/** The counter's state on the source, in its own directory there. */
+function count(name: string): { pid: number; count: number } {
+  const state = counterOn(a, name);
+  return { pid: state?.pid ?? 0, count: state?.count ?? 0 };
 }
 
 async function migrateCli(name: string, to: string): Promise<{ code: number; stderr: string }> {
@@ -64,14 +62,9 @@ describe('a migration that fails on the destination', () => {
     ['an image arrives corrupted', () => corruptsImages],
   ] as const) {
     it(`leaves the process running on the source, unchanged, when ${label}`, async () => {
-      const dir = mkdtempSync(join(scratch, 'w-'));
       const name = `victim-${host().host}`;
-      const w = await runWorkload(
-        hostEndpoint(a),
-        name,
-        [join(examples, 'counter'), join(dir, 'state'), '20', '16', '1'],
-        'test',
-      );
+      // Its state file is in its own directory (its working directory), which a migration carries.
+      const w = await runWorkload(hostEndpoint(a), name, [join(examples, 'counter'), 'state', '20', '16', '1'], 'test');
       const pid = w.pid ?? 0;
       await sleep(200);
 
@@ -80,48 +73,58 @@ describe('a migration that fails on the destination', () => {
       expect(stderr).toMatch(/The process still runs on a, unchanged/);
 
       // Same process, still counting, from where it was (no restart from 1).
-      expect(isRunning(pid)).toBe(true);
-      const after = count(dir);
+      expect(runsOn(a, pid)).toBe(true);
+      const after = count(name);
       expect(after.pid).toBe(1); // PID 1 inside its own namespace, as before
-      await waitFor(() => count(dir).count > after.count, { what: 'the source to keep counting' });
-      // The destination kept nothing: no images, no restored copy.
-      expect(readdirSync(host().imagesDir)).toEqual([]);
-      const { stdout } = await execFileAsync('ip', ['netns', 'pids', host().netns]);
-      const exes = stdout
-        .split(/\s+/)
-        .filter(Boolean)
-        .map((p) => readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0')[0] ?? '');
-      expect(exes.filter((e) => e.endsWith('counter'))).toEqual([]);
-      process.kill(pid, 'SIGKILL');
+      await waitFor(() => count(name).count > after.count, { what: 'the source to keep counting' });
+      // The destination kept nothing: no images, no restored copy, none of the files the workload carries.
+      expect(readdirSync(onHost(host(), host().imagesDir))).toEqual([]);
+      expect(workloadPidsOn(host())).toEqual([]);
+      expect(existsSync(onHost(host(), homeIn(host(), name)))).toBe(false);
+      expect(existsSync(homeFile(a, name, 'state'))).toBe(true);
+      await killOn(a, pid);
     });
   }
 });
 
 describe('a migration that fails on the source', () => {
   it('keeps a process CRIU cannot dump running, and says why', async () => {
-    // CRIU refuses a process holding a file lock unless asked for file_locks,
-    // which Ferry does not yet do (CRIU 4.2 dumps the TCP listener this test
-    // held before); when locks move, this needs another undumpable resource.
-    const lockFile = join(mkdtempSync(join(tmpdir(), 'ferry-lock-')), 'lock');
+    // CRIU cannot dump a perf event counter (nor could it recreate one): the dump fails, after the
+    // freeze. Its files are in its own directory on a, which the migration would carry: preflight
+    // finds every file it needs, and the dump is what refuses.
     const w = await runWorkload(
       hostEndpoint(a),
       'locker',
       [
         'python3',
         '-c',
-        `import fcntl,time; f=open(${JSON.stringify(lockFile)}, "w"); fcntl.flock(f, fcntl.LOCK_EX); time.sleep(600)`,
+        'import ctypes, struct, time\n' +
+          'attr = (ctypes.c_uint8 * 128)()\n' +
+          'struct.pack_into("IIQ", attr, 0, 1, 128, 0)  # PERF_TYPE_SOFTWARE, its size, CPU clock\n' +
+          'assert ctypes.CDLL(None).syscall(298, attr, 0, -1, -1, 0) >= 0  # perf_event_open\n' +
+          'open("lock", "w").close()\n' +
+          'time.sleep(600)',
       ],
       'test',
     );
     const pid = w.pid ?? 0;
+    await waitFor(() => existsSync(homeFile(a, 'locker', 'lock')), { what: 'the workload to open its counter' });
     await sleep(300);
     const { code, stderr } = await migrateCli('locker', breaksImages.host);
     expect(code, stderr).toBe(1);
-    expect(stderr).toMatch(/CRIU DUMP failed: .*file locks/i);
+    expect(stderr).toMatch(/CRIU DUMP failed: Can't dump file \d+ of that type .*perf_event/);
     expect(stderr).toMatch(/The process still runs on a, unchanged/);
     expect(stderr).toMatch(/CRIU's logs of this step are kept in /);
-    expect(isRunning(pid)).toBe(true);
-    expect(readdirSync(breaksImages.imagesDir)).toEqual([]);
-    process.kill(pid, 'SIGKILL');
+    // On a, where the dump ran: an operator there reads them.
+    const kept = /CRIU's logs of this step are kept in (\S+?)[;.]?$/m.exec(stderr)?.[1] ?? '';
+    const logs = readdirSync(onHost(a, kept), { recursive: true }).map(String);
+    expect(
+      logs.some((f) => f.endsWith('.log')),
+      `${kept} on a: ${logs.join(' ')}`,
+    ).toBe(true);
+    expect(runsOn(a, pid)).toBe(true);
+    expect(readdirSync(onHost(breaksImages, breaksImages.imagesDir))).toEqual([]);
+    expect(existsSync(onHost(breaksImages, homeIn(breaksImages, 'locker')))).toBe(false);
+    await killOn(a, pid);
   });
 });
