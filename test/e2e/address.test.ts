@@ -1,16 +1,15 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { listWorkloads } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { runFerry } from '../helpers/cli.js';
+import { commandPidOn, enterHostArgs, inHost, killOn, onHost, runsOn } from '../helpers/hosts.js';
 import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';
-import { isRunning } from '../helpers/workload.js';
 
 /**
  * A workload's service address moving with it (docs/network.md), on four
@@ -25,14 +24,18 @@ const CLIENTS = join(projectRoot(), 'test', 'helpers', 'clients');
 const WEB = join(projectRoot(), 'examples', 'web.py');
 const ECHO = join(projectRoot(), 'examples', 'echo.py');
 const NFT = join(projectRoot(), '.criu', 'bin', 'nft');
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-address-'));
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;
 let c: LabHost;
 let d: LabHost;
 let subnet: string;
-let clients: ChildProcess[] = [];
+/** A client program running in host c: the nsenter that started it, and its command line there. */
+interface Client {
+  child: ChildProcess;
+  argv: string[];
+}
+let clients: Client[] = [];
 
 beforeAll(async () => {
   requireRoot();
@@ -45,23 +48,28 @@ beforeAll(async () => {
   subnet = a.address.replace(/\.\d+$/, '');
 }, 60_000);
 
-afterEach(() => {
-  for (const client of clients) client.kill('SIGKILL');
+afterEach(async () => {
+  for (const client of clients) {
+    await killOn(c, commandPidOn(c, client.argv) ?? 0);
+    client.child.kill('SIGKILL');
+  }
   clients = [];
 });
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
 const ferry = (...args: string[]) => runFerry(args, { FERRY_LAB: LAB });
 
-/** Starts a client program on host c. */
-function onC(argv: string[]): ChildProcess {
-  const child = spawn('ip', ['netns', 'exec', c.netns, ...argv], { stdio: ['ignore', 'pipe', 'inherit'] });
-  clients.push(child);
-  return child;
+/** Starts a client program in host c. */
+function onC(argv: string[]): Client {
+  const client = {
+    child: spawn('nsenter', [...enterHostArgs(c), ...argv], { stdio: ['ignore', 'pipe', 'inherit'] }),
+    argv,
+  };
+  clients.push(client);
+  return client;
 }
 
 /** The IPv4 addresses on a host's eth0. */
@@ -111,15 +119,55 @@ async function run(name: string, address: string, argv: string[], extra: string[
   return (JSON.parse(started.stdout) as { pid: number }).pid;
 }
 
-/** Reads a client's running count (its OUT.count file). */
-function count(out: string): number {
-  return existsSync(`${out}.count`) ? Number(readFileSync(`${out}.count`, 'utf8') || 0) : 0;
+/** Where a client on host c writes its result: a file in c's own /tmp. */
+function clientOut(name: string): string {
+  return `/tmp/${name}.json`;
 }
 
-async function stop(child: ChildProcess, out: string): Promise<Record<string, unknown>> {
-  child.kill('SIGTERM');
-  await waitFor(() => existsSync(out), { what: 'the client to write its result', timeoutMs: 10_000 });
-  return JSON.parse(readFileSync(out, 'utf8')) as Record<string, unknown>;
+/** Reads a client's running count (its OUT.count file on host c). */
+function count(out: string): number {
+  const file = onHost(c, `${out}.count`);
+  return existsSync(file) ? Number(readFileSync(file, 'utf8') || 0) : 0;
+}
+
+/** Stops a client (SIGTERM to it in host c: nsenter does not pass signals on) and reads its result there. */
+async function stop(client: Client, out: string): Promise<Record<string, unknown>> {
+  await killOn(c, commandPidOn(c, client.argv) ?? 0, 'TERM');
+  await waitFor(() => existsSync(onHost(c, out)), { what: 'the client to write its result', timeoutMs: 10_000 });
+  return JSON.parse(readFileSync(onHost(c, out), 'utf8')) as Record<string, unknown>;
+}
+
+/**
+ * An address hook installed at the same path on hosts a and b (as on real
+ * nodes): it logs each call, with the time, in its own host's /tmp;
+ * a take fails, or hangs while the host has /tmp/ferry-hook-hang.
+ */
+const HOOK = '/etc/ferry/address-hook';
+const HOOK_CALLS = '/tmp/ferry-hook-calls';
+const HOOK_HANG = '/tmp/ferry-hook-hang';
+
+function installHook(host: LabHost): void {
+  const file = onHost(host, HOOK);
+  mkdirSync(dirname(file), { recursive: true });
+  writeFileSync(
+    file,
+    `#!/bin/sh\necho "$(date +%s%N) $1 $2 $FERRY_NODE $FERRY_WORKLOAD" >> ${HOOK_CALLS}\n` +
+      `[ "$1" = take ] && [ -f ${HOOK_HANG} ] && exec sleep 60\n` +
+      `[ "$1" = take ] && { echo "the router said no" >&2; exit 3; }\nexit 0\n`,
+  );
+  chmodSync(file, 0o755);
+}
+
+/** The hook's calls on these hosts, in the order they were made (without their time). */
+function hookCalls(...hosts: LabHost[]): string[] {
+  return hosts
+    .flatMap((h) => {
+      const file = onHost(h, HOOK_CALLS);
+      return existsSync(file) ? readFileSync(file, 'utf8').trim().split('\n') : [];
+    })
+    .map((line) => /^(\d+) (.*)$/.exec(line) ?? ['', '0', line])
+    .sort((x, y) => (BigInt(x[1] ?? 0) < BigInt(y[1] ?? 0) ? -1 : 1))
+    .map((m) => m[2] ?? '');
 }
 
 interface Report {
@@ -131,7 +179,7 @@ describe('the service address moves with the workload', () => {
     const ip = `${subnet}.50`;
     await run('echo', `${ip}/24`, ['python3', ECHO, '--port', '9000']);
     expect(addresses(a)).toContain(`${ip}/24`);
-    const out = join(scratch, 'echo.json');
+    const out = clientOut('echo');
     const client = onC(['python3', join(CLIENTS, 'echo_client.py'), ip, '9000', out]);
     await waitFor(() => count(out) > 20, { what: 'the client to echo', timeoutMs: 15_000 });
 
@@ -165,7 +213,7 @@ describe('the service address moves with the workload', () => {
   it('UDP request and response carry on across the move', async () => {
     const ip = `${subnet}.51`;
     await run('udp', `${ip}/24`, ['python3', ECHO, '--port', '9010']);
-    const out = join(scratch, 'udp.json');
+    const out = clientOut('udp');
     const client = onC(['python3', join(CLIENTS, 'udp_client.py'), ip, '9011', out]);
     await waitFor(() => count(out) > 20, { what: 'the client to get answers', timeoutMs: 15_000 });
     const moved = await ferry('migrate', 'udp', '--from', 'a', '--to', 'b');
@@ -185,27 +233,21 @@ describe('the service address moves with the workload', () => {
     const ip = `${subnet}.52`;
     await run('web', `${ip}/24`, ['python3', WEB, '--port', '8080', '--memory-mb', '8']);
     await waitFor(
-      () => {
-        try {
-          execFileSync('ip', [
-            'netns',
-            'exec',
-            c.netns,
-            'python3',
-            '-c',
-            `import urllib.request; urllib.request.urlopen("http://${ip}:8080/", timeout=1)`,
-          ]);
-          return true;
-        } catch {
-          return false;
-        }
-      },
+      () =>
+        inHost(c, [
+          'python3',
+          '-c',
+          `import urllib.request; urllib.request.urlopen("http://${ip}:8080/", timeout=1)`,
+        ]).then(
+          () => true,
+          () => false,
+        ),
       { what: 'the server to answer', timeoutMs: 15_000 },
     );
     const load = onC(['node', join(CLIENTS, 'load.mjs'), `http://${ip}:8080/`, '8', '8']);
     let output = '';
-    load.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
-    const ended = new Promise((resolve) => load.once('exit', resolve));
+    load.child.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    const ended = new Promise((resolve) => load.child.once('exit', resolve));
     await new Promise((resolve) => setTimeout(resolve, 2_500));
     const moved = await ferry('migrate', 'web', '--from', 'a', '--to', 'b', '--json');
     expect(moved.code, moved.stderr).toBe(0);
@@ -228,14 +270,14 @@ describe('the service address moves with the workload', () => {
   it('a rollback after the address moved puts the address and the process back on the source, and the client carries on', async () => {
     const ip = `${subnet}.53`;
     const pid = await run('rollback', `${ip}/24`, ['python3', ECHO, '--port', '9020']);
-    const out = join(scratch, 'rollback.json');
+    const out = clientOut('rollback');
     const client = onC(['python3', join(CLIENTS, 'echo_client.py'), ip, '9020', out]);
     await waitFor(() => count(out) > 20, { what: 'the client to echo', timeoutMs: 15_000 });
     // d's agent deletes pstree.img once the address is its: CRIU's restore fails there.
     const failed = await ferry('migrate', 'rollback', '--from', 'a', '--to', 'd');
     expect(failed.code, failed.stderr).toBe(1);
     expect(failed.stderr).toMatch(/rolled back|resumed on a|runs on a/);
-    expect(isRunning(pid)).toBe(true);
+    expect(runsOn(a, pid)).toBe(true);
     expect(addresses(a)).toContain(`${ip}/24`);
     expect(addresses(d)).not.toContain(`${ip}/24`);
     expect(tables(d)).toEqual([]);
@@ -297,7 +339,7 @@ describe('bad input about addresses', () => {
       expect(refused.stderr).toMatch(
         new RegExp(`address ${ip.replace(/\./g, '\\.')}/24 cannot move to b: .*already on eth0`),
       );
-      expect(isRunning(pid)).toBe(true);
+      expect(runsOn(a, pid)).toBe(true);
       expect(addresses(a)).toContain(`${ip}/24`);
     } finally {
       execFileSync('ip', ['-n', b.netns, 'addr', 'del', `${ip}/24`, 'dev', 'eth0']);
@@ -309,38 +351,30 @@ describe('bad input about addresses', () => {
     const refused = await ferry('migrate', 'bound', '--from', 'a', '--to', 'b');
     expect(refused.code, refused.stderr).toBe(2);
     expect(refused.stderr).toMatch(/bound to .*not the workload's/);
-    expect(isRunning(pid)).toBe(true);
+    expect(runsOn(a, pid)).toBe(true);
   });
 
   it('an address hook that fails, or hangs past its timeout, rolls the migration back: exit 1, all back on the source', async () => {
-    const calls = join(scratch, 'hook-calls');
-    const hook = join(scratch, 'hook');
-    writeFileSync(
-      hook,
-      `#!/bin/sh\necho "$1 $2 $FERRY_NODE $FERRY_WORKLOAD" >> ${calls}\n` +
-        `[ "$1" = take ] && [ -f ${scratch}/hang ] && exec sleep 60\n` +
-        `[ "$1" = take ] && { echo "the router said no" >&2; exit 3; }\nexit 0\n`,
-    );
-    chmodSync(hook, 0o755);
+    for (const host of [a, b]) installHook(host);
     const ip = `${subnet}.56`;
-    const pid = await run('hooked', `${ip}/24`, ['python3', ECHO, '--port', '9050'], ['--address-hook', hook]);
+    const pid = await run('hooked', `${ip}/24`, ['python3', ECHO, '--port', '9050'], ['--address-hook', HOOK]);
 
     const failed = await ferry('migrate', 'hooked', '--from', 'a', '--to', 'b');
     expect(failed.code, failed.stderr).toBe(1);
     expect(failed.stderr).toMatch(/the address hook .* take failed \(exit code 3\): the router said no/);
-    expect(isRunning(pid)).toBe(true);
+    expect(runsOn(a, pid)).toBe(true);
     expect(addresses(a)).toContain(`${ip}/24`);
     expect(addresses(b)).not.toContain(`${ip}/24`);
-    expect(readFileSync(calls, 'utf8').trim().split('\n')).toEqual([
-      `take ${ip}/24 b hooked`,
-      `return ${ip}/24 a hooked`,
-    ]);
+    // b's hook was told to take it, then a's to take it back: each ran on its own host.
+    expect(hookCalls(b)).toEqual([`take ${ip}/24 b hooked`]);
+    expect(hookCalls(a)).toEqual([`return ${ip}/24 a hooked`]);
+    expect(hookCalls(a, b)).toEqual([`take ${ip}/24 b hooked`, `return ${ip}/24 a hooked`]);
 
-    writeFileSync(join(scratch, 'hang'), '');
+    writeFileSync(onHost(b, HOOK_HANG), '');
     const hung = await ferry('migrate', 'hooked', '--from', 'a', '--to', 'b');
     expect(hung.code, hung.stderr).toBe(1);
     expect(hung.stderr).toMatch(/did not finish within 10 s/);
-    expect(isRunning(pid)).toBe(true);
+    expect(runsOn(a, pid)).toBe(true);
     expect(addresses(a)).toContain(`${ip}/24`);
     expect(addresses(b)).not.toContain(`${ip}/24`);
   }, 90_000);

@@ -1,22 +1,20 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { existsSync, readFileSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runWorkload } from '../../controller/agents/index.js';
 import { runFerry } from '../helpers/cli.js';
+import { commandPidOn, enterHostArgs, inHost, killOn, onHost, runsOn } from '../helpers/hosts.js';
 import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers/lab.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
-import { isRunning } from '../helpers/workload.js';
 
 const LAB = `fn${process.pid % 100_000}`;
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-network-'));
 let lab: Lab;
 let a: LabHost;
 let b: LabHost;
 let c: LabHost;
-let clients: ChildProcess[] = [];
+/** Programs the test started in a host: the nsenter, and the host with the command line it runs there. */
+let clients: { child: ChildProcess; host: LabHost; argv: string[] }[] = [];
 
 beforeAll(async () => {
   requireRoot();
@@ -24,33 +22,36 @@ beforeAll(async () => {
   [a, b, c] = lab.hosts as [LabHost, LabHost, LabHost];
 }, 60_000);
 
-afterEach(() => {
-  for (const client of clients) client.kill('SIGKILL');
+afterEach(async () => {
+  for (const client of clients) {
+    // nsenter does not pass a signal on to what it started in the host.
+    await killOn(client.host, commandPidOn(client.host, client.argv) ?? 0);
+    client.child.kill('SIGKILL');
+  }
   clients = [];
 });
 
 afterAll(async () => {
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
 });
 
-/** Runs python3 code on lab host `host` (its network), in the background. */
-function onHost(host: LabHost, code: string): ChildProcess {
-  const child = spawn('ip', ['netns', 'exec', host.netns, 'python3', '-c', code], { stdio: 'ignore' });
-  clients.push(child);
+/** Runs python3 code in lab host `host`, in the background. */
+function pythonOn(host: LabHost, code: string): ChildProcess {
+  const argv = ['python3', '-c', code];
+  const child = spawn('nsenter', [...enterHostArgs(host), ...argv], { stdio: 'ignore' });
+  clients.push({ child, host, argv });
   return child;
 }
 
 /** One HTTP GET from host c: the status code, or the error's name. */
 async function get(url: string): Promise<string> {
-  const out = join(mkdtempSync(join(scratch, 'get-')), 'out');
-  const child = onHost(
-    c,
+  const said = await inHost(c, [
+    'python3',
+    '-c',
     `import urllib.request\ntry:\n  r = urllib.request.urlopen(${JSON.stringify(url)}, timeout=3); s = str(r.status)\n` +
-      `except Exception as e:\n  s = type(e).__name__ + ": " + str(e)\nopen(${JSON.stringify(out)}, "w").write(s)`,
-  );
-  await new Promise((resolve) => child.once('exit', resolve));
-  return existsSync(out) ? readFileSync(out, 'utf8') : 'no answer';
+      `except Exception as e:\n  s = type(e).__name__ + ": " + str(e)\nprint(s, end="")`,
+  ]).catch(() => '');
+  return said === '' ? 'no answer' : said;
 }
 
 const migrate = (name: string, ...extra: string[]) =>
@@ -61,7 +62,8 @@ describe('network services', () => {
     const w = await runWorkload(
       hostEndpoint(a),
       'web',
-      ['python3', '-m', 'http.server', '8080', '--bind', '0.0.0.0', '--directory', scratch],
+      // It serves its own directory, which moves with it.
+      ['python3', '-m', 'http.server', '8080', '--bind', '0.0.0.0', '--directory', '.'],
       'test',
     );
     await waitFor(async () => (await get(`http://${a.address}:8080/`)) === '200', {
@@ -73,7 +75,7 @@ describe('network services', () => {
     expect(moved.stderr).toMatch(/socket tcp-listen 0\.0\.0\.0:8080 LISTEN: moves/);
     expect(await get(`http://${b.address}:8080/`)).toBe('200');
     expect(await get(`http://${a.address}:8080/`)).toMatch(/refused/i);
-    expect(isRunning(w.pid ?? 0)).toBe(false);
+    expect(runsOn(a, w.pid ?? 0)).toBe(false);
   });
 
   it('a connection from a client on another host is listed and refused before anything is touched; --tcp-close resets it', async () => {
@@ -89,15 +91,17 @@ describe('network services', () => {
       ],
       'test',
     );
-    const status = join(scratch, 'client-status');
-    onHost(
+    // It writes how its connection is to a file in c's own /tmp.
+    const status = '/tmp/client-status';
+    const statusOf = (): string => readFileSync(onHost(c, status), 'utf8');
+    pythonOn(
       c,
       `import socket, time\nwhile True:\n  try:\n    s = socket.create_connection((${JSON.stringify(a.address)}, 9090)); break\n` +
         `  except OSError: time.sleep(0.1)\nopen(${JSON.stringify(status)}, "w").write("connected")\n` +
         `try:\n  data = s.recv(1)\n  r = "closed" if data == b"" else "data"\nexcept OSError as e:\n  r = type(e).__name__\n` +
         `open(${JSON.stringify(status)}, "w").write(r)`,
     );
-    await waitFor(() => existsSync(status), { what: 'the client to connect', timeoutMs: 10_000 });
+    await waitFor(() => existsSync(onHost(c, status)), { what: 'the client to connect', timeoutMs: 10_000 });
 
     const refused = await migrate('held');
     expect(refused.code, refused.stderr).toBe(2);
@@ -109,8 +113,8 @@ describe('network services', () => {
     );
     expect(refused.stderr).toMatch(/hint: add --tcp-close/);
     await sleep(200);
-    expect(isRunning(w.pid ?? 0)).toBe(true);
-    expect(readFileSync(status, 'utf8')).toBe('connected');
+    expect(runsOn(a, w.pid ?? 0)).toBe(true);
+    expect(statusOf()).toBe('connected');
 
     const closed = await migrate('held', '--tcp-close', '--json');
     expect(closed.code, closed.stderr).toBe(0);
@@ -119,11 +123,11 @@ describe('network services', () => {
     expect(report.sockets.filter((s) => s.fate === 'closed').map((s) => s.peer.split(':')[0])).toEqual([c.address]);
     expect(report.sockets.find((s) => s.kind === 'tcp-listen')?.fate).toBe('moved');
     // The client's connection ended (it was reset, or closed by the restored copy); the server listens on b.
-    await waitFor(() => readFileSync(status, 'utf8') !== 'connected', {
+    await waitFor(() => statusOf() !== 'connected', {
       what: 'the client to see its connection end',
       timeoutMs: 30_000,
     });
-    expect(readFileSync(status, 'utf8')).toMatch(/ConnectionResetError|closed|TimeoutError/);
-    expect(isRunning(w.pid ?? 0)).toBe(false);
+    expect(statusOf()).toMatch(/ConnectionResetError|closed|TimeoutError/);
+    expect(runsOn(a, w.pid ?? 0)).toBe(false);
   }, 90_000);
 });

@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -8,9 +8,9 @@ import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers
 import type { MigrationReport } from '../../controller/migration/index.js';
 import { listWorkloads, runWorkload } from '../../controller/agents/index.js';
 import { LAZY_PIPE_BYTES } from '../../src/criu/index.js';
-import { readCounterState } from '../../src/counter.js';
 import { projectRoot } from '../../src/paths.js';
 import { FERRY_BIN, runFerry, type CliResult } from '../helpers/cli.js';
+import { commandPidOn, counterOn, enterHostArgs, killOn, onHost } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -28,6 +28,7 @@ let a: LabHost;
 let b: LabHost;
 let c: LabHost;
 let original: string;
+/** The controller's own files (its pause points): on this machine, where the test runs it. */
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-postcopy-'));
 const ferry = (...args: string[]): Promise<CliResult> => runFerry(args, { FERRY_LAB: LAB });
 
@@ -45,31 +46,47 @@ afterAll(async () => {
   rmSync(scratch, { recursive: true, force: true });
 });
 
-/** A counter of MEMORY MiB that reads back all of its memory every half second ("corrupt" if a page lost it). */
-async function startCounter(name: string, memoryMb: number): Promise<string> {
-  const state = join(scratch, `${name}.state`);
+/**
+ * A counter of MEMORY MiB on a that reads back all of its memory every half second ("corrupt" if a page
+ * lost it). Its state file is in its own directory, which moves with it.
+ */
+async function startCounter(name: string, memoryMb: number): Promise<void> {
   const counter = join(projectRoot(), 'dist', 'examples', 'counter');
-  await runWorkload(hostEndpoint(a), name, [counter, state, '20', String(memoryMb), '1', '0', '25'], 'test');
-  await waitFor(() => count(state) > 30, { what: `${name} to fault its memory in and count`, timeoutMs: 60_000 });
-  return state;
+  await runWorkload(hostEndpoint(a), name, [counter, 'state', '20', String(memoryMb), '1', '0', '25'], 'test');
+  await waitFor(() => count(a, name) > 30, { what: `${name} to fault its memory in and count`, timeoutMs: 60_000 });
 }
 
 async function names(host: LabHost): Promise<string[]> {
   return (await listWorkloads(hostEndpoint(host), 'test')).map((w) => w.name ?? '');
 }
 
-function count(state: string): number {
-  return readCounterState(state)?.count ?? 0;
+/** A counter's count, in its state file on a host. */
+function count(host: LabHost, name: string): number {
+  return counterOn(host, name)?.count ?? 0;
 }
 
-function corrupt(state: string): boolean {
-  return readCounterState(state)?.corrupt === true;
+function corrupt(host: LabHost, name: string): boolean {
+  return counterOn(host, name)?.corrupt === true;
+}
+
+/** A host's PIDs whose command line (its words joined by spaces) matches. */
+function pidsOn(host: LabHost, pattern: RegExp): number[] {
+  return readdirSync(onHost(host, '/proc'))
+    .filter((e) => /^\d+$/.test(e))
+    .filter((e) => {
+      try {
+        return pattern.test(readFileSync(onHost(host, `/proc/${e}/cmdline`), 'utf8').replace(/\0/g, ' '));
+      } catch {
+        return false; // gone meanwhile
+      }
+    })
+    .map(Number);
 }
 
 describe('post-copy', () => {
   it('is refused in preflight, with the reason, where the probe shows it failing; the process runs on', async () => {
     writeFileSync(PIPE_MAX_SIZE, String(1024 * 1024));
-    const state = await startCounter('refused', 16);
+    await startCounter('refused', 16);
     const result = await ferry('migrate', 'refused', '--from', 'a', '--to', 'b', '--strategy', 'postcopy');
     expect(result.code).toBe(2);
     expect(result.stderr).toContain('post-copy does not work on a and b');
@@ -77,11 +94,11 @@ describe('post-copy', () => {
     expect(result.stderr).toContain('splice: -1: Bad file descriptor');
     expect(result.stderr).toContain(`sysctl -w fs.pipe-max-size=${LAZY_PIPE_BYTES}`);
     // Nothing moved: the workload is still a's, and counts on.
-    const before = count(state);
-    await waitFor(() => count(state) > before + 5, { what: 'the counter to go on counting on a' });
+    const before = count(a, 'refused');
+    await waitFor(() => count(a, 'refused') > before + 5, { what: 'the counter to go on counting on a' });
     expect(await names(a)).toContain('refused');
     expect(await names(b)).not.toContain('refused');
-    expect(corrupt(state)).toBe(false);
+    expect(corrupt(a, 'refused')).toBe(false);
   }, 120_000);
 
   it('moves a service with an established connection from another host: the client goes on, nothing lost', async () => {
@@ -102,22 +119,13 @@ describe('post-copy', () => {
       '9000',
     );
     expect(started.code, started.stderr).toBe(0);
-    const out = join(scratch, 'pc-echo.json');
-    const client = spawn(
-      'ip',
-      [
-        'netns',
-        'exec',
-        c.netns,
-        'python3',
-        join(projectRoot(), 'test', 'helpers', 'clients', 'echo_client.py'),
-        ip,
-        '9000',
-        out,
-      ],
-      { stdio: 'ignore' },
-    );
-    const echoed = (): number => (existsSync(`${out}.count`) ? Number(readFileSync(`${out}.count`, 'utf8') || 0) : 0);
+    // The client runs in host c and writes its result in c's own /tmp.
+    const out = '/tmp/pc-echo.json';
+    const argv = ['python3', join(projectRoot(), 'test', 'helpers', 'clients', 'echo_client.py'), ip, '9000', out];
+    const client = spawn('nsenter', [...enterHostArgs(c), ...argv], { stdio: 'ignore' });
+    const exited = new Promise((resolve) => client.once('exit', resolve));
+    const echoed = (): number =>
+      existsSync(onHost(c, `${out}.count`)) ? Number(readFileSync(onHost(c, `${out}.count`), 'utf8') || 0) : 0;
     try {
       await waitFor(() => echoed() > 20, { what: 'the client to echo', timeoutMs: 15_000 });
       const result = await ferry('migrate', 'pc-echo', '--from', 'a', '--to', 'b', '--strategy', 'postcopy', '--json');
@@ -126,10 +134,16 @@ describe('post-copy', () => {
       const after = echoed();
       await waitFor(() => echoed() > after + 20, { what: 'echoes from b', timeoutMs: 15_000 });
     } finally {
-      client.kill('SIGTERM');
+      // To the client itself: nsenter does not pass a signal on to what it started in the host.
+      await killOn(c, commandPidOn(c, argv) ?? 0, 'TERM');
     }
-    await waitFor(() => existsSync(out), { what: 'the client to write its result', timeoutMs: 10_000 });
-    const summary = JSON.parse(readFileSync(out, 'utf8')) as { errors: string[]; echoed: number; max_gap_ms: number };
+    await waitFor(() => existsSync(onHost(c, out)), { what: 'the client to write its result', timeoutMs: 10_000 });
+    await exited; // its result written whole
+    const summary = JSON.parse(readFileSync(onHost(c, out), 'utf8')) as {
+      errors: string[];
+      echoed: number;
+      max_gap_ms: number;
+    };
     console.log(`post-copy with a connection: ${summary.echoed} echoes, longest gap ${summary.max_gap_ms} ms`);
     expect(summary.errors).toEqual([]);
     expect(await names(b)).toContain('pc-echo');
@@ -143,13 +157,13 @@ describe('post-copy', () => {
   it('moves 256 MiB and 1 GiB with a downtime that does not grow with the memory, every page intact', async () => {
     writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
     const reports: MigrationReport[] = [];
-    const states: string[] = [];
+    const moved: string[] = [];
     for (const [name, memoryMb] of [
       ['small', 256],
       ['large', 1024],
     ] as const) {
-      const state = await startCounter(name, memoryMb);
-      states.push(state);
+      await startCounter(name, memoryMb);
+      moved.push(name);
       const result = await ferry('migrate', name, '--from', 'a', '--to', 'b', '--strategy', 'postcopy', '--json');
       expect(result.code, result.stderr).toBe(0);
       const report = JSON.parse(result.stdout) as MigrationReport;
@@ -167,10 +181,12 @@ describe('post-copy', () => {
       expect(report.postcopy?.lazyPages).toBeGreaterThan(((memoryMb * 1024 * 1024) / 4096) * 0.9);
       expect(report.final.imageBytes).toBeLessThan(8 * 1024 * 1024);
       expect(report.postcopy?.risk).toContain('losing the source');
-      // The copy on b counts on from where a stopped, and reads all its memory back intact.
-      const after = count(state);
-      await waitFor(() => count(state) > after + 50 || corrupt(state), { what: `${name} to count on b` });
-      expect(corrupt(state)).toBe(false);
+      // The copy on b counts on from where a stopped (in the state file that moved with it), and reads all
+      // its memory back intact.
+      const after = count(b, name);
+      expect(after).toBeGreaterThan(30);
+      await waitFor(() => count(b, name) > after + 50 || corrupt(b, name), { what: `${name} to count on b` });
+      expect(corrupt(b, name)).toBe(false);
       expect(await names(b)).toContain(name);
       expect(await names(a)).not.toContain(name);
     }
@@ -184,12 +200,12 @@ describe('post-copy', () => {
     // The fetch does grow: that is where the memory went.
     expect(large.postcopy!.fetchMs).toBeGreaterThan(small.postcopy!.fetchMs);
     await sleep(600);
-    for (const state of states) expect(corrupt(state)).toBe(false);
+    for (const name of moved) expect(corrupt(b, name)).toBe(false);
   }, 300_000);
 
   it('losing the fetch after the switchover kills the incomplete copy and the source continues', async () => {
     writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
-    const state = await startCounter('cut', 1024);
+    await startCounter('cut', 1024);
     const child = spawn(FERRY_BIN, ['migrate', 'cut', '--from', 'a', '--to', 'b', '--strategy', 'postcopy'], {
       env: { ...process.env, FERRY_LAB: LAB },
     });
@@ -198,22 +214,23 @@ describe('post-copy', () => {
     const code = new Promise<number | null>((resolve) => child.once('exit', resolve));
     await waitFor(() => stderr.includes('fetching its memory from a'), { what: 'the copy on b to run' });
     // The daemon fetching b's memory dies mid-way (as with a lost link or source).
-    const killed = spawnSync('pkill', ['-KILL', '-f', `lazy-pages .*${b.imagesDir}`]);
-    expect(killed.status).toBe(0);
+    const daemons = pidsOn(b, new RegExp(`lazy-pages .*${b.imagesDir}`));
+    expect(daemons.length).toBeGreaterThan(0);
+    for (const pid of daemons) await killOn(b, pid);
     expect(await code).toBe(1);
     expect(stderr).toContain('post-copy failed');
     expect(stderr).toContain('the process continues on a from the switchover');
     // The copy on b had holes in its memory: gone. The source copy counts on, its memory whole.
     expect(await names(b)).not.toContain('cut');
     expect(await names(a)).toContain('cut');
-    const before = count(state);
-    await waitFor(() => count(state) > before + 50 || corrupt(state), { what: 'the source copy to count on' });
-    expect(corrupt(state)).toBe(false);
+    const before = count(a, 'cut');
+    await waitFor(() => count(a, 'cut') > before + 50 || corrupt(a, 'cut'), { what: 'the source copy to count on' });
+    expect(corrupt(a, 'cut')).toBe(false);
   }, 180_000);
 
   it('a controller lost before the commit: the source stops serving and its process runs on', async () => {
     writeFileSync(PIPE_MAX_SIZE, String(LAZY_PIPE_BYTES));
-    const state = await startCounter('orphan', 64);
+    await startCounter('orphan', 64);
     const pause = join(scratch, 'pause');
     mkdirSync(pause, { recursive: true });
     writeFileSync(join(pause, 'armed'), 'controller.after-held');
@@ -223,12 +240,12 @@ describe('post-copy', () => {
     });
     // The source froze the process and serves its memory; the controller dies there.
     await waitFor(() => existsSync(join(pause, 'controller.after-held')), { what: 'the source to serve' });
-    const frozen = count(state);
+    const frozen = count(a, 'orphan');
     await sleep(300);
-    expect(count(state)).toBe(frozen);
+    expect(count(a, 'orphan')).toBe(frozen);
     child.kill('SIGKILL');
-    await waitFor(() => count(state) > frozen + 20, { what: 'the source process to run on', timeoutMs: 30_000 });
-    expect(corrupt(state)).toBe(false);
+    await waitFor(() => count(a, 'orphan') > frozen + 20, { what: 'the source process to run on', timeoutMs: 30_000 });
+    expect(corrupt(a, 'orphan')).toBe(false);
     expect(await names(a)).toContain('orphan');
     expect(await names(b)).not.toContain('orphan');
   }, 120_000);

@@ -124,3 +124,30 @@ export function pauseDirOn(h: LabHost): string {
   mkdirSync(dir, { recursive: true });
   return dir;
 }
+
+/**
+ * The host's PID running this command, or undefined: as pidOn, but its
+ * program may have been found under another path (a shim such as pyenv's
+ * python3 execs the real one by its full path), so argv[0] is compared by
+ * its last component only.
+ */
+export function commandPidOn(h: LabHost, argv: readonly string[]): number | undefined {
+  const name = (path: string): string => path.slice(path.lastIndexOf('/') + 1);
+  for (const e of readdirSync(onHost(h, '/proc'))) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const words = readFileSync(onHost(h, `/proc/${e}/cmdline`), 'utf8')
+        .split('\0')
+        .slice(0, -1);
+      if (
+        words.length === argv.length &&
+        name(words[0] ?? '') === name(argv[0] ?? '') &&
+        words.every((w, i) => i === 0 || w === argv[i])
+      )
+        return Number(e);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return undefined;
+}
