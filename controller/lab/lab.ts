@@ -386,7 +386,7 @@ async function startHost(netns: string, host: string, state: string): Promise<nu
       '--fork',
       '--kill-child',
       '--',
-      'bash',
+      'sh',
       join(projectRoot(), 'scripts', 'lab-host'),
       host,
       state,
