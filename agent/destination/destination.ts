@@ -231,6 +231,7 @@ export class DestinationRole {
           // Connections dumped with their state come back with it; datagram peers by their path.
           ...(r.tcpClose === true ? { tcpClose: true } : { tcpEstablished: true }),
           extUnixSk: true,
+          fileLocks: true,
           signal: m.abort.signal,
           timeoutMs: 0,
           onNotify: async (event) => {

@@ -11,7 +11,7 @@ import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
 import { dropCriuLock, letGo, takeBack } from '../address-move.js';
 import { Hold, type Answer } from '../hold.js';
 import type { SourceMigration, SourcePostcopy } from './migration.js';
-import type { sockets, ControllerLink } from './source.js';
+import type { heldState, ControllerLink } from './source.js';
 import { streamFinal, type Progress } from './stream.js';
 
 /**
@@ -35,7 +35,7 @@ export class SourcePostcopyRole {
     round: string,
     connection: ControllerLink,
     progress: Progress,
-    socketOptions: ReturnType<typeof sockets>,
+    socketOptions: ReturnType<typeof heldState>,
   ): Promise<ReplyOf<'finalDump'>> {
     const { criu, hooks, journal, metrics, migrations } = this.context;
     const dir = join(m.dir, round);

@@ -15,6 +15,7 @@ import {
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
 import { dropCriuLock, letGo, movingAddress, takeBack } from '../address-move.js';
+import { carriedRoots } from '../carry.js';
 import { Hold } from '../hold.js';
 import type { PageStream } from '../page-stream.js';
 import { isSource, type SourceMigration } from './migration.js';
@@ -108,7 +109,7 @@ export class SourceRole {
     const record = m.workload === undefined ? undefined : this.context.workloads.find(m.workload);
     m.address = movingAddress(record);
     const peer = p.destinationUrl ?? '';
-    const socketOptions = sockets(this.context, m, p);
+    const socketOptions = heldState(this.context, m, p);
     m.criuLock = socketOptions.networkLock === 'nftables';
     if (p.postcopy === true) return this.postcopy.finalDump(m, p, round, connection, progress, socketOptions);
 
@@ -330,23 +331,39 @@ export class SourceRole {
 }
 
 /**
- * What CRIU does with the tree's sockets (preflight checked each can move):
- * established TCP connections are dumped with their state (tcp_established),
- * or closed when the controller asked (tcp_close); unix datagram peers
- * outside the tree are reconnected by path (ext_unix_sk). The network is
- * locked only when there are connections to lock: with nftables CRIU makes
- * a table even for none, and the restore on another host cannot remove it.
+ * What CRIU does with the tree's sockets and locks (preflight checked each
+ * can move): established TCP connections are dumped with their state
+ * (tcp_established), or closed when the controller asked (tcp_close); unix
+ * datagram peers outside the tree are reconnected by path (ext_unix_sk);
+ * file locks of every kind are dumped and taken again (file_locks); an
+ * inotify watch CRIU cannot name by handle is looked for by path in the
+ * workload's carried files (irmap_scan_paths). The
+ * network is locked only when there are connections to lock: with
+ * nftables CRIU makes a table even for none, and the restore on another
+ * host cannot remove it.
  */
-export function sockets(
+export function heldState(
   context: AgentContext,
   m: SourceMigration,
   p: BodyOf<'finalDump'>,
-): { tcpEstablished?: boolean; tcpClose?: boolean; extUnixSk?: boolean; networkLock?: 'iptables' | 'nftables' } {
+): {
+  tcpEstablished?: boolean;
+  tcpClose?: boolean;
+  extUnixSk?: boolean;
+  fileLocks?: boolean;
+  irmapScanPaths?: string[];
+  networkLock?: 'iptables' | 'nftables';
+} {
   const close = p.tcpClose === true;
   const connections = context.processes.establishedTcp(m.pid);
+  const record = m.workload === undefined ? undefined : context.workloads.find(m.workload);
   return {
     ...(close ? { tcpClose: true } : { tcpEstablished: true }),
     extUnixSk: true,
+    fileLocks: true,
+    // An inotify watch on a file system whose handles CRIU cannot open (overlayfs) is found by path,
+    // in the files the workload carries.
+    ...(record === undefined ? {} : { irmapScanPaths: carriedRoots(context.dataDir, record) }),
     ...(connections > 0 && !close ? { networkLock: context.networkLock } : {}),
   };
 }

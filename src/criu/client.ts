@@ -173,6 +173,8 @@ export interface ProcessTreeOptions {
   linkRemap?: boolean | undefined;
   /** Resources outside the tree that CRIU should treat as external ("tty[...]", "mnt[...]"). */
   external?: readonly string[] | undefined;
+  /** Directories CRIU searches for the path of a watched inode it cannot open by handle (irmap). */
+  irmapScanPaths?: readonly string[] | undefined;
   networkLock?: 'iptables' | 'nftables' | 'skip' | undefined;
 }
 
@@ -734,6 +736,7 @@ function processOpts(o: ProcessTreeOptions): RpcOptions {
   if (o.fileLocks !== undefined) opts.fileLocks = o.fileLocks;
   if (o.linkRemap !== undefined) opts.linkRemap = o.linkRemap;
   if (o.external !== undefined) opts.external = [...o.external];
+  if (o.irmapScanPaths !== undefined) opts.irmapScanPaths = [...o.irmapScanPaths];
   if (o.networkLock !== undefined) {
     opts.networkLock = {
       iptables: NetworkLockMethod.IPTABLES,
