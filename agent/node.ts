@@ -13,6 +13,7 @@ import { switchoverKey } from './destination/index.js';
 import { probePostcopy, type PostcopySupport } from './postcopy-probe.js';
 import { carriedRoots } from './carry.js';
 import { fileNeeds, fileProblems } from './files.js';
+import { unmovable } from './unmovable.js';
 import { freeBytes, processFacts, processTree, takenPids } from './process.js';
 
 /** How long a post-copy probe that worked is believed; one that failed is probed again next time. */
@@ -111,6 +112,7 @@ export class NodeFacts {
           ? {
               ...processFacts(pid, serviceIp(record?.address)),
               ...workload,
+              unmovable: unmovable(processTree(pid)),
               files: fileNeeds(processTree(pid), {
                 carried: record === undefined ? [] : carriedRoots(this.context.dataDir, record),
                 shared: record?.shared ?? [],

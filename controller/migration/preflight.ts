@@ -77,6 +77,7 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
     );
   for (const line of socketLines(proc.sockets ?? [], m.options.tcpClose === true))
     m.emit('preflight', 'controller', line);
+  refuseIfUnmovable(proc.unmovable ?? [], sourceName);
   m.emit('preflight', 'controller', filesLine(proc.files ?? [], destinationName));
   refuseIfFilesDiffer(destinationFacts.fileProblems ?? [], sourceName, destinationName);
   try {
@@ -107,6 +108,15 @@ function filesLine(files: readonly FileNeed[], destination: string): string {
     `${checked} checked on ${destination}` +
     (shared > 0 ? `, ${shared} on shared storage` : '') +
     (deleted > 0 ? `, ${deleted} deleted but open (CRIU copies them)` : '')
+  );
+}
+
+/** What CRIU cannot move, found before the freeze: listed, with the reason for each. */
+function refuseIfUnmovable(reasons: readonly string[], source: string): void {
+  if (reasons.length === 0) return;
+  throw new PreflightRefusedError(
+    `the process holds what CRIU cannot move from ${source}:\n${reasons.map((r) => `  ${r}`).join('\n')}`,
+    { hint: 'end or change what is listed (docs/files.md, "What cannot move"); nothing was touched' },
   );
 }
 

@@ -96,6 +96,7 @@ const BOUNDS: Bounds = {
     count(b.process?.workloadArgv, MAX_ARGV, 'arguments');
     count(b.process?.sockets, MAX_FILES, 'sockets');
     count(b.process?.files, MAX_FILES, 'files');
+    count(b.process?.unmovable, 64, 'unmovable resources');
     count(b.fileProblems, MAX_FILES, 'file problems');
     labels(b.process?.workloadLabels);
   },
