@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FERRY_BIN } from '../helpers/cli.js';
-import { hostEndpoint, labDown, labUp, type LabHost } from '../helpers/lab.js';
+import { hostEndpoint, labDown, labUp, restartAgent, type LabHost } from '../helpers/lab.js';
 import { projectRoot } from '../../src/paths.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { counterOn, homeFile, homeIn, killOn, onHost, runsOn, workloadPidsOn } from '../helpers/hosts.js';
@@ -88,43 +88,33 @@ describe('a migration that fails on the destination', () => {
 });
 
 describe('a migration that fails on the source', () => {
-  it('keeps a process CRIU cannot dump running, and says why', async () => {
-    // CRIU cannot dump a perf event counter (nor could it recreate one): the dump fails, after the
-    // freeze. Its files are in its own directory on a, which the migration would carry: preflight
-    // finds every file it needs, and the dump is what refuses.
-    const w = await runWorkload(
-      hostEndpoint(a),
-      'locker',
-      [
-        'python3',
-        '-c',
-        'import ctypes, struct, time\n' +
-          'attr = (ctypes.c_uint8 * 128)()\n' +
-          'struct.pack_into("IIQ", attr, 0, 1, 128, 0)  # PERF_TYPE_SOFTWARE, its size, CPU clock\n' +
-          'assert ctypes.CDLL(None).syscall(298, attr, 0, -1, -1, 0) >= 0  # perf_event_open\n' +
-          'open("lock", "w").close()\n' +
-          'time.sleep(600)',
-      ],
-      'test',
-    );
-    const pid = w.pid ?? 0;
-    await waitFor(() => existsSync(homeFile(a, 'locker', 'lock')), { what: 'the workload to open its counter' });
-    await sleep(300);
-    const { code, stderr } = await migrateCli('locker', breaksImages.host);
-    expect(code, stderr).toBe(1);
-    expect(stderr).toMatch(/CRIU DUMP failed: Can't dump file \d+ of that type .*perf_event/);
-    expect(stderr).toMatch(/The process still runs on a, unchanged/);
-    expect(stderr).toMatch(/CRIU's logs of this step are kept in /);
-    // On a, where the dump ran: an operator there reads them.
-    const kept = /CRIU's logs of this step are kept in (\S+?)[;.]?$/m.exec(stderr)?.[1] ?? '';
-    const logs = readdirSync(onHost(a, kept), { recursive: true }).map(String);
-    expect(
-      logs.some((f) => f.endsWith('.log')),
-      `${kept} on a: ${logs.join(' ')}`,
-    ).toBe(true);
-    expect(runsOn(a, pid)).toBe(true);
-    expect(readdirSync(onHost(breaksImages, breaksImages.imagesDir))).toEqual([]);
-    expect(existsSync(onHost(breaksImages, homeIn(breaksImages, 'locker')))).toBe(false);
-    await killOn(a, pid);
+  it('keeps a process whose dump fails after the freeze running, and says why', async () => {
+    // What preflight cannot see: the CRIU worker dies while it dumps (a crash, the OOM killer).
+    a = await restartAgent(LAB, 'a', { FERRY_TEST_FAULT: 'source.frozen=kill-criu-worker' });
+    try {
+      const w = await runWorkload(hostEndpoint(a), 'dumpfails', [join(examples, 'counter'), 'state'], 'test');
+      const pid = w.pid ?? 0;
+      await waitFor(() => count('dumpfails').count > 2, { what: 'the workload to count on a' });
+      const { code, stderr } = await migrateCli('dumpfails', breaksImages.host);
+      expect(code, stderr).toBe(1);
+      expect(stderr).toMatch(/migration failed during switchover: a: /);
+      expect(stderr).toMatch(/The process still runs on a, unchanged/);
+      expect(stderr).toMatch(/CRIU's logs of this step are kept in /);
+      // On a, where the dump ran: an operator there reads them.
+      const kept = /CRIU's logs of this step are kept in (\S+?)[;.]?$/m.exec(stderr)?.[1] ?? '';
+      const logs = readdirSync(onHost(a, kept), { recursive: true }).map(String);
+      expect(
+        logs.some((f) => f.endsWith('.log')),
+        `${kept} on a: ${logs.join(' ')}`,
+      ).toBe(true);
+      expect(runsOn(a, pid)).toBe(true);
+      const after = count('dumpfails').count;
+      await waitFor(() => count('dumpfails').count > after, { what: 'the workload to go on counting on a' });
+      expect(readdirSync(onHost(breaksImages, breaksImages.imagesDir))).toEqual([]);
+      expect(existsSync(onHost(breaksImages, homeIn(breaksImages, 'dumpfails')))).toBe(false);
+      await killOn(a, pid);
+    } finally {
+      a = await restartAgent(LAB, 'a');
+    }
   });
 });
