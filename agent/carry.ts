@@ -1,14 +1,20 @@
+import { createHash, type Hash } from 'node:crypto';
 import {
+  appendFileSync,
   chmodSync,
+  closeSync,
+  constants,
   chownSync,
   copyFileSync,
   existsSync,
   lchownSync,
   lstatSync,
   mkdirSync,
+  openSync,
   readdirSync,
   readFileSync,
   readlinkSync,
+  readSync,
   renameSync,
   rmSync,
   statSync,
@@ -26,15 +32,37 @@ import { sha256Of } from './images.js';
 /**
  * The files a workload carries from host to host (docs/files.md): its own
  * directory (its working directory, DATA/workloads/NAME), its log, and the
- * paths it was started with `--carry`. They travel with the final dump's
- * images, while the process is frozen, so that CRIU finds each at the size,
- * mode and owner it recorded; the destination puts them in place before the
- * restore and takes them back if the migration rolls back.
+ * paths it was started with `--carry`. Before the freeze they are copied
+ * to the destination whole (packAhead); while the process is frozen only
+ * what changed since travels with the final dump's images (a file that
+ * grew sends its new end, one rewritten is sent again), so that CRIU finds
+ * each at the size, mode and owner it recorded. The destination puts them
+ * in place before the restore and takes them back if the migration rolls
+ * back.
  */
 export const CARRY_MANIFEST = 'ferry-carry.json';
 
 export class CarryError extends FerryError {
   readonly code = 'CARRY';
+}
+
+/** The round whose images are the files copied ahead of the freeze. */
+export const AHEAD_ROUND = 'carry';
+
+/** How much of a file's end, as it was copied ahead, is read again while frozen to see it only grew. */
+const TAIL_CHECK_BYTES = 64 * 1024;
+
+/** A file copied ahead of the freeze, as the source remembers it. */
+export interface AheadFile {
+  ino: number;
+  size: number;
+  mtimeMs: number;
+  /** Its image in the ahead round. */
+  image: string;
+  /** The hash of what was sent, to be continued with what is sent later. */
+  hash: Hash;
+  /** The last bytes sent, compared again at the freeze. */
+  tail: Buffer;
 }
 
 export interface CarriedEntry {
@@ -44,10 +72,13 @@ export interface CarriedEntry {
   uid: number;
   gid: number;
   mtimeMs: number;
-  /** Files: their size and content hash, and the image file that holds them. */
+  /** Files: their size and content hash, and the image file that holds them (or their new end). */
   size?: number;
   sha256?: string;
   image?: string;
+  /** Files copied ahead: the ahead round's image that holds their first baseSize bytes. */
+  base?: string;
+  baseSize?: number;
   /** Links: where they point. */
   target?: string;
 }
@@ -65,11 +96,44 @@ export function carriedRoots(dataDir: string, spec: Pick<WorkloadSpec, 'name' | 
 }
 
 /**
- * Copies what the roots hold into `dir` (one image file per regular file)
- * with a manifest; returns the names to stream. A root that does not
- * exist is left out (preflight said so before the freeze).
+ * Before the freeze: copies every regular file under the roots into `dir`
+ * (the ahead round), hashing it as it goes; returns the names to stream and
+ * what was copied of each, by path.
  */
-export function packCarried(dir: string, roots: readonly string[]): string[] {
+export function packAhead(dir: string, roots: readonly string[]): { names: string[]; files: Map<string, AheadFile> } {
+  const files = new Map<string, AheadFile>();
+  const names: string[] = [];
+  const visit = (path: string): void => {
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch {
+      return;
+    }
+    if (st.isDirectory()) for (const name of readdirSync(path).sort()) visit(join(path, name));
+    if (!st.isFile()) return;
+    const image = `ahead-${names.length}`;
+    const target = join(dir, image);
+    copyFileSync(path, target);
+    // What was copied, not what the file is now: it may have grown meanwhile.
+    const content = readFileSync(target);
+    const hash = createHash('sha256').update(content);
+    const tail = Buffer.from(content.subarray(Math.max(0, content.length - TAIL_CHECK_BYTES)));
+    files.set(path, { ino: st.ino, size: content.length, mtimeMs: st.mtimeMs, image, hash, tail });
+    names.push(image);
+  };
+  for (const root of roots) visit(root);
+  return { names, files };
+}
+
+/**
+ * While frozen: what the roots hold, into `dir` with a manifest; returns
+ * the names to stream. A file copied ahead and unchanged sends nothing; one
+ * that only grew sends its new end; any other, and every file not copied
+ * ahead, is copied whole. A root that does not exist is left out
+ * (preflight said so before the freeze).
+ */
+export function packCarried(dir: string, roots: readonly string[], ahead?: Map<string, AheadFile>): string[] {
   const entries: CarriedEntry[] = [];
   const names: string[] = [];
   const visit = (path: string): void => {
@@ -84,7 +148,34 @@ export function packCarried(dir: string, roots: readonly string[]): string[] {
       entries.push({ ...base, kind: 'dir' });
       for (const name of readdirSync(path).sort()) visit(join(path, name));
     } else if (st.isFile()) {
+      const sent = ahead?.get(path);
       const image = `ferry-carry-${names.length}`;
+      if (sent !== undefined && sent.ino === st.ino && st.size === sent.size && st.mtimeMs === sent.mtimeMs) {
+        entries.push({
+          ...base,
+          kind: 'file',
+          size: st.size,
+          sha256: sent.hash.copy().digest('hex'),
+          base: sent.image,
+          baseSize: sent.size,
+        });
+        return;
+      }
+      if (sent !== undefined && sent.ino === st.ino && st.size > sent.size && onlyGrew(path, sent)) {
+        const end = readRange(path, sent.size, st.size - sent.size);
+        writeFileSync(join(dir, image), end);
+        entries.push({
+          ...base,
+          kind: 'file',
+          size: st.size,
+          sha256: sent.hash.copy().update(end).digest('hex'),
+          image,
+          base: sent.image,
+          baseSize: sent.size,
+        });
+        names.push(image);
+        return;
+      }
       copyFileSync(path, join(dir, image));
       // Hashed from the copy: what travels is what was checked.
       entries.push({ ...base, kind: 'file', size: st.size, sha256: sha256Of(join(dir, image)), image });
@@ -119,7 +210,7 @@ export interface Placed {
  * left alone; one with other content is kept aside until the migration
  * commits.
  */
-export function placeCarried(dir: string, roots: readonly string[], migrationId: string): Placed {
+export function placeCarried(dir: string, roots: readonly string[], migrationId: string, aheadDir?: string): Placed {
   const manifest = join(dir, CARRY_MANIFEST);
   const created: string[] = [];
   const replaced: { path: string; aside: string }[] = [];
@@ -161,11 +252,32 @@ export function placeCarried(dir: string, roots: readonly string[], migrationId:
         chownSync(path, e.uid, e.gid);
         continue;
       }
-      if (e.kind === 'file' && there?.isFile() === true && there.size === e.size && sha256Of(path) === e.sha256) {
+      if (
+        e.kind === 'file' &&
+        e.base === undefined &&
+        there?.isFile() === true &&
+        there.size === e.size &&
+        sha256Of(path) === e.sha256
+      ) {
         continue;
       }
       const temporary = `${path}.ferry-${migrationId}.new`;
-      if (e.kind === 'file') {
+      if (e.kind === 'file' && e.base !== undefined) {
+        // Its start came ahead of the freeze (checked by the stream's checksums then), moved into
+        // place rather than copied; its new end, if any, is appended.
+        const start = join(aheadDir ?? '', e.base);
+        if (aheadDir === undefined || lstatOrUndefined(start)?.size !== e.baseSize) {
+          throw new CarryError(`${path}: the copy sent ahead of the freeze is missing here`);
+        }
+        moveOrCopy(start, temporary);
+        if (e.image !== undefined) appendFileSync(temporary, readFileSync(join(dir, e.image)));
+        if (statSync(temporary).size !== e.size) throw new CarryError(`${path} arrived with the wrong size`);
+        chmodSync(temporary, e.mode);
+        chownSync(temporary, e.uid, e.gid);
+        utimesSync(temporary, new Date(e.mtimeMs), new Date(e.mtimeMs));
+        files += 1;
+        bytes += e.size ?? 0;
+      } else if (e.kind === 'file') {
         const image = join(dir, e.image ?? '');
         if (sha256Of(image) !== e.sha256) throw new CarryError(`${path} arrived damaged (checksum mismatch)`);
         copyFileSync(image, temporary);
@@ -231,10 +343,16 @@ export function readManifest(file: string): CarriedEntry[] {
       mtimeMs,
     };
     if (entry.kind === 'file') {
-      if (!id(e.size) || typeof e.sha256 !== 'string' || typeof e.image !== 'string' || !IMAGE_NAME.test(e.image)) {
+      const image = (name: unknown): boolean => typeof name === 'string' && IMAGE_NAME.test(name);
+      if (e.base !== undefined && (!image(e.base) || !id(e.baseSize))) return bad(`${e.path}: a bad copy ahead`);
+      if (
+        !id(e.size) ||
+        typeof e.sha256 !== 'string' ||
+        (e.image !== undefined ? !image(e.image) : e.base === undefined)
+      ) {
         return bad(`${e.path}: a file without its size, hash or image`);
       }
-      Object.assign(entry, { size: e.size, sha256: e.sha256, image: e.image });
+      Object.assign(entry, { size: e.size, sha256: e.sha256, image: e.image, base: e.base, baseSize: e.baseSize });
     }
     if (entry.kind === 'link') {
       if (typeof e.target !== 'string' || e.target.includes('\0')) return bad(`${e.path}: a link without a target`);
@@ -244,9 +362,40 @@ export function readManifest(file: string): CarriedEntry[] {
   });
 }
 
+/** The file still ends, where the copy ahead ended, with the bytes that copy ended with. */
+function onlyGrew(path: string, sent: AheadFile): boolean {
+  return readRange(path, sent.size - sent.tail.length, sent.tail.length).equals(sent.tail);
+}
+
+function readRange(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const buffer = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const n = readSync(fd, buffer, done, length - done, offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    return buffer.subarray(0, done);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 function within(root: string, path: string): boolean {
   const rel = relative(root, path);
   return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
+}
+
+/** A rename where it can (the same file system), a copy where it cannot. */
+function moveOrCopy(from: string, to: string): void {
+  try {
+    renameSync(from, to);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EXDEV') throw error;
+    copyFileSync(from, to);
+  }
 }
 
 function lstatOrUndefined(path: string): ReturnType<typeof lstatSync> | undefined {

@@ -209,6 +209,7 @@ export class Agent {
       prepareDestination: (p) => destination.prepare(p),
       pageServerStart: (p, connection) => destination.pageServer(p, connection),
       preDumpRound: (p, connection) => source.preDump(p, connection),
+      carryAhead: (p, connection) => source.carryAhead(p, connection),
       finalDump: (p, connection) => source.finalDump(p, connection),
       imageChunk: (c, connection) => destination.imageChunk(c, connection),
       imagesDone: (d, connection) => destination.imagesDone(d, connection),

@@ -9,7 +9,7 @@ import { DEFAULT_HOLD_MS, type BodyOf, type ReplyOf, type WireConnection } from 
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from '../errors.js';
 import { giveUp, movingAddress, openAddress, take } from '../address-move.js';
-import { carriedRoots, placeCarried } from '../carry.js';
+import { AHEAD_ROUND, carriedRoots, placeCarried } from '../carry.js';
 import { Hold } from '../hold.js';
 import { socketDescriptor, type PassedFd } from '../../src/criu/index.js';
 import { ImageReceiver } from '../images.js';
@@ -185,7 +185,7 @@ export class DestinationRole {
     hooks.fault('destination.before-restore', { roundDir: dir });
     if (m.workload !== undefined) {
       try {
-        m.placed = placeCarried(dir, carriedRoots(this.context.dataDir, m.workload), m.id);
+        m.placed = placeCarried(dir, carriedRoots(this.context.dataDir, m.workload), m.id, join(m.dir, AHEAD_ROUND));
       } catch (error) {
         await hold.decide('no', 'its files could not be put in place');
         throw new StepFailedError(error, { from: m.dir, to: keptLogs(this.context, m) });
@@ -398,6 +398,8 @@ export class DestinationRole {
     let receiver = m.receivers.get(round);
     if (receiver === undefined) {
       const dir = join(m.dir, round);
+      // The files carried ahead of the freeze come without a page server: their round starts with them.
+      if (round === AHEAD_ROUND) mkdirSync(dir, { recursive: true, mode: 0o700 });
       if (!existsSync(dir)) throw new MigrationStateError(`round ${round} of ${m.id} has no page server here`);
       receiver = new ImageReceiver(dir);
       m.receivers.set(round, receiver);

@@ -1,4 +1,5 @@
 import type { MovingAddress } from '../address-move.js';
+import type { AheadFile } from '../carry.js';
 import type { LocalMigration } from '../migrations.js';
 
 /** A migration whose process runs (or ran) here. */
@@ -14,6 +15,8 @@ export interface SourceMigration extends LocalMigration {
   address?: MovingAddress | undefined;
   /** The final dump asked CRIU for its nftables lock: its table stays here after a commit. */
   criuLock?: boolean | undefined;
+  /** The carried files copied to the destination ahead of the freeze, by path (agent/carry.ts). */
+  ahead?: Map<string, AheadFile> | undefined;
   /** Post-copy: the destination whose word ends or continues the stopped source. */
   postcopy?: SourcePostcopy | undefined;
 }

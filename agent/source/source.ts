@@ -15,7 +15,8 @@ import {
 import { pageTlsFor, type AgentContext } from '../context.js';
 import { MigrationStateError, StepFailedError, unchanged } from '../errors.js';
 import { dropCriuLock, letGo, movingAddress, takeBack } from '../address-move.js';
-import { carriedRoots } from '../carry.js';
+import { AHEAD_ROUND, carriedRoots, packAhead } from '../carry.js';
+import { streamImages } from '../images.js';
 import { Hold } from '../hold.js';
 import type { PageStream } from '../page-stream.js';
 import { isSource, type SourceMigration } from './migration.js';
@@ -69,6 +70,39 @@ export class SourceRole {
     metrics.pagesSent.inc(stats.pagesWritten);
     metrics.bytesSent.inc(stats.pagesWritten * PAGE_SIZE);
     return { stats: statsMessage(stats), durationMs: Math.round(performance.now() - started) };
+  }
+
+  /**
+   * Before the freeze: the files the workload carries go to the destination
+   * whole, while the process runs, so that the final dump sends only what
+   * changed since (agent/carry.ts).
+   */
+  async carryAhead(p: BodyOf<'carryAhead'>, connection: ControllerLink): Promise<ReplyOf<'carryAhead'>> {
+    const m = this.#migration(p.migrationId ?? '', p.pid ?? 0);
+    const record = m.workload === undefined ? undefined : this.context.workloads.find(m.workload);
+    if (record === undefined) return { files: 0, bytes: 0, durationMs: 0 };
+    const started = performance.now();
+    const dir = join(m.dir, AHEAD_ROUND);
+    mkdirSync(dir, { mode: 0o700 });
+    const { names, files } = packAhead(dir, carriedRoots(this.context.dataDir, record));
+    const peer = await this.context.peers.connect(p.destinationUrl ?? '', 'destination');
+    let sent;
+    try {
+      sent = await streamImages(peer, { migrationId: m.id, round: AHEAD_ROUND }, dir, names, m.abort.signal);
+    } finally {
+      peer.close();
+    }
+    m.ahead = files;
+    const durationMs = Math.round(performance.now() - started);
+    connection.progress({
+      migrationId: m.id,
+      phase: 'switchover',
+      message: `carried ${sent.files} file${sent.files === 1 ? '' : 's'} ahead of the freeze, in ${durationMs} ms`,
+      source: this.context.node,
+      bytes: sent.bytes,
+    });
+    this.context.metrics.bytesSent.inc(sent.bytes);
+    return { files: sent.files, bytes: sent.bytes, durationMs };
   }
 
   /**

@@ -26,7 +26,7 @@ export async function streamFinal(
   // open, which CRIU checks on restore at their size now (frozen): they travel with the images
   // and the destination puts them in place.
   const record = m.workload === undefined ? undefined : context.workloads.find(m.workload);
-  if (record !== undefined) names.push(...packCarried(dir, carriedRoots(context.dataDir, record)));
+  if (record !== undefined) names.push(...packCarried(dir, carriedRoots(context.dataDir, record), m.ahead));
   const peer = await context.peers.connect(destinationUrl, 'destination');
   let sent;
   try {

@@ -103,8 +103,9 @@ export function startRun(options: MigrateOptions): MigrationRun {
   const onProgress = (p: ProgressMessage): void =>
     run.emit((p.phase as Phase | undefined) ?? run.phase, p.source ?? 'agent', p.message ?? '', {
       round: p.round || undefined,
-      bytes: p.bytes ?? undefined,
-      pages: p.pages ?? undefined,
+      // 64-bit fields: numbers here, whatever the decoder made of them.
+      bytes: p.bytes === null || p.bytes === undefined ? undefined : Number(p.bytes),
+      pages: p.pages === null || p.pages === undefined ? undefined : Number(p.pages),
       transfer: p.transfer === true ? transfer(Number(p.bytes ?? 0), Number(p.bytesPerSecond ?? 0)) : undefined,
     });
   const transfer = (bytes: number, bytesPerSecond: number): MigrationEvent['transfer'] => {

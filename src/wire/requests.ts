@@ -25,6 +25,7 @@ export const REQUESTS = {
   prepareDestination: { reply: 'ack' },
   pageServerStart: { reply: 'pageServerStarted' },
   preDumpRound: { reply: 'roundDone' },
+  carryAhead: { reply: 'carriedAhead' },
   finalDump: { reply: 'dumpHeld' },
   imageChunk: { reply: 'ack', fromAgents: true },
   imagesDone: { reply: 'ack', fromAgents: true },

@@ -6,7 +6,7 @@ import { bodyName, IMAGE_CHUNK_BYTES, PeerRole, type BodyName, type BodyOf, type
 /** A migration id: lower-case letters, digits and dashes (it names directories). */
 export const MIGRATION_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;
 /** A round directory name: "1", "2", ..., "final". */
-export const ROUND_NAME = /^(?:[0-9]{1,3}|final)$/;
+export const ROUND_NAME = /^(?:[0-9]{1,3}|final|carry)$/;
 /** A workload name: it names files in the agent's data directory. */
 export const WORKLOAD_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 /** An image file name: one plain file name in the round's directory, never a path. */
@@ -113,6 +113,11 @@ const BOUNDS: Bounds = {
     parent(b.parent);
   },
   preDumpRound: (b) => dumpRound(b, true),
+  carryAhead: (b) => {
+    migration(b.migrationId);
+    pid(b.pid, false);
+    agentUrl(b.destinationUrl, 'destination URL');
+  },
   finalDump: (b) => {
     dumpRound(b, b.postcopy !== true);
     agentUrl(b.destinationUrl, 'destination URL');

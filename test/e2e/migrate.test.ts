@@ -163,6 +163,41 @@ describe('ferry migrate between two lab hosts', () => {
     await killOn(b, report.to.pid);
   });
 
+  it('carries a growing log ahead of the freeze: while frozen only its new end is sent', async () => {
+    // 16 MiB of output at once, then a line every 10 ms, all of it into its log.
+    const script =
+      'import sys, time\n' +
+      'for i in range(16 * 1024): sys.stdout.write("x" * 1023 + "\\n")\n' +
+      'sys.stdout.flush()\n' +
+      'n = 0\n' +
+      'while True:\n' +
+      '    n += 1; print("tick", n, flush=True); time.sleep(0.01)\n';
+    await runWorkload(hostEndpoint(a), 'logger', ['python3', '-c', script], 'test');
+    const log = join(a.dataDir, 'workloads', 'logger.log');
+    await waitFor(() => readFileSync(onHost(a, log), 'utf8').includes('tick 20'), { what: 'the logger to log' });
+    const events: MigrationEvent[] = [];
+    const report = await migrate({
+      workload: 'logger',
+      from: hostEndpoint(a),
+      to: hostEndpoint(b),
+      softwareVersion: 'test',
+      onEvent: (e) => events.push(e),
+    });
+    const ahead = events.find((e) => /carried 1 file ahead of the freeze/.test(e.message));
+    expect(ahead?.bytes ?? 0).toBeGreaterThanOrEqual(16 * 1024 * 1024);
+    // The images and the log's new end: kilobytes, not the 16 MiB.
+    expect(report.final.imageBytes).toBeLessThan(512 * 1024);
+    // On b the log is whole, and goes on.
+    const ticks = (): number[] =>
+      [...readFileSync(onHost(b, log), 'utf8').matchAll(/^tick (\d+)$/gm)].map((t) => Number(t[1]));
+    const frozen = ticks().length;
+    await waitFor(() => ticks().length > frozen + 10, { what: 'the logger to go on logging on b' });
+    const seen = ticks();
+    expect(seen).toEqual(seen.map((_, i) => i + 1));
+    expect(readFileSync(onHost(b, log), 'utf8').startsWith('x'.repeat(1023) + '\n')).toBe(true);
+    await killOn(b, report.to.pid);
+  });
+
   it('moves 256 MB, and the report’s pages and bytes match what CRIU wrote', async () => {
     await runWorkload(hostEndpoint(a), 'big', [join(examples, 'counter'), 'state', '50', '256', '4'], 'test');
     await sleep(500);

@@ -99,6 +99,7 @@ function source(answers: Answers = {}, facts: Partial<BodyOf<'facts'>> = {}): Fa
       ...facts,
     }),
     preDumpRound: () => ({ stats: { pagesWritten: 100, memwriteTimeUs: 1_000 }, durationMs: 10 }),
+    carryAhead: () => ({ files: 1, bytes: 4096, durationMs: 2 }),
     finalDump: (p) => ({
       imageFiles: 12,
       imageBytes: 300_000,
