@@ -77,7 +77,7 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
     );
   for (const line of socketLines(proc.sockets ?? [], m.options.tcpClose === true))
     m.emit('preflight', 'controller', line);
-  refuseIfUnmovable(proc.unmovable ?? [], sourceName);
+  refuseIfUnmovable([...(proc.unmovable ?? []), ...bigGhosts(proc.files ?? [])], sourceName);
   m.emit('preflight', 'controller', filesLine(proc.files ?? [], destinationName));
   refuseIfFilesDiffer(destinationFacts.fileProblems ?? [], sourceName, destinationName);
   try {
@@ -109,6 +109,19 @@ function filesLine(files: readonly FileNeed[], destination: string): string {
     (shared > 0 ? `, ${shared} on shared storage` : '') +
     (deleted > 0 ? `, ${deleted} deleted but open (CRIU copies them)` : '')
   );
+}
+
+/** CRIU copies a file deleted but still open into its images only up to its ghost limit (1 MiB by default). */
+const GHOST_LIMIT_BYTES = 1024 * 1024;
+
+function bigGhosts(files: readonly FileNeed[]): string[] {
+  return files
+    .filter((f) => f.kind === 'deleted' && Number(f.size ?? 0) > GHOST_LIMIT_BYTES)
+    .map(
+      (f) =>
+        `${f.path} is deleted but still open and holds ${formatBytes(Number(f.size ?? 0))}: ` +
+        `CRIU carries such a file in its images only up to ${formatBytes(GHOST_LIMIT_BYTES)}`,
+    );
 }
 
 /** What CRIU cannot move, found before the freeze: listed, with the reason for each. */

@@ -157,6 +157,15 @@ describe('every kind of process state, between hosts that share nothing', () => 
     await refused('k-proc', pid, /proc \/proc\/\d+\/status names a process of the tree by its PID here/);
   });
 
+  it('refuses a file deleted but still open that is over CRIU’s ghost limit', async () => {
+    const pid = await start('k-big-ghost', ['python3', KINDS, 'deleted', String(128 * 1024)]);
+    await refused(
+      'k-big-ghost',
+      pid,
+      /gone is deleted but still open and holds 2\.0 MiB: CRIU carries such a file .* up to 1\.0 MiB/,
+    );
+  });
+
   it('refuses a periodic timerfd, which CRIU would bring back disarmed', async () => {
     const pid = await start('k-timerfd', ['python3', KINDS, 'timerfd']);
     await refused('k-timerfd', pid, /holds a periodic timerfd .* disarmed/);

@@ -140,8 +140,9 @@ def setup():
         os.write(fd, b'in memory only')
         state['memfd'] = fd
     elif kind == 'deleted':
+        state['reps'] = int(arg) if arg else 1000
         with open('gone', 'wb') as f:
-            f.write(b'deleted but open' * 1000)
+            f.write(b'deleted but open' * state['reps'])
         state['gone'] = os.open('gone', os.O_RDONLY)
         os.unlink('gone')
     elif kind == 'open-file':
@@ -242,7 +243,7 @@ def check(tick):
         if os.pread(state['memfd'], 64, 0) != b'in memory only':
             fail('the memfd lost its content')
     elif kind == 'deleted':
-        if os.pread(state['gone'], 16, 16 * 999) != b'deleted but open':
+        if os.pread(state['gone'], 16, 16 * (state['reps'] - 1)) != b'deleted but open':
             fail('the deleted file lost its content')
     elif kind == 'open-file':
         os.pread(state['held'], 1, 0)
