@@ -161,7 +161,9 @@ export class DestinationRole {
   async imageChunk(c: BodyOf<'imageChunk'>, sender: Sender): Promise<ReplyOf<'imageChunk'>> {
     const m = this.#migration(c.migrationId ?? '');
     this.#fromSource(m, sender);
-    if (Number(c.offset ?? 0) === 0) await this.context.hooks.pause('destination.during-images');
+    // The test point is the final dump's stream, the source frozen (not the files carried ahead).
+    if (Number(c.offset ?? 0) === 0 && c.round !== AHEAD_ROUND)
+      await this.context.hooks.pause('destination.during-images');
     this.#receiver(m, c.round ?? '').write(c.name ?? '', Number(c.offset ?? 0), c.data ?? new Uint8Array());
     return {};
   }
