@@ -15,6 +15,8 @@ export interface SourceMigration extends LocalMigration {
   address?: MovingAddress | undefined;
   /** The final dump asked CRIU for its nftables lock: its table stays here after a commit. */
   criuLock?: boolean | undefined;
+  /** When it last finished a step it was asked for (performance.now()): before the freeze, its only sign of life. */
+  idleSince: number;
   /** The carried files copied to the destination ahead of the freeze, by path (agent/carry.ts). */
   ahead?: Map<string, AheadFile> | undefined;
   /** Post-copy: the destination whose word ends or continues the stopped source. */

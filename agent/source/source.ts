@@ -64,6 +64,7 @@ export class SourceRole {
     } finally {
       pages.close();
     }
+    m.idleSince = performance.now();
     const stats = await criu.dumpStats(dir);
     rates.learn('pageWrite', stats.pagesWritten * PAGE_SIZE, stats.memwriteTimeUs / 1000);
     metrics.phaseSeconds.observe({ phase: 'predump' }, (performance.now() - started) / 1000);
@@ -88,11 +89,15 @@ export class SourceRole {
     const peer = await this.context.peers.connect(p.destinationUrl ?? '', 'destination');
     let sent;
     try {
-      sent = await streamImages(peer, { migrationId: m.id, round: AHEAD_ROUND }, dir, names, m.abort.signal);
+      sent = await this.context.migrations.track(
+        m,
+        streamImages(peer, { migrationId: m.id, round: AHEAD_ROUND }, dir, names, m.abort.signal),
+      );
     } finally {
       peer.close();
     }
     m.ahead = files;
+    m.idleSince = performance.now();
     const durationMs = Math.round(performance.now() - started);
     connection.progress({
       migrationId: m.id,
@@ -314,7 +319,16 @@ export class SourceRole {
   async outcome(m: SourceMigration): Promise<'committed' | 'aborted' | 'pending'> {
     if (m.postcopy !== undefined) return this.postcopy.outcome(m);
     const decision = m.hold?.decision;
-    if (decision === undefined) return 'pending';
+    if (decision === undefined) {
+      // Never frozen: only rounds or carried files so far, and nothing under way. A controller quiet for
+      // longer than a hold is gone (it does not wait between steps): the migration ended here.
+      if (m.hold === undefined && m.work.size === 0 && performance.now() - m.idleSince > DEFAULT_HOLD_MS) {
+        log.warn('no word from the controller since its last step: the migration is abandoned', { migration: m.id });
+        await this.context.migrations.forget(m);
+        return 'aborted';
+      }
+      return 'pending';
+    }
     return (await decision) === 'yes' ? 'committed' : 'aborted';
   }
 
@@ -358,6 +372,7 @@ export class SourceRole {
       workload: this.context.workloads.findByPid(pid)?.name,
       abort: new AbortController(),
       work: new Set(),
+      idleSince: performance.now(),
     };
     migrations.add(m);
     return m;
