@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { FerryError, InvalidInputError } from '../src/errors.js';
 import { isAlive } from '../src/proc.js';
@@ -154,9 +154,12 @@ export class Workloads {
     this.#save([...this.#load().filter((w) => w.name !== record.name), record]);
   }
 
-  /** A workload that left by migration. */
+  /** A workload that left by migration: its record, and its directory and log, which went with it. */
   forget(name: string): void {
+    const record = this.find(name);
     this.#save(this.#load().filter((w) => w.name !== name));
+    rmSync(workloadHome(this.dataDir, name), { recursive: true, force: true });
+    if (record !== undefined && dirname(record.logFile) === this.#logDir) rmSync(record.logFile, { force: true });
   }
 
   #load(): WorkloadRecord[] {
