@@ -1,7 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FERRY_BIN } from '../helpers/cli.js';
@@ -9,6 +9,7 @@ import { hostEndpoint, labDown, labUp, restartAgent, type LabHost } from '../hel
 import { migrationRecords, runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
 import { inNetns } from '../../src/proc.js';
+import { homeFile, homeIn, hostPauseEnv, inHost, onHost, pauseDirOn } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 
@@ -23,7 +24,6 @@ const LAB = `ff${process.pid % 100_000}`;
 const HOLD_MS = 3_000;
 const stateful = join(projectRoot(), 'dist', 'examples', 'stateful');
 const ferry = FERRY_BIN;
-const scratch = mkdtempSync(join(tmpdir(), 'ferry-faults-'));
 let a: LabHost;
 let b: LabHost;
 
@@ -69,10 +69,14 @@ const resources: Cell[] = [
 
 /** The destination's CRIU binary disappears and its service dies: it cannot come back. */
 async function vanishCriu(): Promise<void> {
-  const wrapper = join(mkdtempSync(join(scratch, 'criu-')), 'criu');
-  writeFileSync(wrapper, `#!/bin/sh\nexec ${join(projectRoot(), '.criu', 'bin', 'criu')} "$@"\n`, { mode: 0o755 });
-  const agent = (b = await restartAgent(LAB, 'b', { ...pauseEnv, FERRY_CRIU: wrapper }));
-  rmSync(wrapper);
+  // The wrapper is a file on b, where b's agent looks for it.
+  const wrapper = join('/tmp', basename(mkdtempSync(onHost(b, '/tmp/criu-'))), 'criu');
+  writeFileSync(onHost(b, wrapper), `#!/bin/sh\nexec ${join(projectRoot(), '.criu', 'bin', 'criu')} "$@"\n`, {
+    mode: 0o755,
+  });
+  const agent = (b = await restartAgent(LAB, 'b', { ...hostPauseEnv, FERRY_CRIU: wrapper }));
+  rmSync(onHost(b, wrapper));
+  // The agent's children as this machine sees them (its own /proc): machine PIDs.
   const children = readFileSync(`/proc/${agent.pid}/task/${agent.pid}/children`, 'utf8').trim().split(/\s+/);
   for (const pid of children) {
     if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('service')) process.kill(Number(pid), 'SIGKILL');
@@ -81,12 +85,20 @@ async function vanishCriu(): Promise<void> {
 
 const results: string[] = [];
 
+/** The controller's pause directory (it runs on this machine); each agent has its own in its host. */
 const pauseDir = mkdtempSync(join(tmpdir(), 'ferry-pause-'));
 const pauseEnv = { FERRY_TEST_PAUSE_DIR: pauseDir };
 
+/** The pause directory of the party that reaches `point`, as this machine reaches it. */
+function pauseDirOf(point: string): string {
+  if (point.startsWith('source.')) return pauseDirOn(a);
+  if (point.startsWith('destination.')) return pauseDirOn(b);
+  return pauseDir;
+}
+
 beforeAll(async () => {
   requireRoot();
-  const lab = await labUp({ name: LAB, agentEnv: { a: pauseEnv, b: pauseEnv } });
+  const lab = await labUp({ name: LAB, agentEnv: { a: hostPauseEnv, b: hostPauseEnv } });
   [a, b] = lab.hosts as [LabHost, LabHost];
 }, 60_000);
 
@@ -95,18 +107,23 @@ afterAll(async () => {
     ['fault matrix (party: point=fault → migrate exit code, where the one copy runs):', ...results].join('\n'),
   );
   await labDown(LAB);
-  rmSync(scratch, { recursive: true, force: true });
   rmSync(pauseDir, { recursive: true, force: true });
 });
 
-/** Inits (PID 1 of their namespace) of the workload that writes into `dir`, and the network namespace each runs in. */
-function copiesOf(dir: string): { pid: number; host: string | undefined }[] {
+/**
+ * Inits (PID 1 of their namespace) of the workload `name` wherever they run, as this machine
+ * sees them (its own /proc shows every host's processes, by machine PIDs), and the host each
+ * runs on. A copy works in its own directory (the same path on every host), '.' to it.
+ */
+function copiesOf(name: string): { pid: number; host: string | undefined }[] {
   const copies: { pid: number; host: string | undefined }[] = [];
+  const home = homeIn(a, name);
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-      if (!cmdline[0]?.endsWith('/stateful') || cmdline[1] !== dir) continue;
+      if (!cmdline[0]?.endsWith('/stateful') || cmdline[1] !== '.') continue;
+      if (readlinkSync(`/proc/${entry}/cwd`) !== home) continue;
       const status = readFileSync(`/proc/${entry}/status`, 'utf8');
       if (/^State:\s+Z/m.test(status) || /^NSpid:.*\s1$/m.exec(status) === null) continue;
       copies.push({ pid: Number(entry), host: hostOf(Number(entry)) });
@@ -121,8 +138,12 @@ function hostOf(pid: number): string | undefined {
   return [a, b].find((h) => inNetns(pid, h.netns))?.host;
 }
 
-function journalOk(dir: string): { ok: boolean; last: number; why: string } {
-  const lines = readFileSync(join(dir, 'journal'), 'utf8').trim().split('\n').map(Number);
+/** The journal of workload `name` in its own directory on the host it runs on: that host's copy of the file. */
+function journalOk(host: LabHost, name: string): { ok: boolean; last: number; why: string } {
+  const lines = readFileSync(homeFile(host, name, 'journal'), 'utf8')
+    .trim()
+    .split('\n')
+    .map(Number);
   for (let i = 0; i < lines.length; i++) {
     if (lines[i] !== i + 1) return { ok: false, last: lines.at(-1) ?? 0, why: `line ${i + 1} is ${lines[i]}` };
   }
@@ -140,17 +161,19 @@ async function openMigrations(host: LabHost): Promise<string[]> {
 async function runCell(cell: Cell, index: number): Promise<void> {
   const name = `w${index}`;
   const since = Date.now();
-  const dir = mkdtempSync(join(scratch, `${name}-`));
-  await runWorkload(hostEndpoint(a), name, [stateful, dir, '1'], 'test');
+  // Its files are in its own directory (its working directory), which moves with it.
+  await runWorkload(hostEndpoint(a), name, [stateful, '.', '1'], 'test');
   await sleep(300);
 
-  // A full disk is a small one: the destination's images go to a 48 MiB tmpfs for this cell.
+  // A full disk is a small one: the destination's images go to a 128 MiB tmpfs for this cell. Room
+  // enough, above the 64 MiB the destination keeps free (IMAGE_STREAM_LIMITS), for the files carried
+  // ahead of the freeze, so that the disk fills where the fault fills it.
   const smallDisk = cell.action === 'fill-images';
-  if (smallDisk) await execFileAsync('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'ferry-test', b.imagesDir]);
+  if (smallDisk) await inHost(b, ['mount', '-t', 'tmpfs', '-o', 'size=128m', 'ferry-test', b.imagesDir]);
   const fault = { FERRY_TEST_FAULT: `${cell.point}=${cell.action}` };
   if (cell.action === 'criu-vanished') await vanishCriu();
-  else if (cell.who === 'source agent') a = await restartAgent(LAB, 'a', { ...pauseEnv, ...fault });
-  else if (cell.who === 'destination agent') b = await restartAgent(LAB, 'b', { ...pauseEnv, ...fault });
+  else if (cell.who === 'source agent') a = await restartAgent(LAB, 'a', { ...hostPauseEnv, ...fault });
+  else if (cell.who === 'destination agent') b = await restartAgent(LAB, 'b', { ...hostPauseEnv, ...fault });
   const env = { ...process.env, FERRY_LAB: LAB, ...(cell.who === 'controller' ? fault : {}) };
   let stderr = '';
   const migration = await execFileAsync(
@@ -180,12 +203,12 @@ async function runCell(cell: Cell, index: number): Promise<void> {
   }
   // Heal: the network comes back, the disk is freed, a crashed agent restarts (without the fault).
   for (const h of [a, b]) await execFileAsync('ip', ['-n', h.netns, 'route', 'flush', 'type', 'blackhole']);
-  rmSync(join(b.imagesDir, 'ballast'), { force: true });
-  if (smallDisk) await execFileAsync('umount', ['-l', b.imagesDir]);
-  if (cell.who === 'source agent') a = await restartAgent(LAB, 'a', pauseEnv);
-  if (cell.who === 'destination agent') b = await restartAgent(LAB, 'b', pauseEnv);
+  rmSync(onHost(b, join(b.imagesDir, 'ballast')), { force: true });
+  if (smallDisk) await inHost(b, ['umount', '-l', b.imagesDir]);
+  if (cell.who === 'source agent') a = await restartAgent(LAB, 'a', hostPauseEnv);
+  if (cell.who === 'destination agent') b = await restartAgent(LAB, 'b', hostPauseEnv);
 
-  const host = await checkOutcome(dir, `${cell.point}=${cell.action}`, since);
+  const host = await checkOutcome(name, `${cell.point}=${cell.action}`, since);
   expect(host).toBe(cell.endsOn);
   results.push(
     `  ${cell.who.padEnd(18)} ${`${cell.point}=${cell.action}`.padEnd(48)} exit ${migration}, one copy on ${host}`,
@@ -198,28 +221,31 @@ async function committedOnSource(since: number): Promise<boolean> {
   return records.some((r) => r.role === 'source' && r.state === 'committed' && Number(r.updatedAtMs) >= since);
 }
 
-async function settled(dir: string, since: number): Promise<boolean> {
-  const copies = copiesOf(dir);
+async function settled(name: string, since: number): Promise<boolean> {
+  const copies = copiesOf(name);
   if (copies.length !== 1) return false;
   if ((await openMigrations(a)).length > 0 || (await openMigrations(b)).length > 0) return false;
   return copies[0]?.host === ((await committedOnSource(since)) ? 'b' : 'a');
 }
 
 /** Checks what must hold after any fault: one copy, its history intact, nothing left behind. Returns where it runs. */
-async function checkOutcome(dir: string, label: string, since: number): Promise<string | undefined> {
-  await waitFor(() => settled(dir, since), {
-    what: `${label} to settle with exactly one copy where the source's journal says (now: ${JSON.stringify(copiesOf(dir))})`,
+async function checkOutcome(name: string, label: string, since: number): Promise<string | undefined> {
+  await waitFor(() => settled(name, since), {
+    what: `${label} to settle with exactly one copy where the source's journal says (now: ${JSON.stringify(copiesOf(name))})`,
     timeoutMs: 60_000,
     intervalMs: 250,
   });
-  const [copy] = copiesOf(dir);
-  const before = journalOk(dir);
-  await waitFor(() => journalOk(dir).last > before.last + 5, { what: 'the surviving copy to keep counting' });
-  const after = journalOk(dir);
+  const [copy] = copiesOf(name);
+  // The journal the one copy writes: its own host's file, which moved with it if it moved.
+  const on = copy?.host === 'b' ? b : a;
+  const before = journalOk(on, name);
+  await waitFor(() => journalOk(on, name).last > before.last + 5, { what: 'the surviving copy to keep counting' });
+  const after = journalOk(on, name);
   expect(after.ok, after.why).toBe(true);
-  expect(readdirSync(a.imagesDir).filter((n) => n.startsWith('m-'))).toEqual([]);
-  expect(readdirSync(b.imagesDir).filter((n) => n.startsWith('m-'))).toEqual([]);
-  expect(copiesOf(dir)).toHaveLength(1);
+  expect(readdirSync(onHost(a, a.imagesDir)).filter((n) => n.startsWith('m-'))).toEqual([]);
+  expect(readdirSync(onHost(b, b.imagesDir)).filter((n) => n.startsWith('m-'))).toEqual([]);
+  expect(copiesOf(name)).toHaveLength(1);
+  // A machine PID from this machine's own /proc (copiesOf), not a host's.
   if (copy !== undefined) process.kill(copy.pid, 'SIGKILL');
   return copy?.host;
 }
@@ -228,10 +254,11 @@ async function checkOutcome(dir: string, label: string, since: number): Promise<
 async function runCrossCell(point: string, kind: Kind, index: number): Promise<void> {
   const name = `x${index}`;
   const since = Date.now();
-  const dir = mkdtempSync(join(scratch, `${name}-`));
-  await runWorkload(hostEndpoint(a), name, [stateful, dir, '1'], 'test');
+  await runWorkload(hostEndpoint(a), name, [stateful, '.', '1'], 'test');
   await sleep(300);
-  writeFileSync(join(pauseDir, 'armed'), point);
+  // Armed where the party that reaches the point looks: its own pause directory.
+  const pauses = pauseDirOf(point);
+  writeFileSync(join(pauses, 'armed'), point);
   const controller = spawn(ferry, ['migrate', name, '--from', 'a', '--to', 'b', '--hold', String(HOLD_MS)], {
     env: { ...process.env, FERRY_LAB: LAB, ...pauseEnv },
     stdio: 'ignore',
@@ -239,7 +266,7 @@ async function runCrossCell(point: string, kind: Kind, index: number): Promise<v
   const exited = new Promise<number>((resolve) =>
     controller.once('exit', (code, signal) => resolve(code ?? (signal ? 137 : -1))),
   );
-  const marker = join(pauseDir, point);
+  const marker = join(pauses, point);
   await waitFor(() => existsSync(marker), { what: `the migration to reach ${point}`, timeoutMs: 30_000 });
 
   const blackhole = (host: LabHost, address: string): Promise<unknown> =>
@@ -255,9 +282,9 @@ async function runCrossCell(point: string, kind: Kind, index: number): Promise<v
 
   const code = await exited;
   for (const h of [a, b]) await execFileAsync('ip', ['-n', h.netns, 'route', 'flush', 'type', 'blackhole']);
-  if (kind === 'kill source agent') a = await restartAgent(LAB, 'a', pauseEnv);
-  if (kind === 'kill destination agent') b = await restartAgent(LAB, 'b', pauseEnv);
-  const host = await checkOutcome(dir, `${kind} at ${point}`, since);
+  if (kind === 'kill source agent') a = await restartAgent(LAB, 'a', hostPauseEnv);
+  if (kind === 'kill destination agent') b = await restartAgent(LAB, 'b', hostPauseEnv);
+  const host = await checkOutcome(name, `${kind} at ${point}`, since);
   results.push(`  ${kind.padEnd(24)} at ${point.padEnd(34)} exit ${code}, one copy on ${host}`);
 }
 

@@ -1,5 +1,14 @@
 import { createHash } from 'node:crypto';
-import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+} from 'node:fs';
 import { connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,6 +34,7 @@ import {
   type Body,
   type EnvelopeMessage,
 } from '../../src/wire/index.js';
+import { counterOn, homeFile, killOn, onHost } from '../helpers/hosts.js';
 import { requireRoot } from '../helpers/root.js';
 import { sleep, waitFor } from '../helpers/wait.js';
 
@@ -68,14 +78,17 @@ let agentCert: Identity;
 /** Made once: a context per connection would cost the client more than the agent's whole answer. */
 let contexts: Record<'controller' | 'agent' | 'anonymous', SecureContext>;
 let pidMax = 32768;
+/** A directory hostile names point into: on this machine, and the same path on host a, where the agent runs. */
 const scratch = mkdtempSync(join(tmpdir(), 'ferry-fuzz-'));
 
 beforeAll(async () => {
   requireRoot();
   lab = await labUp({ name: LAB });
   [a, b] = lab.hosts as [LabHost, LabHost];
+  mkdirSync(onHost(a, scratch), { recursive: true });
   controller = loadIdentity(lab.controllerTls ?? '');
-  agentCert = loadIdentity(b.tlsDir ?? '');
+  // From b's own disk, where its agent keeps it.
+  agentCert = loadIdentity(onHost(b, b.tlsDir ?? ''));
   contexts = {
     controller: createSecureContext(clientOptions(controller)),
     agent: createSecureContext(clientOptions(agentCert)),
@@ -596,6 +609,7 @@ describe('an agent under hostile input', () => {
     const agentPid = a.pid;
     const agentStart = startTime(agentPid);
     const passwd = readFileSync('/etc/passwd');
+    const passwdOnA = readFileSync(onHost(a, '/etc/passwd'));
     const endpoint = hostEndpoint(a);
 
     // Live image streams for the hostile chunks to land in: prepared destinations with page servers.
@@ -670,46 +684,61 @@ describe('an agent under hostile input', () => {
     // Every connection is gone from the agent too, whichever way it ended.
     await waitFor(() => openFiles(agentPid) <= filesBefore + 8, { what: 'the agent to close the fuzzing sockets' });
 
-    // Nothing named by a hostile path exists anywhere, inside the agent's directories or out.
-    const roots: [string, number][] = [
+    // Nothing named by a hostile path exists anywhere: on host a (where the agent writes), inside
+    // the agent's directories or out, nor on this machine.
+    const hostRoots: [string, number][] = [
+      ['/', 1],
+      ['/etc', 1],
+      ['/tmp', 3],
+      ['/dev/shm', 5],
+      ['/run', 3],
+      [a.dataDir, 8],
+      // The agent's working directory as its host names it.
+      [readlinkSync(`/proc/${agentPid}/cwd`), 2],
+      [scratch, 3],
+    ];
+    const machineRoots: [string, number][] = [
       ['/', 1],
       ['/etc', 1],
       ['/tmp', 3],
       ['/dev/shm', 5],
       [join(lab.dir, '..'), 6],
-      [a.dataDir, 8],
-      [readlinkSync(`/proc/${agentPid}/cwd`), 2],
       [scratch, 3],
     ];
-    expect(roots.flatMap(([dir, depth]) => withToken(dir, depth))).toEqual([]);
+    expect([
+      ...hostRoots.flatMap(([dir, depth]) => withToken(onHost(a, dir), depth)),
+      ...machineRoots.flatMap(([dir, depth]) => withToken(dir, depth)),
+    ]).toEqual([]);
+    expect(readFileSync(onHost(a, '/etc/passwd')).equals(passwdOnA)).toBe(true);
     expect(readFileSync('/etc/passwd').equals(passwd)).toBe(true);
     // Every migration it was made to open is gone with its images; its page servers too.
-    await waitFor(() => readdirSync(a.imagesDir).filter((n) => n.startsWith('m-')).length === 0, {
-      what: `the fuzzed migrations' images to go (${readdirSync(a.imagesDir).join(' ')})`,
+    const imagesOnA = onHost(a, a.imagesDir);
+    await waitFor(() => readdirSync(imagesOnA).filter((n) => n.startsWith('m-')).length === 0, {
+      what: `the fuzzed migrations' images to go (${readdirSync(imagesOnA).join(' ')})`,
     });
-    expect(existsSync(join(a.dataDir, 'draining'))).toBe(false);
+    expect(existsSync(onHost(a, join(a.dataDir, 'draining')))).toBe(false);
     expect(serversFuzzing - serversBefore, 'page ports opened for the fuzzing').toBe(OPEN.length);
     await waitFor(() => pagePorts().length <= serversBefore, {
       what: `page ports of aborted migrations to close (${pagePorts().length}, ${serversBefore} before)`,
     });
 
-    // A real migration right after.
-    const dir = mkdtempSync(join(scratch, 'after-'));
-    const state = join(dir, 'state');
-    await runWorkload(endpoint, 'afterfuzz', [join(projectRoot(), 'dist', 'examples', 'counter'), state], 'test');
-    await waitFor(() => existsSync(state), { what: 'the counter to start' });
+    // A real migration right after: the counter keeps its state file in its own directory, which moves with it.
+    await runWorkload(endpoint, 'afterfuzz', [join(projectRoot(), 'dist', 'examples', 'counter'), 'state'], 'test');
+    await waitFor(() => existsSync(homeFile(a, 'afterfuzz', 'state')), { what: 'the counter to start' });
     const report = await migrate({
       workload: 'afterfuzz',
       from: endpoint,
       to: hostEndpoint(b),
       softwareVersion: 'test',
     });
-    const count = (): number => Number(readFileSync(state, 'utf8').trim().split(/\s+/)[1]);
+    // b's copy of its state file.
+    const count = (): number => counterOn(b, 'afterfuzz')?.count ?? -1;
     const moved = count();
+    expect(moved).toBeGreaterThan(0);
     await waitFor(() => count() > moved + 1, { what: 'the migrated counter to count on b' });
-    // Killed only while it is still the counter: PIDs wrap quickly here.
-    if (readFileSync(`/proc/${report.to.pid}/cmdline`, 'utf8').includes('counter'))
-      process.kill(report.to.pid, 'SIGKILL');
+    // Killed only while it is still the counter: PIDs wrap quickly here (b's PID, in b).
+    if (readFileSync(onHost(b, `/proc/${report.to.pid}/cmdline`), 'utf8').includes('counter'))
+      await killOn(b, report.to.pid);
   }, 600_000);
 });
 
@@ -764,7 +793,7 @@ describe('a destination agent and the images it takes', () => {
       const refused = (await otherAgent.request(chunk('m-from-elsewhere'), 'ack').catch((e: unknown) => e)) as Error;
       expect(refused).toMatchObject({ code: 'NOT_ALLOWED' });
       expect(refused.message).toMatch(/b is not the source of migration m-from-elsewhere/);
-      expect(existsSync(join(a.imagesDir, 'm-from-elsewhere', 'final', 'core-1.img'))).toBe(false);
+      expect(existsSync(onHost(a, join(a.imagesDir, 'm-from-elsewhere', 'final', 'core-1.img')))).toBe(false);
     } finally {
       for (const migrationId of ['m-from-b', 'm-from-elsewhere'])
         await controllerSide.request({ abort: { migrationId, reason: 'test' } }, 'ack');
