@@ -64,6 +64,8 @@ export interface MigrationRun {
   phase: Phase;
   /** The page bytes the round now running will send, where known (the whole memory the first time); else 0. */
   expectedPageBytes: number;
+  /** The carried files' bytes the source sent ahead of the freeze. */
+  carriedAheadBytes: number;
   /** Milliseconds since the migration started. */
   elapsed(): number;
   emit(phase: Phase, from: string, message: string, extra?: Partial<MigrationEvent>): void;
@@ -95,6 +97,7 @@ export function startRun(options: MigrateOptions): MigrationRun {
     hooks: options.hooks ?? NO_TEST_HOOKS,
     phase: 'preflight',
     expectedPageBytes: 0,
+    carriedAheadBytes: 0,
     elapsed,
     emit: (phase, from, message, extra = {}) => options.onEvent?.({ atMs: elapsed(), phase, from, message, ...extra }),
     connect: (endpoint) => connect(endpoint, { onProgress, signal: options.signal }),

@@ -45,7 +45,9 @@ export interface MigrationReport {
     /** The destination's restore, up to the held point. */
     restoreMs: number;
   };
-  /** Memory pages plus other images, all rounds. */
+  /** The files the workload carries, sent ahead of the freeze (what changed since is in final.imageBytes). */
+  carriedAheadBytes: number;
+  /** Memory pages plus other images, all rounds, and the files carried ahead. */
   bytesSent: number;
   /** What the destination's page servers wrote, by file size. */
   pageImageBytes: number;
@@ -118,8 +120,13 @@ export function migrationReport(m: MigrationContext, o: Outcome): MigrationRepor
       meetsBudget: o.precopy.meetsBudget,
     },
     final,
+    carriedAheadBytes: m.carriedAheadBytes,
     bytesSent:
-      rounds.reduce((sum, r) => sum + r.bytes, 0) + final.bytes + final.imageBytes + (o.postcopy?.lazyBytes ?? 0),
+      rounds.reduce((sum, r) => sum + r.bytes, 0) +
+      final.bytes +
+      final.imageBytes +
+      m.carriedAheadBytes +
+      (o.postcopy?.lazyBytes ?? 0),
     pageImageBytes: Number(restored.pageImageBytes ?? 0),
     residentBytes: Number(o.preflight.process.residentBytes ?? 0),
     phasesMs: o.phasesMs,

@@ -25,11 +25,12 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
   const lazy = p.strategy === 'postcopy';
   // The files the workload carries, whole, while it runs: the freeze sends only what changed since.
   if (p.process.workload) {
-    await source.call(
+    const carried = await source.call(
       'carryAhead',
       { migrationId: m.id, pid: p.pid, destinationUrl: options.to.url },
       { timeoutMs: 0, signal: options.signal },
     );
+    m.carriedAheadBytes = Number(carried.bytes ?? 0);
   }
   // Without pre-copy rounds the final dump sends the whole memory.
   m.expectedPageBytes = parent === '' && !lazy ? Number(p.process.residentBytes ?? 0) : 0;
