@@ -9,7 +9,9 @@ import { renderEvent, renderReport } from './report.js';
 export function registerLab(program: Command, _context: CliContext): void {
   const lab = program
     .command('lab')
-    .description('Two local hosts (network namespaces) with agents, for trying Ferry out');
+    .description(
+      'Local hosts that share nothing but the kernel (own network, root file system, PIDs, hostname, IPC), an agent on each; docs/lab.md',
+    );
   lab
     .command('up')
     .description('Create the lab hosts a and b and start an agent on each (idempotent)')
@@ -39,7 +41,7 @@ export function registerLab(program: Command, _context: CliContext): void {
     });
   lab
     .command('exec')
-    .description('Run a command in a lab host')
+    .description("Run a command in all of a lab host's namespaces, in this directory if the host has it")
     .argument('<HOST>', 'a, b, ...')
     .argument('<CMD...>', 'the command, after --')
     .option('--name <NAME>', 'lab name', labName, DEFAULT_LAB)
