@@ -133,8 +133,20 @@ function count(out: string): number {
 /** Stops a client (SIGTERM to it in host c: nsenter does not pass signals on) and reads its result there. */
 async function stop(client: Client, out: string): Promise<Record<string, unknown>> {
   await killOn(c, commandPidOn(c, client.argv) ?? 0, 'TERM');
-  await waitFor(() => existsSync(onHost(c, out)), { what: 'the client to write its result', timeoutMs: 10_000 });
-  return JSON.parse(readFileSync(onHost(c, out), 'utf8')) as Record<string, unknown>;
+  // Read once whole: the client may still be writing it.
+  let result: Record<string, unknown> | undefined;
+  await waitFor(
+    () => {
+      try {
+        result = JSON.parse(readFileSync(onHost(c, out), 'utf8')) as Record<string, unknown>;
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    { what: 'the client to write its result', timeoutMs: 10_000 },
+  );
+  return result ?? {};
 }
 
 /**
