@@ -154,10 +154,14 @@ export class Workloads {
     this.#save([...this.#load().filter((w) => w.name !== record.name), record]);
   }
 
-  /** A workload that left by migration: its record, and its directory and log, which went with it. */
-  forget(name: string): void {
+  /**
+   * A workload that left by migration: its record, and its directory and log, which went with it
+   * (kept with `files: false`: a copy that died here leaves them for whoever looks into why).
+   */
+  forget(name: string, options: { files?: boolean } = {}): void {
     const record = this.find(name);
     this.#save(this.#load().filter((w) => w.name !== name));
+    if (options.files === false) return;
     rmSync(workloadHome(this.dataDir, name), { recursive: true, force: true });
     if (record !== undefined && dirname(record.logFile) === this.#logDir) rmSync(record.logFile, { force: true });
   }

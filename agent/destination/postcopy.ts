@@ -60,7 +60,7 @@ export class DestinationPostcopyRole {
         const why = `criu lazy-pages ended with ${signal ?? `exit code ${code}`}: ${(await logReason(logPath)) ?? 'no error logged'}`;
         postcopy.result = { ok: false, detail: why, ms, pages: lazyPagesCopied(logPath) };
         processes.signal(pid, 'SIGKILL');
-        if (m.workload?.name) workloads.forget(m.workload.name);
+        if (m.workload?.name) workloads.forget(m.workload.name, { files: false });
         journal.advance(m.id, 'discarded', { action: `post-copy failed, the copy here was killed: ${why}` });
         log.error('post-copy failed: the copy here was killed', { migration: m.id, pid, reason: why });
       }
