@@ -19,6 +19,7 @@ import {
   rmSync,
   statSync,
   symlinkSync,
+  type Stats,
   utimesSync,
   writeFileSync,
 } from 'node:fs';
@@ -103,27 +104,33 @@ export function carriedRoots(dataDir: string, spec: Pick<WorkloadSpec, 'name' | 
 export function packAhead(dir: string, roots: readonly string[]): { names: string[]; files: Map<string, AheadFile> } {
   const files = new Map<string, AheadFile>();
   const names: string[] = [];
-  const visit = (path: string): void => {
+  for (const { path, st } of walk(roots)) {
+    if (!st.isFile()) continue;
+    const image = `ahead-${names.length}`;
+    // Read once, written and hashed as read: what was copied, not what the file is now (it may grow meanwhile).
+    const content = readFileSync(path);
+    writeFileSync(join(dir, image), content);
+    const hash = createHash('sha256').update(content);
+    const tail = Buffer.from(content.subarray(Math.max(0, content.length - TAIL_CHECK_BYTES)));
+    files.set(path, { ino: st.ino, size: content.length, mtimeMs: st.mtimeMs, image, hash, tail });
+    names.push(image);
+  }
+  return { names, files };
+}
+
+/** Every path under the roots that exists, a directory before what it holds, in name order. */
+function* walk(roots: readonly string[]): Generator<{ path: string; st: Stats }> {
+  const visit = function* (path: string): Generator<{ path: string; st: Stats }> {
     let st;
     try {
       st = lstatSync(path);
     } catch {
       return;
     }
-    if (st.isDirectory()) for (const name of readdirSync(path).sort()) visit(join(path, name));
-    if (!st.isFile()) return;
-    const image = `ahead-${names.length}`;
-    const target = join(dir, image);
-    copyFileSync(path, target);
-    // What was copied, not what the file is now: it may have grown meanwhile.
-    const content = readFileSync(target);
-    const hash = createHash('sha256').update(content);
-    const tail = Buffer.from(content.subarray(Math.max(0, content.length - TAIL_CHECK_BYTES)));
-    files.set(path, { ino: st.ino, size: content.length, mtimeMs: st.mtimeMs, image, hash, tail });
-    names.push(image);
+    yield { path, st };
+    if (st.isDirectory()) for (const name of readdirSync(path).sort()) yield* visit(join(path, name));
   };
-  for (const root of roots) visit(root);
-  return { names, files };
+  for (const root of roots) yield* visit(root);
 }
 
 /**
@@ -136,17 +143,10 @@ export function packAhead(dir: string, roots: readonly string[]): { names: strin
 export function packCarried(dir: string, roots: readonly string[], ahead?: Map<string, AheadFile>): string[] {
   const entries: CarriedEntry[] = [];
   const names: string[] = [];
-  const visit = (path: string): void => {
-    let st;
-    try {
-      st = lstatSync(path);
-    } catch {
-      return;
-    }
+  for (const { path, st } of walk(roots)) {
     const base = { path, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtimeMs: st.mtimeMs };
     if (st.isDirectory()) {
       entries.push({ ...base, kind: 'dir' });
-      for (const name of readdirSync(path).sort()) visit(join(path, name));
     } else if (st.isFile()) {
       const sent = ahead?.get(path);
       const image = `ferry-carry-${names.length}`;
@@ -159,7 +159,7 @@ export function packCarried(dir: string, roots: readonly string[], ahead?: Map<s
           base: sent.image,
           baseSize: sent.size,
         });
-        return;
+        continue;
       }
       if (sent !== undefined && sent.ino === st.ino && st.size > sent.size && onlyGrew(path, sent)) {
         const end = readRange(path, sent.size, st.size - sent.size);
@@ -174,7 +174,7 @@ export function packCarried(dir: string, roots: readonly string[], ahead?: Map<s
           baseSize: sent.size,
         });
         names.push(image);
-        return;
+        continue;
       }
       copyFileSync(path, join(dir, image));
       // Hashed from the copy: what travels is what was checked.
@@ -186,8 +186,7 @@ export function packCarried(dir: string, roots: readonly string[], ahead?: Map<s
       entries.push({ ...base, kind: 'fifo' });
     }
     // Sockets and devices do not travel: CRIU makes a bound unix socket's node itself.
-  };
-  for (const root of roots) visit(root);
+  }
   writeFileSync(join(dir, CARRY_MANIFEST), JSON.stringify(entries));
   return [...names, CARRY_MANIFEST];
 }
