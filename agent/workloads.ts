@@ -54,14 +54,7 @@ export class Workloads {
   async run(
     name: string,
     argv: readonly string[],
-    placement: {
-      labels?: Record<string, string>;
-      pinned?: boolean;
-      address?: string;
-      addressHook?: string;
-      carry?: string[];
-      shared?: string[];
-    } = {},
+    placement: Pick<WorkloadRecord, 'labels' | 'pinned' | 'address' | 'addressHook' | 'carry' | 'shared'> = {},
   ): Promise<WorkloadRecord> {
     const existing = this.#load().find((w) => w.name === name);
     if (existing !== undefined && isAlive(existing.pid)) {

@@ -356,10 +356,10 @@ export function enterHost(init: number): string[] {
   return ['-t', String(init), '--mount', '--uts', '--ipc', '--net', '--pid', '--root', '--wd', '--'];
 }
 
-/** Kills a process of a lab host by its PID there (SIGKILL); quiet when it is gone. */
-export async function killInHost(h: Pick<LabHost, 'init'>, pid: number): Promise<void> {
+/** Signals a process of a lab host by its PID there (SIGKILL unless told otherwise); quiet when it is gone. */
+export async function killInHost(h: Pick<LabHost, 'init'>, pid: number, signal = 'KILL'): Promise<void> {
   if (pid <= 0) return;
-  await execFileAsync('nsenter', [...enterHost(h.init), 'kill', '-KILL', String(pid)], { timeout: 10_000 }).catch(
+  await execFileAsync('nsenter', [...enterHost(h.init), 'kill', `-${signal}`, String(pid)], { timeout: 10_000 }).catch(
     () => undefined,
   );
 }

@@ -8,7 +8,7 @@ import { execFile } from 'node:child_process';
 import { mkdirSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { enterHost, onHost, type LabHost } from '../../controller/lab/index.js';
+import { enterHost, killInHost, onHost, type LabHost } from '../../controller/lab/index.js';
 import { readCounterState, type CounterState } from '../../src/counter.js';
 
 const execFileAsync = promisify(execFile);
@@ -63,8 +63,8 @@ export async function inHost(h: LabHost, argv: readonly string[]): Promise<strin
 }
 
 /** Kills a host's process by its PID there (SIGKILL unless told otherwise); quiet when it is gone. */
-export async function killOn(h: LabHost, pid: number, signal = 'KILL'): Promise<void> {
-  if (pid > 0) await inHost(h, ['kill', `-${signal}`, String(pid)]).catch(() => undefined);
+export function killOn(h: LabHost, pid: number, signal = 'KILL'): Promise<void> {
+  return killInHost(h, pid, signal);
 }
 
 /** The host's processes other than its init, its agent and the agent's CRIU: the workloads and what they started. */
