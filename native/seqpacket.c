@@ -155,6 +155,16 @@ static napi_value js_socketpair(napi_env env, napi_callback_info info) {
   if (argc > 0) napi_get_value_bool(env, argv[0], &stream);
   if (socketpair(AF_UNIX, (stream ? SOCK_STREAM : SOCK_SEQPACKET) | SOCK_CLOEXEC, 0, fds) < 0)
     return throw_errno(env, "socketpair", errno);
+  if (stream) {
+    /* A page stream's pair: room for 4 MiB in flight each way, so CRIU and the relay thread wake
+     * each other once per few MiB rather than per 200 KiB (the default). FORCE needs CAP_NET_ADMIN,
+     * which the agent has; without it the kernel's wmem_max caps the plain request. */
+    int size = 4 << 20;
+    for (int i = 0; i < 2; i++) {
+      if (setsockopt(fds[i], SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0)
+        (void)setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    }
+  }
   if (fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK) < 0) {
     int err = errno;
     close(fds[0]);
@@ -371,6 +381,9 @@ static void tls_relay_session(tls_relay_t *r) {
   char *buf = NULL;
   if (ctx == NULL) return tls_fail(r, "SSL_CTX_new");
   SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+  /* AES-128-GCM first: about a tenth less CPU per byte than AES-256 here (AES-NI), on both ends of
+   * every page; the other TLS 1.3 suites stay acceptable. */
+  SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
   if (SSL_CTX_use_certificate_chain_file(ctx, r->cert) != 1 ||
       SSL_CTX_use_PrivateKey_file(ctx, r->key, SSL_FILETYPE_PEM) != 1 ||
       SSL_CTX_load_verify_locations(ctx, r->ca, NULL) != 1) {
