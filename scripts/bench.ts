@@ -4,7 +4,8 @@
  * a matrix of workloads, in the same run, between the same two lab hosts;
  * then Ferry pre-copy against stop-and-copy in the kernel lab (this
  * machine's kernel does not track dirty memory); then the cost of CRIU's TLS
- * on page transfer. Prints a table of medians, writes the samples as CSV and
+ * on page transfer, and Ferry's page rate plain against encrypted
+ * (scripts/bench-pages.ts). Prints a table of medians, writes the samples as CSV and
  * a plot of downtime against memory size as SVG.
  *
  * Environment: BENCH_SIZES (MiB, "8,64,256,1024"; sizes the machine cannot
@@ -26,6 +27,7 @@ import { migrate } from '../controller/migration/index.js';
 import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes } from '../src/units.js';
+import { describePageRates, pageRates, type PageRates } from './bench-pages.js';
 import { serviceBench } from './bench-service.js';
 import {
   cells,
@@ -51,6 +53,8 @@ const FLOOR = 'CRIU local dump + restore';
 const FAULT_IN = { minMs: 1000, msPerMib: 3 };
 const FERRY = 'Ferry stop-and-copy';
 const POSTCOPY = 'Ferry post-copy';
+/** The process whose stop-and-copy measures Ferry's page rate, plain against TLS. */
+const PAGE_RATE_MB = 1024;
 
 const criu = resolveCriuBinary().path;
 
@@ -396,6 +400,7 @@ async function main(): Promise<void> {
   const [a, b] = lab.hosts as [LabHost, LabHost];
   const samples: Sample[] = [];
   const failures: string[] = [];
+  let pages: PageRates | undefined;
   let serial = 0;
   try {
     for (const cell of matrix) {
@@ -424,8 +429,10 @@ async function main(): Promise<void> {
         }
       }
     }
-    // The cost of TLS on the same two hosts, before the kernel lab takes the machine.
+    // The cost of TLS on the same two hosts, before the kernel lab takes the machine: CRIU's own, then Ferry's.
     await tlsCost(a, b);
+    if (feasible([PAGE_RATE_MB]).length > 0)
+      pages = await pageRates(a, b, PAGE_RATE_MB, runs, (line) => process.stderr.write(`${line}\n`));
   } finally {
     await labDown(LAB);
   }
@@ -464,6 +471,7 @@ async function main(): Promise<void> {
     );
   }
 
+  if (pages !== undefined) process.stdout.write(`\n${describePageRates(pages)}\n`);
   if (service !== undefined) process.stdout.write(`\n${service}\n`);
 
   const out = resolve(process.env.BENCH_OUT ?? join(projectRoot(), 'bench-results'));
