@@ -27,6 +27,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -815,6 +817,79 @@ static napi_value js_unwatch(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * warm(bytes: number, callback: (error: Error | null, ms: number) => void): void
+ *
+ * Faults in `bytes` of anonymous memory and frees it again, in a thread of
+ * its own, and calls back with the time it took. On a virtual machine that
+ * hands free memory back to its hypervisor (free page reporting), memory
+ * first touched after that is slow to fault in (a few times slower than
+ * memory just freed); the destination warms what a switchover is about to
+ * take (the page images and the restored memory) just before the freeze,
+ * and the freed pages are the first the kernel hands out next.
+ */
+typedef struct {
+  size_t bytes;
+  double ms;
+  int err;
+  napi_threadsafe_function done;
+} warm_t;
+
+static void warm_call_js(napi_env env, napi_value callback, void *context, void *data) {
+  (void)context;
+  warm_t *w = (warm_t *)data;
+  if (env != NULL && callback != NULL) {
+    napi_value argv[2], undefined;
+    if (w->err != 0) {
+      char msg[160];
+      napi_value code, message;
+      snprintf(msg, sizeof(msg), "mmap: %s", strerror(w->err));
+      napi_create_string_utf8(env, uv_err_name(uv_translate_sys_error(w->err)), NAPI_AUTO_LENGTH, &code);
+      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+      napi_create_error(env, code, message, &argv[0]);
+    } else {
+      napi_get_null(env, &argv[0]);
+    }
+    napi_create_double(env, w->ms, &argv[1]);
+    napi_get_undefined(env, &undefined);
+    napi_call_function(env, undefined, callback, 2, argv, NULL);
+  }
+  free(w);
+}
+
+static void *warm_thread(void *arg) {
+  warm_t *w = (warm_t *)arg;
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  void *p = mmap(NULL, w->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE,
+                 -1, 0);
+  if (p == MAP_FAILED) w->err = errno;
+  else munmap(p, w->bytes);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  w->ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+  napi_threadsafe_function done = w->done;
+  napi_call_threadsafe_function(done, w, napi_tsfn_blocking);
+  napi_release_threadsafe_function(done, napi_tsfn_release);
+  return NULL;
+}
+
+static napi_value js_warm(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  double bytes = 0;
+  napi_valuetype type;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2 || napi_get_value_double(env, argv[0], &bytes) != napi_ok || !(bytes > 0))
+    return throw_type(env, "warm(bytes, callback): bytes must be a number above 0");
+  napi_typeof(env, argv[1], &type);
+  if (type != napi_function) return throw_type(env, "warm(bytes, callback): callback must be a function");
+  warm_t *w = calloc(1, sizeof(*w));
+  if (w == NULL) return throw_errno(env, "calloc", ENOMEM);
+  w->bytes = (size_t)bytes;
+  if (!start_thread(env, argv[1], "ferry-warm", warm_call_js, &w->done, warm_thread, w)) free(w);
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"connect", NULL, js_connect, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -830,6 +905,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"shutdown", NULL, js_shutdown, NULL, NULL, NULL, napi_enumerable, NULL},
       {"watch", NULL, js_watch, NULL, NULL, NULL, napi_enumerable, NULL},
       {"unwatch", NULL, js_unwatch, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"warm", NULL, js_warm, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -11,6 +11,7 @@ import { MigrationStateError, NotAllowedError, StepFailedError, unchanged } from
 import { giveUp, movingAddress, openAddress, take } from '../address-move.js';
 import { AHEAD_ROUND, carriedRoots, placeCarried } from '../carry.js';
 import { Hold } from '../hold.js';
+import { warmMemory } from '../warm.js';
 import { socketDescriptor, type PassedFd } from '../../src/criu/index.js';
 import { ImageReceiver } from '../images.js';
 import { DestinationPostcopyRole } from './postcopy.js';
@@ -104,6 +105,9 @@ export class DestinationRole {
     hooks.fault('destination.page-server', { imagesRoot: this.context.imagesRoot });
     const dir = join(m.dir, p.round ?? '');
     mkdirSync(dir, { mode: 0o700 });
+    // Before the answer, so the source freezes once the memory the round takes is at hand.
+    const warmed = await warmMemory(Number(p.warmBytes ?? 0));
+    if (warmed !== undefined) log.info('memory warmed for the round', { migration: m.id, round: p.round, ...warmed });
     const listener = await this.context.pages.listen(
       this.context.advertise,
       pageTlsFor(this.context, p.plainPages),
@@ -116,7 +120,12 @@ export class DestinationRole {
       log.error('the page server did not start', { migration: m.id, round: p.round, error: (error as Error).message });
       listener.close();
     });
-    return { address: this.context.advertise, port: listener.port };
+    return {
+      address: this.context.advertise,
+      port: listener.port,
+      warmedBytes: warmed?.bytes ?? 0,
+      warmMs: Math.round(warmed?.ms ?? 0),
+    };
   }
 
   async #startPageServer(

@@ -1,4 +1,5 @@
 import pRetry from 'p-retry';
+import { formatBytes } from '../../src/units.js';
 import type { BodyOf, DumpStatsMessage } from '../../src/wire/index.js';
 import { isRetryable } from '../agents/index.js';
 import type { MigrationContext } from './context.js';
@@ -35,13 +36,24 @@ export async function switchover(m: MigrationContext, p: Preflight, parent: stri
   // Without pre-copy rounds the final dump sends the whole memory.
   m.expectedPageBytes = parent === '' && !lazy ? Number(p.process.residentBytes ?? 0) : 0;
   const ps = lazy
-    ? { address: '', port: 0 }
+    ? { address: '', port: 0, warmedBytes: 0, warmMs: 0 }
     : await destination.call('pageServerStart', {
         migrationId: m.id,
         round: 'final',
         parent,
         plainPages: m.plainPages,
+        // What the freeze takes on the destination: the last pages' images, and the restored memory.
+        warmBytes: m.expectedPageBytes + Number(p.process.residentBytes ?? 0),
       });
+  const warmed = Number(ps.warmedBytes ?? 0);
+  if (warmed > 0) {
+    m.emit(
+      'switchover',
+      destinationName,
+      `warmed ${formatBytes(warmed)} of memory for the restore in ${ps.warmMs ?? 0} ms ` +
+        '(this machine hands free memory back to its hypervisor)',
+    );
+  }
   m.emit(
     'switchover',
     'controller',

@@ -6,6 +6,7 @@ import { hostEndpoint, labDown, labUp, type Lab, type LabHost } from '../helpers
 import { migrate, type MigrationEvent, type MigrationReport } from '../../controller/migration/index.js';
 import { runWorkload } from '../../controller/agents/index.js';
 import { projectRoot } from '../../src/paths.js';
+import { handsMemoryBack } from '../../agent/warm.js';
 import { runFerry, type CliResult } from '../helpers/cli.js';
 import {
   counterOn,
@@ -202,12 +203,28 @@ describe('ferry migrate between two lab hosts', () => {
     await runWorkload(hostEndpoint(a), 'big', [join(examples, 'counter'), 'state', '50', '256', '4'], 'test');
     await sleep(500);
     const frozenBefore = readNumber(a, 'big', 'state', 1);
+    const events: MigrationEvent[] = [];
     const report: MigrationReport = await migrate({
       workload: 'big',
       from: hostEndpoint(a),
       to: hostEndpoint(b),
       softwareVersion: 'test',
+      onEvent: (e) => events.push(e),
     });
+    // The destination warms what the freeze takes (its pages' images and the restored memory) only
+    // where the kernel hands free memory back to a hypervisor, and says so before the final dump.
+    const warmed = events.find((e) => /^warmed \S+ \S+ of memory for the restore/.test(e.message));
+    if (handsMemoryBack()) {
+      expect(warmed?.from, events.map((e) => e.message).join('\n')).toBe(report.to.agent);
+      const final = events.findIndex((e) => e.message.includes('final dump'));
+      expect(events.indexOf(warmed as MigrationEvent)).toBeLessThan(final);
+      // Twice the 256 MiB: the final dump's page images and the restored copy.
+      const mib = Number(/^warmed ([\d.]+) MiB /.exec(warmed?.message ?? '')?.[1]);
+      expect(mib).toBeGreaterThanOrEqual(512);
+      expect(mib).toBeLessThan(640);
+    } else {
+      expect(warmed).toBeUndefined();
+    }
     const pages = report.final.pagesWritten + report.rounds.reduce((sum, r) => sum + r.pagesWritten, 0);
     expect(pages).toBeGreaterThanOrEqual((256 * 1024 * 1024) / 4096);
     // CRIU's statistics (pages written) against the size of the page images the destination received.
