@@ -123,7 +123,7 @@ export class NodeFacts {
       kernel: readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim(),
       restoreBytesPerMs: rates.get('restore'),
       pageWriteBytesPerMs: rates.get('pageWrite'),
-      switchoverMs: q.peerUrl ? rates.cost(switchoverKey(q.peerUrl)) : 0,
+      switchoverMs: q.peerUrl ? rates.cost(switchoverKey(q.peerUrl), Number(q.residentBytes ?? 0)) : 0,
       postcopy: q.probePostcopy === true ? await this.#postcopySupport() : null,
       addressProblem: q.address ? await this.context.addresses.problem(parseServiceAddress(q.address)) : '',
       addressHookProblem: q.addressHook ? this.context.addresses.hookProblem(q.addressHook) : '',

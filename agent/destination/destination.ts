@@ -272,6 +272,7 @@ export class DestinationRole {
       const restoreMs = Math.round(performance.now() - started);
       m.restoreMs = restoreMs;
       const bytes = pageImageBytes(m.dir);
+      m.restoredBytes = bytes;
       metrics.phaseSeconds.observe({ phase: 'restore' }, restoreMs / 1000);
       rates.learn('restore', bytes, restoreMs);
       return { pid, restoreMs, pageImageBytes: bytes };
@@ -302,7 +303,11 @@ export class DestinationRole {
       // What the switchover from this source cost besides copying pages and restoring them: the
       // prediction's fixed part, learned for this pair (post-copy's downtime has no copy in it).
       if (m.restoreMs !== undefined && m.postcopy === undefined) {
-        this.context.rates.learnCost(switchoverKey(m.sourceUrl), downtimeMs - (p.copyMs ?? 0) - m.restoreMs);
+        this.context.rates.learnCost(
+          switchoverKey(m.sourceUrl),
+          downtimeMs - (p.copyMs ?? 0) - m.restoreMs,
+          m.restoredBytes ?? 0,
+        );
       }
     }
     return { pid: m.restoredPid };

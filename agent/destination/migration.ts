@@ -31,8 +31,9 @@ export interface DestinationMigration extends LocalMigration {
   progressTo?: Pick<WireConnection, 'progress'> | undefined;
   /** The carried files put in place before the restore, taken back if it is discarded. */
   placed?: Placed | undefined;
-  /** How long its restore took, to its hold. */
+  /** How long its restore took, to its hold, and the page images it read. */
   restoreMs?: number | undefined;
+  restoredBytes?: number | undefined;
   /** Post-copy: the daemon fetching the memory from the source, and how it ended. */
   postcopy?: DestinationPostcopy | undefined;
 }

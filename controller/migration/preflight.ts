@@ -55,6 +55,7 @@ export async function preflight(m: MigrationContext): Promise<Preflight> {
       address: proc.workloadAddress ?? '',
       addressHook: proc.workloadAddressHook ?? '',
       peerUrl: options.from.url,
+      residentBytes: proc.residentBytes ?? 0,
       files: (proc.files ?? []).filter((f) => f.how !== 'carried'),
     },
     { timeoutMs: 120_000 },

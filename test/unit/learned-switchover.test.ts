@@ -1,5 +1,9 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { switchoverKey } from '../../agent/destination/index.js';
+import { LearnedRates } from '../../agent/rates.js';
 import { DEFAULT_COST, estimate, explain } from '../../controller/migration/convergence.js';
 import { FakeController, fakeAgent, type FakeAgent } from '../helpers/fake-agent.js';
 
@@ -42,6 +46,52 @@ describe('the learned switchover cost', () => {
     expect(second).toBeGreaterThan(150);
     expect(second).toBeLessThan(first);
     expect(a.context.rates.cost(switchoverKey('wss://10.0.0.9:7070'))).toBe(0);
+  });
+
+  it('grows with the memory moved: a line through the sizes seen, each size predicted apart', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'ferry-rates-'));
+    try {
+      const rates = new LearnedRates(dir);
+      const MiB = 1024 ** 2;
+      // What the bench saw on the lab hosts: about 100 ms at 8 MiB, 600 ms at 1 GiB, alternating.
+      for (let i = 0; i < 4; i++) {
+        rates.learnCost('k', 100 + i, 8 * MiB);
+        rates.learnCost('k', 600 - i, 1024 * MiB);
+      }
+      expect(rates.cost('k', 8 * MiB)).toBeGreaterThan(80);
+      expect(rates.cost('k', 8 * MiB)).toBeLessThan(120);
+      expect(rates.cost('k', 1024 * MiB)).toBeGreaterThan(560);
+      expect(rates.cost('k', 1024 * MiB)).toBeLessThan(640);
+      const half = rates.cost('k', 512 * MiB);
+      expect(half).toBeGreaterThan(300);
+      expect(half).toBeLessThan(400);
+      // One size only: its average, whatever is asked.
+      rates.learnCost('one', 200, 64 * MiB);
+      rates.learnCost('one', 100, 64 * MiB);
+      expect(rates.cost('one', 1024 * MiB)).toBeCloseTo(rates.cost('one', 8 * MiB), 5);
+      expect(rates.cost('one', 64 * MiB)).toBeGreaterThan(100);
+      expect(rates.cost('one', 64 * MiB)).toBeLessThan(200);
+      // Costs that fall as memory grows (noise): never a negative slope, the average instead.
+      rates.learnCost('down', 500, 8 * MiB);
+      rates.learnCost('down', 100, 1024 * MiB);
+      expect(rates.cost('down', 8 * MiB)).toBeCloseTo(rates.cost('down', 1024 * MiB), 5);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('still reads a cost learned by an earlier version (one average, whatever the size)', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'ferry-rates-'));
+    try {
+      writeFileSync(join(dir, 'rates.json'), JSON.stringify({ restore: 900, costs: { k: 250 } }));
+      const rates = new LearnedRates(dir);
+      expect(rates.cost('k', 1024 ** 3)).toBe(250);
+      expect(rates.get('restore')).toBe(900);
+      rates.learnCost('k', 100, 1024 ** 3);
+      expect(rates.cost('k', 1024 ** 3)).toBe(100);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('replaces the constant in the prediction, and the explanation says where it came from', () => {
