@@ -138,6 +138,8 @@ export interface Row {
   rounds: number;
   parts: Record<string, number>;
   predictedMs: number | undefined;
+  /** The median of each run's (predicted - measured) / measured downtime. */
+  predictionError: number | undefined;
 }
 
 const key = (s: { method: string; memoryMb: number; hotPercent: number; rate: Rate }): string =>
@@ -152,6 +154,9 @@ export function summarize(samples: readonly Sample[]): Row[] {
     const parts: Record<string, number> = {};
     for (const name of Object.keys(first.parts)) parts[name] = median(g.map((s) => s.parts[name] ?? 0));
     const predicted = g.map((s) => s.predictedMs).filter((p): p is number => p !== undefined);
+    const errors = g
+      .filter((s) => s.predictedMs !== undefined && s.downtimeMs > 0)
+      .map((s) => ((s.predictedMs ?? 0) - s.downtimeMs) / s.downtimeMs);
     return {
       method: first.method,
       memoryMb: first.memoryMb,
@@ -164,12 +169,31 @@ export function summarize(samples: readonly Sample[]): Row[] {
       rounds: median(g.map((s) => s.rounds)),
       parts,
       predictedMs: predicted.length === 0 ? undefined : median(predicted),
+      predictionError: errors.length === 0 ? undefined : median(errors),
     };
   });
 }
 
 function ms(n: number): string {
   return n >= 10_000 ? `${(n / 1000).toFixed(1)} s` : `${Math.round(n)} ms`;
+}
+
+function percent(fraction: number): string {
+  const p = Math.round(fraction * 100);
+  return `${p > 0 ? '+' : ''}${p} %`;
+}
+
+/** The cell whose prediction missed most (median error per cell), for the line under the table. */
+export function worstPrediction(rows: readonly Row[]): string | undefined {
+  const predicted = rows.filter((r) => r.predictionError !== undefined);
+  if (predicted.length === 0) return undefined;
+  const worst = predicted.reduce((a, b) =>
+    Math.abs(b.predictionError ?? 0) > Math.abs(a.predictionError ?? 0) ? b : a,
+  );
+  return (
+    `prediction error (predicted against measured downtime, median per cell): worst ${percent(worst.predictionError ?? 0)} ` +
+    `(${worst.method}, ${worst.memoryMb} MiB hot ${worst.hotPercent} % ${worst.rate}); target within ±25 %`
+  );
 }
 
 function mib(bytes: number): string {
@@ -185,6 +209,7 @@ export function table(rows: readonly Row[], baseline: string, compared: string):
     'method',
     'downtime',
     'predicted',
+    'error',
     'total',
     'sent',
     'rounds',
@@ -212,6 +237,7 @@ export function table(rows: readonly Row[], baseline: string, compared: string):
       r.method,
       ms(r.downtimeMs),
       r.predictedMs === undefined ? '' : ms(r.predictedMs),
+      r.predictionError === undefined ? '' : percent(r.predictionError),
       ms(r.totalMs),
       mib(r.bytes),
       String(r.rounds),

@@ -38,6 +38,7 @@ import {
   summarize,
   svg,
   table,
+  worstPrediction,
   type Cell,
   type Sample,
 } from './bench-matrix.js';
@@ -446,6 +447,8 @@ async function main(): Promise<void> {
     `\nmedians of ${runs} runs on this machine (kernel lab: ${process.env.BENCH_KL_RUNS ?? 1}); downtime = frozen until running\n`,
   );
   process.stdout.write(table(rows, BARE, FERRY) + '\n');
+  const worst = worstPrediction(rows);
+  if (worst !== undefined) process.stdout.write(`${worst}\n`);
 
   // Where Ferry's stop-and-copy downtime goes, next to the bare script's, per memory size (medians over cells).
   process.stdout.write(
