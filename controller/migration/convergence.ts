@@ -71,13 +71,14 @@ export interface SwitchoverCost {
 /**
  * Measured on the project's lab hosts (docs/convergence.md): a 64 MiB
  * process switches over in about 0.5 s, of which the fixed part is about
- * 150 ms; a restore reads about 1.5 GiB/s from tmpfs page images; CRIU's
- * TLS page transfer runs at about 220 MiB/s.
+ * 150 ms; a restore reads about 1.5 GiB/s from tmpfs page images; a dump
+ * writes about 600 MiB/s into the agents' TLS page stream (scripts/bench-pages.ts:
+ * 500-700 MiB/s for 1 GiB; CRIU's own TLS, which this used to assume, about 220).
  */
 export const DEFAULT_COST: SwitchoverCost = {
   fixedMs: 150,
   restoreBytesPerMs: (1.5 * 1024 ** 3) / 1000,
-  defaultBandwidthBytesPerMs: (220 * 1024 ** 2) / 1000,
+  defaultBandwidthBytesPerMs: (600 * 1024 ** 2) / 1000,
 };
 
 export interface Estimate {
