@@ -31,7 +31,8 @@ export function warmSize(asked: number, availableBytes: number): number {
 }
 
 /**
- * Faults in and frees up to `bytes` (warmSize). Undefined when
+ * Faults in and frees up to `bytes` (warmSize), for 20 s at most: what it
+ * faulted in, and how long that took. Undefined when
  * there was nothing to do: FERRY_WARM=0, a kernel that keeps its free
  * memory, or nothing asked.
  */
@@ -40,10 +41,11 @@ export async function warmMemory(bytes: number): Promise<{ bytes: number; ms: nu
   const size = warmSize(bytes, availableBytes());
   if (size <= 0) return undefined;
   try {
-    const ms = await new Promise<number>((resolve, reject) =>
-      seqpacketAddon().warm(size, (error, took) => (error === null ? resolve(took) : reject(error))),
+    return await new Promise((resolve, reject) =>
+      seqpacketAddon().warm(size, (error, ms, warmed) =>
+        error === null ? resolve({ bytes: warmed, ms }) : reject(error),
+      ),
     );
-    return { bytes: size, ms };
   } catch (error) {
     // Only slower without it: the switchover goes on.
     log.warn('could not warm memory for the switchover', { bytes: size, error: (error as Error).message });

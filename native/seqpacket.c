@@ -818,28 +818,39 @@ static napi_value js_unwatch(napi_env env, napi_callback_info info) {
 }
 
 /*
- * warm(bytes: number, callback: (error: Error | null, ms: number) => void): void
+ * warm(bytes: number, callback: (error: Error | null, ms: number, warmed: number) => void): void
  *
  * Faults in `bytes` of anonymous memory and frees it again, in a thread of
- * its own, and calls back with the time it took. On a virtual machine that
+ * its own, and calls back with the time it took and how much it faulted in:
+ * it stops early after WARM_LIMIT_MS, so a large process cannot hold the
+ * switchover up for long. On a virtual machine that
  * hands free memory back to its hypervisor (free page reporting), memory
  * first touched after that is slow to fault in (a few times slower than
  * memory just freed); the destination warms what a switchover is about to
  * take (the page images and the restored memory) just before the freeze,
  * and the freed pages are the first the kernel hands out next.
  */
+#define WARM_LIMIT_MS 20000.0
+#define WARM_CHUNK (64u << 20)
+
 typedef struct {
-  size_t bytes;
+  size_t bytes, warmed;
   double ms;
   int err;
   napi_threadsafe_function done;
 } warm_t;
 
+static double ms_since(const struct timespec *t0) {
+  struct timespec t1;
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
 static void warm_call_js(napi_env env, napi_value callback, void *context, void *data) {
   (void)context;
   warm_t *w = (warm_t *)data;
   if (env != NULL && callback != NULL) {
-    napi_value argv[2], undefined;
+    napi_value argv[3], undefined;
     if (w->err != 0) {
       char msg[160];
       napi_value code, message;
@@ -851,22 +862,31 @@ static void warm_call_js(napi_env env, napi_value callback, void *context, void 
       napi_get_null(env, &argv[0]);
     }
     napi_create_double(env, w->ms, &argv[1]);
+    napi_create_double(env, (double)w->warmed, &argv[2]);
     napi_get_undefined(env, &undefined);
-    napi_call_function(env, undefined, callback, 2, argv, NULL);
+    napi_call_function(env, undefined, callback, 3, argv, NULL);
   }
   free(w);
 }
 
 static void *warm_thread(void *arg) {
   warm_t *w = (warm_t *)arg;
-  struct timespec t0, t1;
+  struct timespec t0;
   clock_gettime(CLOCK_MONOTONIC, &t0);
-  void *p = mmap(NULL, w->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE,
-                 -1, 0);
-  if (p == MAP_FAILED) w->err = errno;
-  else munmap(p, w->bytes);
-  clock_gettime(CLOCK_MONOTONIC, &t1);
-  w->ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+  char *p = mmap(NULL, w->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    w->err = errno;
+  } else {
+    /* One write per page faults it in; all of it is held until the end, so that each page is fresh. */
+    long page = sysconf(_SC_PAGESIZE);
+    while (w->warmed < w->bytes && ms_since(&t0) < WARM_LIMIT_MS) {
+      size_t end = w->warmed + WARM_CHUNK < w->bytes ? w->warmed + WARM_CHUNK : w->bytes;
+      for (size_t off = w->warmed; off < end; off += (size_t)page) ((volatile char *)p)[off] = 1;
+      w->warmed = end;
+    }
+    munmap(p, w->bytes);
+  }
+  w->ms = ms_since(&t0);
   napi_threadsafe_function done = w->done;
   napi_call_threadsafe_function(done, w, napi_tsfn_blocking);
   napi_release_threadsafe_function(done, napi_tsfn_release);

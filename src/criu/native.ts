@@ -31,8 +31,11 @@ export interface SeqpacketAddon {
     options: { server: boolean; ca: string; cert: string; key: string; peer: string },
     callback: (error: Error | null, bytes: number, protocol: string, cipher: string) => void,
   ): void;
-  /** Faults in `bytes` of anonymous memory and frees it, in a thread; calls back with the milliseconds it took. */
-  warm(bytes: number, callback: (error: Error | null, ms: number) => void): void;
+  /**
+   * Faults in `bytes` of anonymous memory and frees it, in a thread (stopping after 20 s); calls
+   * back with the milliseconds it took and the bytes it faulted in.
+   */
+  warm(bytes: number, callback: (error: Error | null, ms: number, warmed: number) => void): void;
   send(fd: number, packet: Uint8Array): void;
   recv(fd: number): RawPacket | null;
   close(fd: number): void;
