@@ -6,6 +6,7 @@ import { parseServiceAddress } from '../src/address.js';
 import { CriuOperationError } from '../src/criu/index.js';
 import { InvalidInputError } from '../src/errors.js';
 import { log } from '../src/log.js';
+import { meminfoBytes } from '../src/proc.js';
 import type { BodyOf, ReplyOf } from '../src/wire/index.js';
 import type { AgentContext } from './context.js';
 import { unchanged } from './errors.js';
@@ -48,7 +49,7 @@ export class NodeFacts {
   /** Memory, load and workloads, read now. */
   nodeFacts(): ReplyOf<'nodeQuery'> {
     const meminfo = readFileSync('/proc/meminfo', 'utf8');
-    const kib = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(meminfo)?.[1] ?? 0) * 1024;
+    const kib = (key: string): number => meminfoBytes(key, meminfo);
     const workloads = this.context.workloads.list().map((w) => ({ ...w, agent: this.context.node }));
     const capacity = this.self.capacityBytes;
     const used = workloads.reduce((sum, w) => sum + Number(w.residentBytes ?? 0), 0);

@@ -9,20 +9,16 @@
  * the kernel hands those pages out first. Measured on the lab hosts (1 GiB
  * stop-and-copy, docs/criu.md): restore 3.1-4.1 s cold, 0.8-1.7 s warm.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { seqpacketAddon } from '../src/criu/index.js';
 import { log } from '../src/log.js';
+import { meminfoBytes } from '../src/proc.js';
 
 const REPORTING = '/sys/module/page_reporting';
 
 /** Whether this kernel gives free memory back to a hypervisor; warming is pointless elsewhere. */
 export function handsMemoryBack(): boolean {
   return existsSync(REPORTING);
-}
-
-function availableBytes(): number {
-  const kib = /^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1];
-  return Number(kib ?? 0) * 1024;
 }
 
 /** What to warm of `asked`: never more than half of what is available, so warming never pushes the node into reclaim. */
@@ -38,7 +34,7 @@ export function warmSize(asked: number, availableBytes: number): number {
  */
 export async function warmMemory(bytes: number): Promise<{ bytes: number; ms: number } | undefined> {
   if (bytes <= 0 || process.env.FERRY_WARM === '0' || !handsMemoryBack()) return undefined;
-  const size = warmSize(bytes, availableBytes());
+  const size = warmSize(bytes, meminfoBytes('MemAvailable'));
   if (size <= 0) return undefined;
   try {
     return await new Promise((resolve, reject) =>

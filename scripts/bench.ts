@@ -26,6 +26,7 @@ import { enterHost, hostEndpoint, killInHost, labDown, labUp, onHost, type LabHo
 import { migrate } from '../controller/migration/index.js';
 import { LAZY_PIPE_BYTES, lazyPipeLimits, resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
+import { meminfoBytes } from '../src/proc.js';
 import { formatBytes } from '../src/units.js';
 import { describePageRates, pageRates, type PageRates } from './bench-pages.js';
 import { serviceBench } from './bench-service.js';
@@ -334,7 +335,7 @@ function ms(n: number): string {
 
 /** Sizes this machine can hold: the process, its page images on tmpfs and the restored copy, with room to spare. */
 function feasible(sizes: readonly number[]): number[] {
-  const available = Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) / 1024;
+  const available = meminfoBytes('MemAvailable') / 1024 ** 2;
   return sizes.filter((size) => {
     const ok = size * 3.5 < available;
     if (!ok)

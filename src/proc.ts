@@ -7,6 +7,11 @@ export interface ProcStat {
 }
 
 /** The process's /proc/PID/stat, or undefined when there is no such process. */
+/** A /proc/meminfo field in bytes (0 when absent), from `text` when given (one read for several fields). */
+export function meminfoBytes(key: string, text = readFileSync('/proc/meminfo', 'utf8')): number {
+  return Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? 0) * 1024;
+}
+
 export function procStat(pid: number): ProcStat | undefined {
   let stat: string;
   try {
