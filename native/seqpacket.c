@@ -36,7 +36,8 @@
 
 #define MAX_FDS_PER_PACKET 16
 
-static napi_value throw_errno(napi_env env, const char *syscall, int err) {
+/* An Error for a failed system call as Node makes them: "SYSCALL: message", with code, errno and syscall. */
+static napi_value errno_error(napi_env env, const char *syscall, int err) {
   char msg[256];
   const char *code = uv_err_name(uv_translate_sys_error(err));
   snprintf(msg, sizeof(msg), "%s: %s", syscall, strerror(err));
@@ -48,7 +49,11 @@ static napi_value throw_errno(napi_env env, const char *syscall, int err) {
   napi_set_named_property(env, error, "errno", errno_value);
   napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &syscall_value);
   napi_set_named_property(env, error, "syscall", syscall_value);
-  napi_throw(env, error);
+  return error;
+}
+
+static napi_value throw_errno(napi_env env, const char *syscall, int err) {
+  napi_throw(env, errno_error(env, syscall, err));
   return NULL;
 }
 
@@ -251,16 +256,8 @@ static void relay_call_js(napi_env env, napi_value callback, void *context, void
   relay_t *r = (relay_t *)data;
   if (env != NULL && callback != NULL) {
     napi_value argv[2], undefined;
-    if (r->err != 0) {
-      char msg[160];
-      napi_value code, message;
-      snprintf(msg, sizeof(msg), "splice: %s", strerror(r->err));
-      napi_create_string_utf8(env, uv_err_name(uv_translate_sys_error(r->err)), NAPI_AUTO_LENGTH, &code);
-      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
-      napi_create_error(env, code, message, &argv[0]);
-    } else {
-      napi_get_null(env, &argv[0]);
-    }
+    if (r->err != 0) argv[0] = errno_error(env, "splice", r->err);
+    else napi_get_null(env, &argv[0]);
     napi_create_double(env, (double)r->bytes, &argv[1]);
     napi_get_undefined(env, &undefined);
     napi_call_function(env, undefined, callback, 2, argv, NULL);
@@ -851,16 +848,8 @@ static void warm_call_js(napi_env env, napi_value callback, void *context, void 
   warm_t *w = (warm_t *)data;
   if (env != NULL && callback != NULL) {
     napi_value argv[3], undefined;
-    if (w->err != 0) {
-      char msg[160];
-      napi_value code, message;
-      snprintf(msg, sizeof(msg), "mmap: %s", strerror(w->err));
-      napi_create_string_utf8(env, uv_err_name(uv_translate_sys_error(w->err)), NAPI_AUTO_LENGTH, &code);
-      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
-      napi_create_error(env, code, message, &argv[0]);
-    } else {
-      napi_get_null(env, &argv[0]);
-    }
+    if (w->err != 0) argv[0] = errno_error(env, "mmap", w->err);
+    else napi_get_null(env, &argv[0]);
     napi_create_double(env, w->ms, &argv[1]);
     napi_create_double(env, (double)w->warmed, &argv[2]);
     napi_get_undefined(env, &undefined);
