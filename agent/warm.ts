@@ -9,7 +9,7 @@
  * the kernel hands those pages out first. Measured on the lab hosts (1 GiB
  * stop-and-copy, docs/criu.md): restore 3.1-4.1 s cold, 0.8-1.7 s warm.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { seqpacketAddon } from '../src/criu/index.js';
 import { log } from '../src/log.js';
 import { meminfoBytes } from '../src/proc.js';
@@ -19,6 +19,12 @@ const REPORTING = '/sys/module/page_reporting';
 /** Whether this kernel gives free memory back to a hypervisor; warming is pointless elsewhere. */
 export function handsMemoryBack(): boolean {
   return existsSync(REPORTING);
+}
+
+/** What this kernel has given back to its hypervisor since it booted; undefined where it gives nothing back. */
+export function handedBackBytes(): number | undefined {
+  const file = `${REPORTING}/parameters/reported_kib`;
+  return existsSync(file) ? Number(readFileSync(file, 'utf8').trim()) * 1024 : undefined;
 }
 
 /** What to warm of `asked`: never more than half of what is available, so warming never pushes the node into reclaim. */

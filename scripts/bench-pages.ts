@@ -10,11 +10,11 @@
  *
  *   node dist/scripts/bench-pages.js [--size 1024] [--runs 3]
  */
-import { existsSync, readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { Command, InvalidArgumentError } from 'commander';
 import { hostEndpoint, killInHost, labDown, labUp, type LabHost } from '../controller/lab/index.js';
 import { migrate } from '../controller/migration/index.js';
+import { handedBackBytes } from '../agent/warm.js';
 import { formatBytes } from '../src/units.js';
 import { median, startWorkload } from './bench-matrix.js';
 
@@ -25,12 +25,6 @@ interface PageSample {
   downtimeMs: number;
   /** Memory this machine handed back to its hypervisor during the migration (free page reporting), if it says. */
   reportedBytes: number | undefined;
-}
-
-const REPORTED = '/sys/module/page_reporting/parameters/reported_kib';
-
-function reportedKib(): number | undefined {
-  return existsSync(REPORTED) ? Number(readFileSync(REPORTED, 'utf8').trim()) : undefined;
 }
 
 export interface PageRates {
@@ -65,7 +59,7 @@ export async function pageRates(
         msPerMib: 3,
       },
     );
-    const before = reportedKib();
+    const before = handedBackBytes();
     const report = await migrate({
       workload: name,
       from: hostEndpoint(a),
@@ -74,13 +68,13 @@ export async function pageRates(
       softwareVersion: 'bench',
     });
     await killInHost(b, report.to.pid);
-    const after = reportedKib();
+    const after = handedBackBytes();
     const f = report.final;
     return {
       bytes: f.bytes,
       ms: f.heldMs - f.streamMs,
       downtimeMs: report.downtimeMs,
-      reportedBytes: before === undefined || after === undefined ? undefined : (after - before) * 1024,
+      reportedBytes: before === undefined || after === undefined ? undefined : after - before,
     };
   };
   // Not counted: the first migration of a size takes memory the machine may have handed back to its

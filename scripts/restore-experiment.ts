@@ -30,6 +30,7 @@ import { promisify } from 'node:util';
 import { Command, InvalidArgumentError } from 'commander';
 import { enterHost, hostEndpoint, killInHost, labDown, labUp, onHost, type LabHost } from '../controller/lab/index.js';
 import { runWorkload } from '../controller/agents/index.js';
+import { handedBackBytes } from '../agent/warm.js';
 import { resolveCriuBinary } from '../src/criu/index.js';
 import { projectRoot } from '../src/paths.js';
 import { formatBytes, parseBytes } from '../src/units.js';
@@ -72,8 +73,8 @@ function counters(): Record<string, number> {
     const [name, value] = line.split(' ');
     if (name !== undefined && VMSTAT.includes(name)) values[name] = Number(value);
   }
-  if (existsSync(`${REPORTING}/reported_kib`))
-    values.reported_kib = Number(readFileSync(`${REPORTING}/reported_kib`, 'utf8').trim());
+  const handedBack = handedBackBytes();
+  if (handedBack !== undefined) values.reported_kib = handedBack / 1024;
   return values;
 }
 
