@@ -62,9 +62,7 @@ export class LearnedRates {
     const all = this.#load();
     const previous = all[name] ?? 0;
     all[name] = previous > 0 ? (previous + observed) / 2 : observed;
-    const temporary = `${this.#file}.tmp`;
-    writeFileSync(temporary, JSON.stringify(all) + '\n');
-    renameSync(temporary, this.#file);
+    this.#save(all);
   }
 
   /**
@@ -82,9 +80,7 @@ export class LearnedRates {
     const f = fits[key] ?? { w: 0, x: 0, y: 0, xx: 0, xy: 0 };
     fits[key] = { w: f.w / 2 + 1, x: f.x / 2 + x, y: f.y / 2 + ms, xx: f.xx / 2 + x * x, xy: f.xy / 2 + x * ms };
     all.fits = fits;
-    const temporary = `${this.#file}.tmp`;
-    writeFileSync(temporary, JSON.stringify(all) + '\n');
-    renameSync(temporary, this.#file);
+    this.#save(all);
   }
 
   /** The learned cost for `bytes` of memory, or 0 before the first. */
@@ -99,6 +95,13 @@ export class LearnedRates {
   get(name: RateName): number {
     const rate = this.#load()[name] ?? 0;
     return Number.isFinite(rate) && rate > 0 ? rate : 0;
+  }
+
+  /** Whole or not at all: a crash mid-write leaves the previous file. */
+  #save(all: Stored): void {
+    const temporary = `${this.#file}.tmp`;
+    writeFileSync(temporary, JSON.stringify(all) + '\n');
+    renameSync(temporary, this.#file);
   }
 
   #load(): Stored {
